@@ -1,0 +1,138 @@
+//! The root key of the local backend: 32 bytes that seal every local KEK in
+//! the store. Read from a file that only its owner may read (mode 0600), or
+//! from `KEYBROKER_ROOT_KEY`; both hold the base64 of the 32 bytes.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use aes_gcm::{Aes256Gcm, KeyInit};
+use base64::Engine;
+use rand::Rng;
+use zeroize::Zeroizing;
+
+/// Length of a root key in bytes.
+pub const ROOT_KEY_LEN: usize = 32;
+
+/// Why a root key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RootKeyError {
+    /// The file could not be read or written.
+    #[error("root key file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is readable by others than its owner.
+    #[error("root key file {path} has mode {mode:o}: it must be readable by its owner only (chmod 600)")]
+    Permissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The content is not the base64 of 32 bytes.
+    #[error("root key from {source_name} is not the base64 of {ROOT_KEY_LEN} bytes")]
+    Format {
+        /// Which file or variable.
+        source_name: String,
+    },
+    /// Neither a file nor the environment variable provides a root key.
+    #[error("no root key: set root_key.file (KEYBROKER_ROOT_KEY__FILE) or KEYBROKER_ROOT_KEY")]
+    Missing,
+}
+
+/// A loaded root key, as a ready cipher. Its bytes are zeroized on drop and
+/// never printed.
+pub struct RootKey {
+    cipher: Aes256Gcm,
+}
+
+impl std::fmt::Debug for RootKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RootKey(<redacted>)")
+    }
+}
+
+impl RootKey {
+    /// Reads a root key file, refusing one that group or others can access.
+    pub fn from_file(path: &Path) -> Result<Self, RootKeyError> {
+        let io = |source| RootKeyError::Io { path: path.to_owned(), source };
+        let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(RootKeyError::Permissions { path: path.to_owned(), mode });
+        }
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+        Self::from_base64(&text, &path.display().to_string())
+    }
+
+    /// Decodes the base64 of 32 bytes; `source_name` names where it came from
+    /// in the error.
+    pub fn from_base64(text: &str, source_name: &str) -> Result<Self, RootKeyError> {
+        let format = || RootKeyError::Format { source_name: source_name.to_owned() };
+        let bytes = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(|_| format())?,
+        );
+        let key: &[u8; ROOT_KEY_LEN] = bytes.as_slice().try_into().map_err(|_| format())?;
+        Ok(Self { cipher: Aes256Gcm::new(&(*key).into()) })
+    }
+
+    /// Writes a new random root key to `path` with mode 0600; fails if the
+    /// file exists (a root key is never overwritten).
+    pub fn generate_file(path: &Path) -> Result<(), RootKeyError> {
+        let io = |source| RootKeyError::Io { path: path.to_owned(), source };
+        let mut key = Zeroizing::new([0u8; ROOT_KEY_LEN]);
+        rand::rng().fill_bytes(key.as_mut_slice());
+        let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.as_slice()));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        file.write_all(text.as_bytes()).map_err(io)?;
+        file.write_all(b"\n").map_err(io)?;
+        file.sync_all().map_err(io)
+    }
+
+    /// The AES-256-GCM cipher of the root key.
+    pub(crate) fn cipher(&self) -> &Aes256Gcm {
+        &self.cipher
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_file_is_private_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root.key");
+        RootKey::generate_file(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        RootKey::from_file(&path).unwrap();
+        assert!(RootKey::generate_file(&path).is_err(), "an existing root key was overwritten");
+    }
+
+    #[test]
+    fn refuses_a_readable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root.key");
+        RootKey::generate_file(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = RootKey::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("644") && err.contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn refuses_wrong_lengths_without_echoing_the_value() {
+        let short = base64::engine::general_purpose::STANDARD.encode([1u8; 16]);
+        let err = RootKey::from_base64(&short, "KEYBROKER_ROOT_KEY").unwrap_err().to_string();
+        assert!(err.contains("KEYBROKER_ROOT_KEY") && !err.contains(&short), "{err}");
+        assert!(RootKey::from_base64("%%%", "x").is_err());
+    }
+}

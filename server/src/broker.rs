@@ -1,0 +1,173 @@
+//! The data plane: Wrap, Unwrap, GenerateDataKey and Rewrap, independent of
+//! gRPC so that single and batch RPCs share one code path.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rand::Rng;
+use zeroize::Zeroizing;
+
+use crate::backend::VersionRef;
+use crate::config::LimitsConfig;
+use crate::envelope::{self, additional_data, write_header};
+use crate::error::{ServiceError, ServiceResult};
+use crate::keyring::{Keyring, check_key_name};
+
+/// A DEK's length when GenerateDataKey is asked for length 0.
+pub const DEFAULT_DEK_LEN: usize = 32;
+
+/// A ciphertext and the key version that made it.
+#[derive(Debug, Clone)]
+pub struct Wrapped {
+    /// The envelope.
+    pub ciphertext: Vec<u8>,
+    /// Key name.
+    pub key: String,
+    /// Key version.
+    pub version: u32,
+}
+
+/// A plaintext and where it came from. The plaintext is zeroized on drop.
+pub struct Unwrapped {
+    /// The DEK.
+    pub plaintext: Zeroizing<Vec<u8>>,
+    /// Key name.
+    pub key: String,
+    /// Key version the ciphertext was made with.
+    pub version: u32,
+    /// Whether a newer version is current.
+    pub rewrap_advised: bool,
+}
+
+impl std::fmt::Debug for Unwrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unwrapped")
+            .field("key", &self.key)
+            .field("version", &self.version)
+            .field("plaintext", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The data-plane operations over a keyring.
+pub struct Broker {
+    keyring: Arc<Keyring>,
+    limits: LimitsConfig,
+}
+
+impl Broker {
+    /// A broker over `keyring`, enforcing `limits`.
+    pub fn new(keyring: Arc<Keyring>, limits: LimitsConfig) -> Self {
+        Self { keyring, limits }
+    }
+
+    /// The keyring.
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.keyring
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.limits
+    }
+
+    fn check_context(&self, context: &BTreeMap<String, String>) -> ServiceResult<()> {
+        let len = envelope::context_len(context);
+        if len > self.limits.max_context_bytes {
+            return Err(ServiceError::invalid(format!(
+                "encryption context is {len} bytes encoded; the limit is {} (limits.max_context_bytes)",
+                self.limits.max_context_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Wraps `plaintext` under the current version of `key`.
+    pub async fn wrap(&self, key: &str, plaintext: &[u8], context: &BTreeMap<String, String>) -> ServiceResult<Wrapped> {
+        if plaintext.is_empty() {
+            return Err(ServiceError::invalid("plaintext is empty"));
+        }
+        if plaintext.len() > self.limits.max_plaintext_bytes {
+            return Err(ServiceError::invalid(format!(
+                "plaintext is {} bytes; the limit is {} (limits.max_plaintext_bytes)",
+                plaintext.len(),
+                self.limits.max_plaintext_bytes
+            )));
+        }
+        self.check_context(context)?;
+        check_key_name(key)?;
+        let cached = self.keyring.key(key).await?;
+        let current = cached.current()?;
+        let backend = self.keyring.backends().get(&current.backend)?;
+        let mut ciphertext = Vec::with_capacity(13 + key.len() + plaintext.len() + 64);
+        let header_len = write_header(&mut ciphertext, backend.algorithm(), key, current.version);
+        let mut aad = Vec::new();
+        additional_data(&mut aad, &ciphertext[..header_len], context);
+        let version = VersionRef { key, version: current.version, reference: &current.backend_ref };
+        backend.wrap(version, plaintext, &aad, &mut ciphertext).await?;
+        cached.count_wrap(current.version);
+        Ok(Wrapped { ciphertext, key: key.to_owned(), version: current.version })
+    }
+
+    /// Unwraps a ciphertext, routing by the (key, version) of its header
+    /// through the version table.
+    pub async fn unwrap(&self, ciphertext: &[u8], context: &BTreeMap<String, String>) -> ServiceResult<Unwrapped> {
+        self.check_context(context)?;
+        let env = envelope::parse(ciphertext).map_err(|e| ServiceError::invalid(e.to_string()))?;
+        let cached = self.keyring.key_for_version(env.key, env.version).await?;
+        let record = cached.unwrappable(env.version)?;
+        let backend = self.keyring.backends().get(&record.backend)?;
+        if backend.algorithm() != env.algorithm {
+            return Err(ServiceError::invalid(format!(
+                "ciphertext payload algorithm {:?} does not match version {} of key {:?} ({:?})",
+                env.algorithm,
+                env.version,
+                env.key,
+                backend.algorithm()
+            )));
+        }
+        let mut aad = Vec::new();
+        additional_data(&mut aad, env.header, context);
+        let version = VersionRef { key: env.key, version: env.version, reference: &record.backend_ref };
+        let plaintext = backend.unwrap(version, env.payload, &aad).await?;
+        Ok(Unwrapped {
+            plaintext,
+            key: env.key.to_owned(),
+            version: env.version,
+            rewrap_advised: env.version != cached.record.current_version,
+        })
+    }
+
+    /// A fresh random DEK of `length` bytes (0 means 32) and its wrapped form.
+    pub async fn generate_data_key(
+        &self,
+        key: &str,
+        length: u32,
+        context: &BTreeMap<String, String>,
+    ) -> ServiceResult<(Zeroizing<Vec<u8>>, Wrapped)> {
+        let length = if length == 0 { DEFAULT_DEK_LEN } else { length as usize };
+        if length > self.limits.max_plaintext_bytes {
+            return Err(ServiceError::invalid(format!(
+                "data key length {length} is above the limit of {} bytes (limits.max_plaintext_bytes)",
+                self.limits.max_plaintext_bytes
+            )));
+        }
+        let mut dek = Zeroizing::new(vec![0u8; length]);
+        rand::rng().fill_bytes(dek.as_mut_slice());
+        let wrapped = self.wrap(key, &dek, context).await?;
+        Ok((dek, wrapped))
+    }
+
+    /// Re-encrypts a ciphertext under the current version of its own key or
+    /// of `target_key`; the DEK never leaves the broker.
+    pub async fn rewrap(
+        &self,
+        ciphertext: &[u8],
+        context: &BTreeMap<String, String>,
+        target_key: &str,
+    ) -> ServiceResult<Wrapped> {
+        let unwrapped = self.unwrap(ciphertext, context).await?;
+        let target = if target_key.is_empty() { unwrapped.key.as_str() } else { target_key };
+        self.wrap(target, &unwrapped.plaintext, context).await
+    }
+}

@@ -1,0 +1,453 @@
+//! The version table as the service sees it: an in-memory cache in front of
+//! a [`KeyStore`], and the rules of the key lifecycle (rotation, min
+//! decryption version, disable / enable / destroy).
+//!
+//! Reads come from the cache. Every change reads the key fresh from the
+//! store, applies the rule, and writes it back under the store's optimistic
+//! revision check, so two brokers sharing a store never both create vN+1. A
+//! key or version this broker has not seen yet (made by another replica) is
+//! reloaded from the store on first use instead of failing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::backend::{Backends, VersionRef};
+use crate::envelope::is_valid_key_name;
+use crate::error::{ErrorCode, ServiceError, ServiceResult};
+use crate::store::{KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
+
+/// How often a change that lost a concurrent race is retried before the
+/// caller gets `ABORTED`.
+const UPDATE_ATTEMPTS: usize = 5;
+
+/// A key as cached: its record and per-version wrap counters.
+#[derive(Debug)]
+pub struct CachedKey {
+    /// The stored record.
+    pub record: KeyRecord,
+    wraps: Vec<AtomicU64>,
+}
+
+impl CachedKey {
+    fn new(record: KeyRecord, previous: Option<&CachedKey>) -> Self {
+        let wraps = record
+            .versions
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                AtomicU64::new(previous.and_then(|p| p.wraps.get(i)).map_or(0, |w| w.load(Ordering::Relaxed)))
+            })
+            .collect();
+        Self { record, wraps }
+    }
+
+    /// The current version's record.
+    pub fn current(&self) -> ServiceResult<&VersionRecord> {
+        self.record.version(self.record.current_version).ok_or_else(|| {
+            ServiceError::internal(format!(
+                "key {:?} has no record of its current version {}",
+                self.record.name, self.record.current_version
+            ))
+        })
+    }
+
+    /// Counts a wrap under `version`.
+    pub fn count_wrap(&self, version: u32) {
+        if let Some(counter) = version.checked_sub(1).and_then(|i| self.wraps.get(i as usize)) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Wraps counted under `version` by this broker since it started.
+    pub fn wrap_count(&self, version: u32) -> u64 {
+        version
+            .checked_sub(1)
+            .and_then(|i| self.wraps.get(i as usize))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// The record of `version` if it may unwrap: it exists, is neither
+    /// disabled nor destroyed, and is not below `min_decryption_version`.
+    pub fn unwrappable(&self, version: u32) -> ServiceResult<&VersionRecord> {
+        let name = &self.record.name;
+        let v = self.record.version(version).ok_or_else(|| {
+            ServiceError::new(ErrorCode::NotFound, format!("key {name:?} has no version {version}"))
+        })?;
+        match v.state {
+            VersionState::Destroyed => {
+                Err(ServiceError::precondition(format!("version {version} of key {name:?} is destroyed")))
+            }
+            VersionState::Disabled => {
+                Err(ServiceError::precondition(format!("version {version} of key {name:?} is disabled")))
+            }
+            _ if version < self.record.min_decryption_version => Err(ServiceError::precondition(format!(
+                "version {version} of key {name:?} is below its min_decryption_version {}",
+                self.record.min_decryption_version
+            ))),
+            _ => Ok(v),
+        }
+    }
+}
+
+/// What a new key looks like.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    /// Name.
+    pub name: String,
+    /// Backend; empty for the default one.
+    pub backend: String,
+    /// Whether versions may be destroyed.
+    pub deletion_allowed: bool,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Rotation period in seconds (0 = none).
+    pub rotation_period_secs: u64,
+    /// Wraps per version before rotation (0 = no limit).
+    pub max_wraps_per_version: u64,
+}
+
+/// A change to a key's policy.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyChange {
+    /// New deletion flag.
+    pub deletion_allowed: Option<bool>,
+    /// New labels.
+    pub labels: Option<BTreeMap<String, String>>,
+    /// New rotation policy: (period seconds, max wraps).
+    pub rotation: Option<(u64, u64)>,
+}
+
+/// A version lifecycle operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionChange {
+    /// Refuse unwraps until enabled.
+    Disable,
+    /// Allow a disabled version to unwrap again.
+    Enable,
+    /// Erase the material for good.
+    Destroy,
+}
+
+/// The cached version table.
+pub struct Keyring {
+    store: Arc<dyn KeyStore>,
+    backends: Backends,
+    default_backend: String,
+    cache: RwLock<HashMap<String, Arc<CachedKey>>>,
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// `INVALID_ARGUMENT` unless `name` is a valid key name.
+pub fn check_key_name(name: &str) -> ServiceResult<()> {
+    if is_valid_key_name(name) {
+        Ok(())
+    } else if name.is_empty() {
+        Err(ServiceError::invalid("key name is empty"))
+    } else {
+        Err(ServiceError::invalid(format!(
+            "invalid key name {:?}: use 1..=128 characters of [A-Za-z0-9._-]",
+            name.chars().take(140).collect::<String>()
+        )))
+    }
+}
+
+impl Keyring {
+    /// A keyring over `store`, creating keys in `default_backend` unless told
+    /// otherwise.
+    pub fn new(store: Arc<dyn KeyStore>, backends: Backends, default_backend: String) -> Self {
+        Self { store, backends, default_backend, cache: RwLock::new(HashMap::new()) }
+    }
+
+    /// The configured backends.
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    /// Loads the whole table into the cache.
+    pub async fn load(&self) -> ServiceResult<usize> {
+        let records = self.store.load_all().await?;
+        let count = records.len();
+        let mut cache = self.write_cache();
+        for record in records {
+            let previous = cache.get(&record.name).cloned();
+            cache.insert(record.name.clone(), Arc::new(CachedKey::new(record, previous.as_deref())));
+        }
+        Ok(count)
+    }
+
+    fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<CachedKey>>> {
+        // Every write is a single insert: a panic elsewhere cannot leave the
+        // map half-changed, so a poisoned lock is still consistent.
+        self.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_cache(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<CachedKey>>> {
+        self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn install(&self, record: KeyRecord) -> Arc<CachedKey> {
+        let mut cache = self.write_cache();
+        let previous = cache.get(&record.name).cloned();
+        if let Some(p) = &previous {
+            // Never replace a newer record with an older one read concurrently.
+            if p.record.revision > record.revision {
+                return p.clone();
+            }
+        }
+        let cached = Arc::new(CachedKey::new(record, previous.as_deref()));
+        cache.insert(cached.record.name.clone(), cached.clone());
+        cached
+    }
+
+    async fn reload(&self, name: &str) -> ServiceResult<Option<Arc<CachedKey>>> {
+        Ok(self.store.get(name).await?.map(|record| self.install(record)))
+    }
+
+    /// A key, from the cache or else the store. `NOT_FOUND` if it exists in
+    /// neither.
+    pub async fn key(&self, name: &str) -> ServiceResult<Arc<CachedKey>> {
+        if let Some(key) = self.read_cache().get(name).cloned() {
+            return Ok(key);
+        }
+        check_key_name(name)?;
+        self.reload(name).await?.ok_or_else(|| ServiceError::key_not_found(name))
+    }
+
+    /// A key that should hold `version` (read from a ciphertext): reloaded
+    /// from the store when the cached record does not have it yet.
+    pub async fn key_for_version(&self, name: &str, version: u32) -> ServiceResult<Arc<CachedKey>> {
+        let cached = self.read_cache().get(name).cloned();
+        match cached {
+            Some(key) if version <= key.record.current_version => Ok(key),
+            _ => self.reload(name).await?.ok_or_else(|| ServiceError::key_not_found(name)),
+        }
+    }
+
+    /// Keys whose names match `pattern`, after `after`, in name order, at
+    /// most `limit` of them; and whether more follow.
+    pub fn list(&self, pattern: &globset::GlobMatcher, after: &str, limit: usize) -> (Vec<Arc<CachedKey>>, bool) {
+        let cache = self.read_cache();
+        let mut matching: Vec<&Arc<CachedKey>> = cache
+            .iter()
+            .filter(|(name, _)| name.as_str() > after && pattern.is_match(name.as_str()))
+            .map(|(_, key)| key)
+            .collect();
+        matching.sort_unstable_by(|a, b| a.record.name.cmp(&b.record.name));
+        let more = matching.len() > limit;
+        (matching.into_iter().take(limit).cloned().collect(), more)
+    }
+
+    /// Creates a key with version 1 in its backend.
+    pub async fn create(&self, spec: NewKey) -> ServiceResult<Arc<CachedKey>> {
+        check_key_name(&spec.name)?;
+        let backend_name = if spec.backend.is_empty() { self.default_backend.clone() } else { spec.backend };
+        let backend = self.backends.get(&backend_name).map_err(|_| {
+            ServiceError::invalid(format!("backend {backend_name:?} is not configured on this broker"))
+        })?;
+        if self.store.get(&spec.name).await?.is_some() {
+            return Err(StoreError::AlreadyExists(spec.name).into());
+        }
+        let reference = backend.create_version(&spec.name, 1).await?;
+        let t = now();
+        let record = KeyRecord {
+            name: spec.name,
+            backend: backend_name.clone(),
+            current_version: 1,
+            min_decryption_version: 1,
+            deletion_allowed: spec.deletion_allowed,
+            labels: spec.labels,
+            rotation_period_secs: spec.rotation_period_secs,
+            max_wraps_per_version: spec.max_wraps_per_version,
+            created_at: t,
+            updated_at: t,
+            revision: 1,
+            versions: vec![VersionRecord {
+                version: 1,
+                state: VersionState::Active,
+                backend: backend_name,
+                backend_ref: reference,
+                created_at: t,
+                updated_at: t,
+            }],
+        };
+        self.store.create(&record).await?;
+        Ok(self.install(record))
+    }
+
+    /// Makes version N+1 current, created in `backend` (or the key's
+    /// backend), and moves N to decrypt-only. With `expected_current`, a
+    /// compare-and-swap: `ABORTED` when the current version is another.
+    pub async fn rotate(
+        &self,
+        name: &str,
+        expected_current: Option<u32>,
+        backend: Option<&str>,
+    ) -> ServiceResult<Arc<CachedKey>> {
+        check_key_name(name)?;
+        for _ in 0..UPDATE_ATTEMPTS {
+            let mut record = self.store.get(name).await?.ok_or_else(|| ServiceError::key_not_found(name))?;
+            let current = record.current_version;
+            if let Some(expected) = expected_current {
+                if expected != current {
+                    return Err(ServiceError::new(
+                        ErrorCode::Aborted,
+                        format!("key {name:?} is at version {current}, not the expected {expected}: rotation not done"),
+                    ));
+                }
+            }
+            let next = current
+                .checked_add(1)
+                .ok_or_else(|| ServiceError::precondition(format!("key {name:?} has run out of version numbers")))?;
+            let backend_name = backend.filter(|b| !b.is_empty()).unwrap_or(&record.backend).to_owned();
+            let target = self.backends.get(&backend_name).map_err(|_| {
+                ServiceError::invalid(format!("backend {backend_name:?} is not configured on this broker"))
+            })?;
+            let reference = target.create_version(name, next).await?;
+            let t = now();
+            if let Some(old) = record.version_mut(current) {
+                if old.state == VersionState::Active {
+                    old.state = VersionState::DecryptOnly;
+                    old.updated_at = t;
+                }
+            }
+            record.versions.push(VersionRecord {
+                version: next,
+                state: VersionState::Active,
+                backend: backend_name.clone(),
+                backend_ref: reference,
+                created_at: t,
+                updated_at: t,
+            });
+            record.current_version = next;
+            record.backend = backend_name;
+            record.updated_at = t;
+            match self.store.update(&record).await {
+                Ok(stored) => return Ok(self.install(stored)),
+                Err(StoreError::Conflict(_)) if expected_current.is_none() => continue,
+                Err(StoreError::Conflict(_)) => {
+                    return Err(ServiceError::new(
+                        ErrorCode::Aborted,
+                        format!("key {name:?} was rotated concurrently past version {current}: rotation not done"),
+                    ));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(ServiceError::new(ErrorCode::Aborted, format!("key {name:?} keeps changing concurrently; retry")))
+    }
+
+    /// Reads `name` fresh, applies `change`, and stores it, retrying when a
+    /// concurrent writer got there first.
+    async fn modify<F>(&self, name: &str, change: F) -> ServiceResult<Arc<CachedKey>>
+    where
+        F: Fn(&mut KeyRecord) -> ServiceResult<()>,
+    {
+        check_key_name(name)?;
+        for _ in 0..UPDATE_ATTEMPTS {
+            let mut record = self.store.get(name).await?.ok_or_else(|| ServiceError::key_not_found(name))?;
+            let before = record.clone();
+            change(&mut record)?;
+            if record == before {
+                return Ok(self.install(record));
+            }
+            record.updated_at = now();
+            match self.store.update(&record).await {
+                Ok(stored) => return Ok(self.install(stored)),
+                Err(StoreError::Conflict(_)) => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(ServiceError::new(ErrorCode::Aborted, format!("key {name:?} keeps changing concurrently; retry")))
+    }
+
+    /// Sets `min_decryption_version` (1..=current).
+    pub async fn set_min_decryption_version(&self, name: &str, min: u32) -> ServiceResult<Arc<CachedKey>> {
+        self.modify(name, |record| {
+            if min == 0 || min > record.current_version {
+                return Err(ServiceError::invalid(format!(
+                    "min_decryption_version {min} of key {name:?} must be between 1 and the current version {}",
+                    record.current_version
+                )));
+            }
+            record.min_decryption_version = min;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Disables, enables or destroys a non-current version.
+    pub async fn change_version(&self, name: &str, version: u32, op: VersionChange) -> ServiceResult<Arc<CachedKey>> {
+        let mut erased = None;
+        let key = self
+            .modify(name, |record| {
+                let deletion_allowed = record.deletion_allowed;
+                let current = record.current_version;
+                let v = record.version_mut(version).ok_or_else(|| {
+                    ServiceError::new(ErrorCode::NotFound, format!("key {name:?} has no version {version}"))
+                })?;
+                if version == current && op != VersionChange::Enable {
+                    return Err(ServiceError::precondition(format!(
+                        "version {version} is the current version of key {name:?}: rotate before {}",
+                        if op == VersionChange::Disable { "disabling it" } else { "destroying it" }
+                    )));
+                }
+                match (op, v.state) {
+                    (_, VersionState::Destroyed) if op != VersionChange::Destroy => {
+                        Err(ServiceError::precondition(format!("version {version} of key {name:?} is destroyed")))
+                    }
+                    (VersionChange::Disable, _) => {
+                        v.state = VersionState::Disabled;
+                        Ok(())
+                    }
+                    (VersionChange::Enable, VersionState::Disabled) => {
+                        v.state = VersionState::DecryptOnly;
+                        Ok(())
+                    }
+                    (VersionChange::Enable, _) => Ok(()),
+                    (VersionChange::Destroy, _) if !deletion_allowed => Err(ServiceError::precondition(format!(
+                        "key {name:?} does not allow deletion (set deletion_allowed with UpdateKeyPolicy first)"
+                    ))),
+                    (VersionChange::Destroy, _) => {
+                        v.state = VersionState::Destroyed;
+                        v.backend_ref = Default::default();
+                        Ok(())
+                    }
+                }
+            })
+            .await?;
+        if op == VersionChange::Destroy {
+            if let Some(v) = key.record.version(version) {
+                erased = Some(v.backend.clone());
+            }
+        }
+        if let Some(backend_name) = erased {
+            let backend = self.backends.get(&backend_name)?;
+            let reference = Default::default();
+            backend.destroy_version(VersionRef { key: name, version, reference: &reference }).await?;
+        }
+        Ok(key)
+    }
+
+    /// Changes the deletion flag, labels or rotation policy.
+    pub async fn update_policy(&self, name: &str, change: PolicyChange) -> ServiceResult<Arc<CachedKey>> {
+        self.modify(name, |record| {
+            if let Some(d) = change.deletion_allowed {
+                record.deletion_allowed = d;
+            }
+            if let Some(labels) = &change.labels {
+                record.labels = labels.clone();
+            }
+            if let Some((period, wraps)) = change.rotation {
+                record.rotation_period_secs = period;
+                record.max_wraps_per_version = wraps;
+            }
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,98 @@
+//! The `keybroker` binary.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use keybroker_server::config::{Config, ENV_CONFIG, Environment};
+use keybroker_server::{dev, server};
+use tracing_subscriber::EnvFilter;
+
+/// keybroker: a gRPC key broker for envelope encryption.
+#[derive(Debug, Parser)]
+#[command(name = "keybroker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a broker with embedded defaults: local backend, SQLite, a dev
+    /// PKI and a key named "demo", all in the data directory.
+    Dev {
+        /// Data directory (created when missing, reused otherwise).
+        #[arg(long, default_value = "./keybroker-dev")]
+        data_dir: PathBuf,
+        /// Listen address (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+    },
+    /// Serve from a configuration file; every setting can also come from a
+    /// KEYBROKER_* environment variable.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long, env = ENV_CONFIG)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logging(filter: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter).with_context(|| format!("invalid setting `log`: {filter:?}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+fn announce(addr: SocketAddr, banner: Option<String>) {
+    let mut out = std::io::stdout().lock();
+    // Harnesses and scripts wait for this exact line.
+    let _ = writeln!(out, "keybroker listening on {addr}");
+    if let Some(banner) = banner {
+        let _ = writeln!(out, "{banner}");
+    }
+    let _ = out.flush();
+}
+
+async fn start(cli: Cli) -> anyhow::Result<()> {
+    let env = Environment::from_process();
+    let (config, options, data_dir) = match cli.command {
+        Command::Dev { data_dir, listen } => {
+            let path = dev::prepare(&data_dir, listen)?;
+            let config = Config::load(Some(&path), &env)?;
+            let options = server::RunOptions { ensure_keys: vec![dev::DEV_KEY.to_owned()] };
+            (config, options, Some(data_dir))
+        }
+        Command::Serve { config } => (Config::load(config.as_deref(), &env)?, server::RunOptions::default(), None),
+    };
+    init_logging(&config.log)?;
+    server::run(config, &env, options, |addr| announce(addr, data_dir.map(|d| dev::banner(&d, addr)))).await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Two rustls crypto providers are linked (tonic's and sqlx's): pick one
+    // before anything builds a TLS config, or rustls refuses to choose.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("keybroker: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(start(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("keybroker: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

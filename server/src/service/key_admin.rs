@@ -1,0 +1,198 @@
+//! `keybroker.v1.KeyAdmin`: key and version lifecycle. Migration RPCs are
+//! declared in the API and answer UNIMPLEMENTED until the migration engine
+//! lands.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use base64::Engine;
+use keybroker_client::pb;
+use keybroker_client::pb::key_admin_server::KeyAdmin;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::{Audit, key_message, respond};
+use crate::error::{ServiceError, ServiceResult};
+use crate::keyring::{Keyring, NewKey, PolicyChange, VersionChange};
+
+/// Keys per ListKeys page when the caller does not say.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Most keys per ListKeys page.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// The admin-plane service.
+pub struct KeyAdminService {
+    keyring: Arc<Keyring>,
+}
+
+impl KeyAdminService {
+    /// A service over `keyring`.
+    pub fn new(keyring: Arc<Keyring>) -> Self {
+        Self { keyring }
+    }
+}
+
+fn glob(pattern: &str) -> ServiceResult<globset::GlobMatcher> {
+    let pattern = if pattern.is_empty() { "*" } else { pattern };
+    globset::GlobBuilder::new(pattern)
+        .literal_separator(false)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| ServiceError::invalid(format!("invalid key pattern {pattern:?}: {}", e.kind())))
+}
+
+fn decode_page_token(token: &str) -> ServiceResult<String> {
+    if token.is_empty() {
+        return Ok(String::new());
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .filter(|name| crate::envelope::is_valid_key_name(name))
+        .ok_or_else(|| ServiceError::invalid("invalid page_token: pass next_page_token of the previous page"))
+}
+
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what} is not available in this build: live migration between backends is not built yet"
+    ))
+}
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrateProgress, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl KeyAdmin for KeyAdminService {
+    async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> Result<Response<pb::Key>, Status> {
+        let audit = Audit::start("CreateKey", &request);
+        let req = request.into_inner();
+        let policy = req.rotation_policy.unwrap_or_default();
+        let result = self
+            .keyring
+            .create(NewKey {
+                name: req.key.clone(),
+                backend: req.backend,
+                deletion_allowed: req.deletion_allowed,
+                labels: req.labels,
+                rotation_period_secs: policy.rotation_period_seconds,
+                max_wraps_per_version: policy.max_wraps_per_version,
+            })
+            .await
+            .map(|k| key_message(&k));
+        audit.finish(&req.key, 1, &result);
+        respond(result)
+    }
+
+    async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
+        let req = request.get_ref();
+        respond(self.keyring.key(&req.key).await.map(|k| key_message(&k)))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let req = request.into_inner();
+        let result = (|| {
+            let matcher = glob(&req.pattern)?;
+            let after = decode_page_token(&req.page_token)?;
+            let limit = match req.page_size as usize {
+                0 => DEFAULT_PAGE_SIZE,
+                n => n.min(MAX_PAGE_SIZE),
+            };
+            let (keys, more) = self.keyring.list(&matcher, &after, limit);
+            let next_page_token = match (more, keys.last()) {
+                (true, Some(last)) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&last.record.name),
+                _ => String::new(),
+            };
+            Ok(pb::ListKeysResponse { keys: keys.iter().map(|k| key_message(k)).collect(), next_page_token })
+        })();
+        respond(result)
+    }
+
+    async fn rotate(&self, request: Request<pb::RotateRequest>) -> Result<Response<pb::Key>, Status> {
+        let audit = Audit::start("Rotate", &request);
+        let req = request.into_inner();
+        let backend = Some(req.backend.as_str()).filter(|b| !b.is_empty());
+        let result = self.keyring.rotate(&req.key, req.expected_current_version, backend).await.map(|k| key_message(&k));
+        audit.finish(&req.key, result.as_ref().map_or(0, |k| k.current_version), &result);
+        respond(result)
+    }
+
+    async fn set_min_decryption_version(
+        &self,
+        request: Request<pb::SetMinDecryptionVersionRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let audit = Audit::start("SetMinDecryptionVersion", &request);
+        let req = request.into_inner();
+        let result =
+            self.keyring.set_min_decryption_version(&req.key, req.min_decryption_version).await.map(|k| key_message(&k));
+        audit.finish(&req.key, req.min_decryption_version, &result);
+        respond(result)
+    }
+
+    async fn disable_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::Key>, Status> {
+        self.version_change("DisableKeyVersion", request, VersionChange::Disable).await
+    }
+
+    async fn enable_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::Key>, Status> {
+        self.version_change("EnableKeyVersion", request, VersionChange::Enable).await
+    }
+
+    async fn destroy_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::Key>, Status> {
+        self.version_change("DestroyKeyVersion", request, VersionChange::Destroy).await
+    }
+
+    async fn update_key_policy(
+        &self,
+        request: Request<pb::UpdateKeyPolicyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let audit = Audit::start("UpdateKeyPolicy", &request);
+        let req = request.into_inner();
+        let change = PolicyChange {
+            deletion_allowed: req.deletion_allowed,
+            labels: req.replace_labels.then_some(req.labels),
+            rotation: req.rotation_policy.map(|p| (p.rotation_period_seconds, p.max_wraps_per_version)),
+        };
+        let result = self.keyring.update_policy(&req.key, change).await.map(|k| key_message(&k));
+        audit.finish(&req.key, 0, &result);
+        respond(result)
+    }
+
+    type MigrateStream = ProgressStream;
+
+    async fn migrate(&self, _request: Request<pb::MigrateRequest>) -> Result<Response<Self::MigrateStream>, Status> {
+        Err(unimplemented("Migrate"))
+    }
+
+    async fn get_migration(
+        &self,
+        _request: Request<pb::GetMigrationRequest>,
+    ) -> Result<Response<pb::MigrateProgress>, Status> {
+        Err(unimplemented("GetMigration"))
+    }
+
+    type WatchMigrationStream = ProgressStream;
+
+    async fn watch_migration(
+        &self,
+        _request: Request<pb::GetMigrationRequest>,
+    ) -> Result<Response<Self::WatchMigrationStream>, Status> {
+        Err(unimplemented("WatchMigration"))
+    }
+}
+
+impl KeyAdminService {
+    async fn version_change(
+        &self,
+        rpc: &'static str,
+        request: Request<pb::KeyVersionRequest>,
+        op: VersionChange,
+    ) -> Result<Response<pb::Key>, Status> {
+        let audit = Audit::start(rpc, &request);
+        let req = request.into_inner();
+        let result = self.keyring.change_version(&req.key, req.version, op).await.map(|k| key_message(&k));
+        audit.finish(&req.key, req.version, &result);
+        respond(result)
+    }
+}

@@ -1,0 +1,172 @@
+//! The version table: keys, their versions and where each version lives.
+//! Every store implements [`KeyStore`]; the service never sees SQL.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use crate::backend::BackendRef;
+use crate::error::{ErrorCode, ServiceError};
+
+/// Lifecycle state of a key version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionState {
+    /// The current version: wraps and unwraps.
+    Active,
+    /// An older version: unwraps only.
+    DecryptOnly,
+    /// Refuses to unwrap until enabled.
+    Disabled,
+    /// Material erased for good.
+    Destroyed,
+}
+
+impl VersionState {
+    /// The name stored in the table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Active => "active",
+            VersionState::DecryptOnly => "decrypt_only",
+            VersionState::Disabled => "disabled",
+            VersionState::Destroyed => "destroyed",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "active" => VersionState::Active,
+            "decrypt_only" => VersionState::DecryptOnly,
+            "disabled" => VersionState::Disabled,
+            "destroyed" => VersionState::Destroyed,
+            _ => return None,
+        })
+    }
+}
+
+/// One version of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRecord {
+    /// Version number, from 1.
+    pub version: u32,
+    /// Lifecycle state.
+    pub state: VersionState,
+    /// Name of the backend holding the material.
+    pub backend: String,
+    /// The backend's reference to the material (empty once destroyed).
+    pub backend_ref: BackendRef,
+    /// Creation time, Unix seconds.
+    pub created_at: i64,
+    /// Last change, Unix seconds.
+    pub updated_at: i64,
+}
+
+/// A key with all its versions, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Key name.
+    pub name: String,
+    /// Backend new versions are created in.
+    pub backend: String,
+    /// Version new wraps use.
+    pub current_version: u32,
+    /// Versions below refuse to unwrap.
+    pub min_decryption_version: u32,
+    /// Whether versions may be destroyed.
+    pub deletion_allowed: bool,
+    /// Operator labels.
+    pub labels: BTreeMap<String, String>,
+    /// Rotate when the current version is older than this (0 = never).
+    pub rotation_period_secs: u64,
+    /// Rotate after this many wraps (0 = no limit).
+    pub max_wraps_per_version: u64,
+    /// Creation time, Unix seconds.
+    pub created_at: i64,
+    /// Last change, Unix seconds.
+    pub updated_at: i64,
+    /// Optimistic-concurrency counter, bumped by every update.
+    pub revision: u64,
+    /// Versions in ascending order, `versions[i].version == i + 1`.
+    pub versions: Vec<VersionRecord>,
+}
+
+impl KeyRecord {
+    /// The record of `version`, if it exists.
+    pub fn version(&self, version: u32) -> Option<&VersionRecord> {
+        let index = usize::try_from(version).ok()?.checked_sub(1)?;
+        self.versions.get(index).filter(|v| v.version == version)
+    }
+
+    /// Mutable access to the record of `version`.
+    pub fn version_mut(&mut self, version: u32) -> Option<&mut VersionRecord> {
+        let index = usize::try_from(version).ok()?.checked_sub(1)?;
+        self.versions.get_mut(index).filter(|v| v.version == version)
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// `create` of a name that exists.
+    #[error("key {0:?} already exists")]
+    AlreadyExists(String),
+    /// `update` of a key that does not exist.
+    #[error("key {0:?} not found")]
+    NotFound(String),
+    /// `update` lost against a concurrent writer (revision moved on).
+    #[error("key {0:?} was changed concurrently; retry")]
+    Conflict(String),
+    /// The database cannot be reached or failed.
+    #[error("version table unavailable: {0}")]
+    Unavailable(String),
+    /// A row holds a value this build cannot read.
+    #[error("version table holds an invalid row for key {key:?}: {reason}")]
+    Corrupt {
+        /// Key name.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(err: StoreError) -> Self {
+        let code = match &err {
+            StoreError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::Conflict(_) => ErrorCode::Aborted,
+            StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::Corrupt { .. } => ErrorCode::Internal,
+        };
+        ServiceError::new(code, err.to_string())
+    }
+}
+
+/// Durable storage of the version table.
+///
+/// Every method is one transaction. Implementations: SQLite (one file, the
+/// embedded default); PostgreSQL follows for fleets of replicas.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Every key with its versions, in name order. Returns `Unavailable` when
+    /// the database cannot be read, `Corrupt` for a row it cannot decode.
+    async fn load_all(&self) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// One key with its versions; `Ok(None)` when it does not exist.
+    async fn get(&self, name: &str) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Inserts a new key with its versions. Returns `AlreadyExists` when the
+    /// name is taken.
+    async fn create(&self, key: &KeyRecord) -> Result<(), StoreError>;
+
+    /// Replaces a key and its versions if its stored revision still equals
+    /// `key.revision`, and bumps the revision. Versions absent from the table
+    /// are inserted under the unique (key, version) constraint, so two
+    /// writers can never both create the same version. Returns `NotFound`
+    /// when the key is gone and `Conflict` when another writer changed it
+    /// first. Returns the stored record.
+    async fn update(&self, key: &KeyRecord) -> Result<KeyRecord, StoreError>;
+}

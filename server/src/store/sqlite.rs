@@ -1,0 +1,297 @@
+//! The SQLite version table: one file, WAL journal, full sync on commit so a
+//! rotation that returned survives a crash. Schema in `migrations/sqlite/`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
+use crate::backend::BackendRef;
+
+/// A version table in one SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn unavailable(err: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(err.to_string())
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `path` and applies the
+    /// schema migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        // The table holds sealed KEKs: keep it (and the -wal / -shm files
+        // SQLite creates with the same mode) private to the broker's user.
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| StoreError::Unavailable(format!("creating SQLite file {}: {e}", path.display())))?;
+        }
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(unavailable)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            // Destroyed versions have their sealed material overwritten on disk,
+            // not just unlinked from the b-tree.
+            .pragma("secure_delete", "on")
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("opening SQLite file {}: {e}", path.display())))?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrating SQLite file {}: {e}", path.display())))?;
+        Ok(Self { pool })
+    }
+
+    async fn versions_of(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        name: &str,
+    ) -> Result<Vec<VersionRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT version, state, backend, backend_ref, created_at, updated_at \
+             FROM key_versions WHERE key_name = ? ORDER BY version",
+        )
+        .bind(name)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(|row| version_from_row(name, row)).collect()
+    }
+
+    async fn insert_version(
+        tx: &mut Transaction<'_, Sqlite>,
+        name: &str,
+        v: &VersionRecord,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(name)
+        .bind(i64::from(v.version))
+        .bind(v.state.as_str())
+        .bind(&v.backend)
+        .bind(&v.backend_ref.0)
+        .bind(v.created_at)
+        .bind(v.updated_at)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(name.to_owned()),
+            _ => unavailable(e),
+        })?;
+        Ok(())
+    }
+}
+
+fn version_from_row(name: &str, row: &SqliteRow) -> Result<VersionRecord, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { key: name.to_owned(), reason };
+    let get_err = |e: sqlx::Error| corrupt(e.to_string());
+    let state: String = row.try_get("state").map_err(get_err)?;
+    let version: i64 = row.try_get("version").map_err(get_err)?;
+    Ok(VersionRecord {
+        version: u32::try_from(version).map_err(|_| corrupt(format!("version {version}")))?,
+        state: VersionState::parse(&state).ok_or_else(|| corrupt(format!("state {state:?}")))?,
+        backend: row.try_get("backend").map_err(get_err)?,
+        backend_ref: BackendRef(row.try_get("backend_ref").map_err(get_err)?),
+        created_at: row.try_get("created_at").map_err(get_err)?,
+        updated_at: row.try_get("updated_at").map_err(get_err)?,
+    })
+}
+
+fn key_from_row(row: &SqliteRow, versions: Vec<VersionRecord>) -> Result<KeyRecord, StoreError> {
+    let name: String = row.try_get("name").map_err(unavailable)?;
+    let corrupt = |reason: String| StoreError::Corrupt { key: name.clone(), reason };
+    let get_u32 = |col: &str| -> Result<u32, StoreError> {
+        let v: i64 = row.try_get(col).map_err(|e| corrupt(e.to_string()))?;
+        u32::try_from(v).map_err(|_| corrupt(format!("{col} = {v}")))
+    };
+    let get_u64 = |col: &str| -> Result<u64, StoreError> {
+        let v: i64 = row.try_get(col).map_err(|e| corrupt(e.to_string()))?;
+        u64::try_from(v).map_err(|_| corrupt(format!("{col} = {v}")))
+    };
+    let labels: String = row.try_get("labels").map_err(|e| corrupt(e.to_string()))?;
+    let labels: BTreeMap<String, String> =
+        serde_json::from_str(&labels).map_err(|e| corrupt(format!("labels: {e}")))?;
+    let record = KeyRecord {
+        backend: row.try_get("backend").map_err(|e| corrupt(e.to_string()))?,
+        current_version: get_u32("current_version")?,
+        min_decryption_version: get_u32("min_decryption_version")?,
+        deletion_allowed: row.try_get("deletion_allowed").map_err(|e| corrupt(e.to_string()))?,
+        labels,
+        rotation_period_secs: get_u64("rotation_period_secs")?,
+        max_wraps_per_version: get_u64("max_wraps_per_version")?,
+        created_at: row.try_get("created_at").map_err(|e| corrupt(e.to_string()))?,
+        updated_at: row.try_get("updated_at").map_err(|e| corrupt(e.to_string()))?,
+        revision: get_u64("revision")?,
+        versions,
+        name: name.clone(),
+    };
+    let dense = record.versions.iter().enumerate().all(|(i, v)| usize::try_from(v.version).ok() == Some(i + 1));
+    if !dense || record.version(record.current_version).is_none() {
+        return Err(corrupt("versions are not 1..=current_version".to_owned()));
+    }
+    Ok(record)
+}
+
+/// Columns of `keys`, as a macro so queries stay string literals.
+macro_rules! key_columns {
+    () => {
+        "name, backend, current_version, min_decryption_version, deletion_allowed, labels, \
+         rotation_period_secs, max_wraps_per_version, created_at, updated_at, revision"
+    };
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn load_all(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let keys = sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys ORDER BY name"))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let rows = sqlx::query(
+            "SELECT key_name, version, state, backend, backend_ref, created_at, updated_at \
+             FROM key_versions ORDER BY key_name, version",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        let mut versions: BTreeMap<String, Vec<VersionRecord>> = BTreeMap::new();
+        for row in &rows {
+            let name: String = row.try_get("key_name").map_err(unavailable)?;
+            let record = version_from_row(&name, row)?;
+            versions.entry(name).or_default().push(record);
+        }
+        keys.iter()
+            .map(|row| {
+                let name: String = row.try_get("name").map_err(unavailable)?;
+                key_from_row(row, versions.remove(&name).unwrap_or_default())
+            })
+            .collect()
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys WHERE name = ?"))
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let versions = self.versions_of(&mut tx, name).await?;
+        tx.commit().await.map_err(unavailable)?;
+        key_from_row(&row, versions).map(Some)
+    }
+
+    async fn create(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let labels = serde_json::to_string(&key.labels).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query(concat!("INSERT INTO keys (", key_columns!(), ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+            .bind(&key.name)
+            .bind(&key.backend)
+            .bind(i64::from(key.current_version))
+            .bind(i64::from(key.min_decryption_version))
+            .bind(key.deletion_allowed)
+            .bind(labels)
+            .bind(to_i64(key.rotation_period_secs))
+            .bind(to_i64(key.max_wraps_per_version))
+            .bind(key.created_at)
+            .bind(key.updated_at)
+            .bind(to_i64(key.revision))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists(key.name.clone()),
+                _ => unavailable(e),
+            })?;
+        for v in &key.versions {
+            Self::insert_version(&mut tx, &key.name, v).await?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn update(&self, key: &KeyRecord) -> Result<KeyRecord, StoreError> {
+        let labels = serde_json::to_string(&key.labels).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let updated = sqlx::query(
+            "UPDATE keys SET backend = ?, current_version = ?, min_decryption_version = ?, deletion_allowed = ?, \
+             labels = ?, rotation_period_secs = ?, max_wraps_per_version = ?, updated_at = ?, \
+             revision = revision + 1 WHERE name = ? AND revision = ?",
+        )
+        .bind(&key.backend)
+        .bind(i64::from(key.current_version))
+        .bind(i64::from(key.min_decryption_version))
+        .bind(key.deletion_allowed)
+        .bind(labels)
+        .bind(to_i64(key.rotation_period_secs))
+        .bind(to_i64(key.max_wraps_per_version))
+        .bind(key.updated_at)
+        .bind(&key.name)
+        .bind(to_i64(key.revision))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if updated.rows_affected() == 0 {
+            let exists = sqlx::query("SELECT 1 FROM keys WHERE name = ?")
+                .bind(&key.name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .is_some();
+            return Err(if exists { StoreError::Conflict(key.name.clone()) } else { StoreError::NotFound(key.name.clone()) });
+        }
+        let stored = self.versions_of(&mut tx, &key.name).await?;
+        for v in &key.versions {
+            match stored.iter().find(|s| s.version == v.version) {
+                Some(s) if s == v => {}
+                Some(_) => {
+                    sqlx::query(
+                        "UPDATE key_versions SET state = ?, backend = ?, backend_ref = ?, updated_at = ? \
+                         WHERE key_name = ? AND version = ?",
+                    )
+                    .bind(v.state.as_str())
+                    .bind(&v.backend)
+                    .bind(&v.backend_ref.0)
+                    .bind(v.updated_at)
+                    .bind(&key.name)
+                    .bind(i64::from(v.version))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                }
+                None => Self::insert_version(&mut tx, &key.name, v).await?,
+            }
+        }
+        tx.commit().await.map_err(unavailable)?;
+        let mut stored = key.clone();
+        stored.revision += 1;
+        Ok(stored)
+    }
+}

@@ -66,14 +66,9 @@ impl TlsIdentity {
     }
 
     /// An identity read from three PEM files.
-    pub fn from_files(
-        ca: impl AsRef<Path>,
-        cert: impl AsRef<Path>,
-        key: impl AsRef<Path>,
-    ) -> std::io::Result<Self> {
-        let read = |p: &Path| {
-            std::fs::read(p).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
-        };
+    pub fn from_files(ca: impl AsRef<Path>, cert: impl AsRef<Path>, key: impl AsRef<Path>) -> std::io::Result<Self> {
+        let read =
+            |p: &Path| std::fs::read(p).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())));
         Ok(Self::from_pem(read(ca.as_ref())?, read(cert.as_ref())?, read(key.as_ref())?))
     }
 
@@ -93,8 +88,5 @@ impl TlsIdentity {
 
 /// Opens an mTLS channel to the broker at `url` (`https://host:port`).
 pub async fn connect(url: &str, identity: &TlsIdentity) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(url.to_owned())?
-        .tls_config(identity.tls_config())?
-        .connect()
-        .await
+    Endpoint::from_shared(url.to_owned())?.tls_config(identity.tls_config())?.connect().await
 }

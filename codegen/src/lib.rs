@@ -11,11 +11,8 @@ use anyhow::{Context, Result};
 use prost::Message;
 
 /// The proto files of the API, relative to `proto/`.
-pub const PROTO_FILES: &[&str] = &[
-    "keybroker/v1/types.proto",
-    "keybroker/v1/key_broker.proto",
-    "keybroker/v1/key_admin.proto",
-];
+pub const PROTO_FILES: &[&str] =
+    &["keybroker/v1/types.proto", "keybroker/v1/key_broker.proto", "keybroker/v1/key_admin.proto"];
 
 /// Where the generated Rust module goes, relative to the workspace root.
 pub const GENERATED_RS: &str = "client/src/generated/keybroker.v1.rs";
@@ -50,16 +47,14 @@ pub fn generate(root: &Path) -> Result<Vec<GeneratedFile>> {
         .out_dir(out.path())
         .compile_fds(fds)
         .context("generating Rust code from the descriptor set")?;
-    let rust = std::fs::read(out.path().join("keybroker.v1.rs"))
-        .context("reading the generated keybroker.v1.rs")?;
+    let rust = std::fs::read(out.path().join("keybroker.v1.rs")).context("reading the generated keybroker.v1.rs")?;
 
     let mut files = vec![
         GeneratedFile { path: GENERATED_RS.into(), contents: rust },
         GeneratedFile { path: DESCRIPTOR_BIN.into(), contents: descriptor },
     ];
     for proto in PROTO_FILES {
-        let contents = std::fs::read(proto_dir.join(proto))
-            .with_context(|| format!("reading proto/{proto}"))?;
+        let contents = std::fs::read(proto_dir.join(proto)).with_context(|| format!("reading proto/{proto}"))?;
         files.push(GeneratedFile { path: Path::new(CLIENT_PROTO_DIR).join(proto), contents });
     }
     Ok(files)
@@ -67,8 +62,5 @@ pub fn generate(root: &Path) -> Result<Vec<GeneratedFile>> {
 
 /// The workspace root, found from this crate's manifest directory.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }

@@ -83,7 +83,12 @@ impl Broker {
     }
 
     /// Wraps `plaintext` under the current version of `key`.
-    pub async fn wrap(&self, key: &str, plaintext: &[u8], context: &BTreeMap<String, String>) -> ServiceResult<Wrapped> {
+    pub async fn wrap(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        context: &BTreeMap<String, String>,
+    ) -> ServiceResult<Wrapped> {
         if plaintext.is_empty() {
             return Err(ServiceError::invalid("plaintext is empty"));
         }

@@ -41,6 +41,10 @@ pub struct Config {
     /// `keybroker=debug`.
     #[serde(default = "default_log")]
     pub log: String,
+    /// On SIGTERM, in-flight calls get this many seconds to finish before
+    /// the remaining connections are closed.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_seconds: u64,
     /// Server certificate and the CA that client certificates must chain to.
     pub tls: TlsConfig,
     /// The version table.
@@ -155,6 +159,9 @@ fn default_listen() -> SocketAddr {
 fn default_log() -> String {
     "info".to_owned()
 }
+fn default_shutdown_grace() -> u64 {
+    10
+}
 fn default_handshake_timeout() -> u64 {
     10
 }
@@ -236,11 +243,8 @@ impl Environment {
         K: Into<String>,
         V: Into<String>,
     {
-        let vars = vars
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-            .collect();
+        let vars =
+            vars.into_iter().map(|(k, v)| (k.into(), v.into())).filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
         Self { vars }
     }
 
@@ -255,10 +259,7 @@ impl Environment {
     }
 
     fn settings(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.vars
-            .iter()
-            .filter(|(k, _)| !NOT_SETTINGS.contains(&k.as_str()))
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+        self.vars.iter().filter(|(k, _)| !NOT_SETTINGS.contains(&k.as_str())).map(|(k, v)| (k.as_str(), v.as_str()))
     }
 }
 
@@ -282,11 +283,12 @@ impl Config {
         };
         let mut from_env = BTreeMap::new();
         for (name, value) in env.settings() {
-            let path: Vec<String> =
-                name[ENV_PREFIX.len()..].split("__").map(str::to_lowercase).collect();
+            let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_lowercase).collect();
             from_env.insert(path.join("."), name.to_owned());
-            set_path(&mut table, &path, parse_env_value(value)).map_err(|message| {
-                ConfigError::Setting { setting: path.join("."), origin: format!(" (from {name})"), message }
+            set_path(&mut table, &path, parse_env_value(value)).map_err(|message| ConfigError::Setting {
+                setting: path.join("."),
+                origin: format!(" (from {name})"),
+                message,
             })?;
         }
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
@@ -319,11 +321,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        for (setting, path) in [
-            ("tls.cert", &self.tls.cert),
-            ("tls.key", &self.tls.key),
-            ("tls.client_ca", &self.tls.client_ca),
-        ] {
+        for (setting, path) in
+            [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key), ("tls.client_ca", &self.tls.client_ca)]
+        {
             if !path.is_file() {
                 return Err(ConfigError::Invalid {
                     setting,

@@ -61,13 +61,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
 }
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), DevError> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io(path))?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).map_err(io(path))?;
     file.write_all(contents.as_bytes()).map_err(io(path))
 }
 

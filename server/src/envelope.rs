@@ -259,10 +259,14 @@ mod tests {
     fn rejects_empty_and_short_inputs() {
         assert_eq!(parse(&[]), Err(EnvelopeError::Truncated(0)));
         assert_eq!(parse(b"KB"), Err(EnvelopeError::Truncated(2)));
+        // Cuts inside the header or below the minimal GCM payload fail to
+        // parse; shorter payloads past that are caught by authentication.
         let bytes = sample(Algorithm::Aes256Gcm, "demo", 1, 40);
-        for cut in 0..bytes.len() {
+        let min_len = 13 + 4 + GCM_NONCE_LEN + GCM_TAG_LEN + 1;
+        for cut in 0..min_len {
             assert!(parse(&bytes[..cut]).is_err(), "a {cut}-byte prefix parsed");
         }
+        assert!(parse(&bytes[..min_len]).is_ok());
     }
 
     #[test]
@@ -289,7 +293,7 @@ mod tests {
         bytes[4] = 200;
         assert_eq!(parse(&bytes), Err(EnvelopeError::BadKeyNameLength(200)));
         let mut bytes = sample(Algorithm::Aes256Gcm, "demo", 1, 0);
-        bytes.truncate(10);
+        bytes.truncate(15);
         assert_eq!(parse(&bytes), Err(EnvelopeError::TruncatedHeader));
     }
 

@@ -62,19 +62,17 @@ impl CachedKey {
 
     /// Wraps counted under `version` by this broker since it started.
     pub fn wrap_count(&self, version: u32) -> u64 {
-        version
-            .checked_sub(1)
-            .and_then(|i| self.wraps.get(i as usize))
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+        version.checked_sub(1).and_then(|i| self.wraps.get(i as usize)).map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// The record of `version` if it may unwrap: it exists, is neither
     /// disabled nor destroyed, and is not below `min_decryption_version`.
     pub fn unwrappable(&self, version: u32) -> ServiceResult<&VersionRecord> {
         let name = &self.record.name;
-        let v = self.record.version(version).ok_or_else(|| {
-            ServiceError::new(ErrorCode::NotFound, format!("key {name:?} has no version {version}"))
-        })?;
+        let v = self
+            .record
+            .version(version)
+            .ok_or_else(|| ServiceError::new(ErrorCode::NotFound, format!("key {name:?} has no version {version}")))?;
         match v.state {
             VersionState::Destroyed => {
                 Err(ServiceError::precondition(format!("version {version} of key {name:?} is destroyed")))
@@ -246,9 +244,10 @@ impl Keyring {
     pub async fn create(&self, spec: NewKey) -> ServiceResult<Arc<CachedKey>> {
         check_key_name(&spec.name)?;
         let backend_name = if spec.backend.is_empty() { self.default_backend.clone() } else { spec.backend };
-        let backend = self.backends.get(&backend_name).map_err(|_| {
-            ServiceError::invalid(format!("backend {backend_name:?} is not configured on this broker"))
-        })?;
+        let backend = self
+            .backends
+            .get(&backend_name)
+            .map_err(|_| ServiceError::invalid(format!("backend {backend_name:?} is not configured on this broker")))?;
         if self.store.get(&spec.name).await?.is_some() {
             return Err(StoreError::AlreadyExists(spec.name).into());
         }
@@ -292,13 +291,13 @@ impl Keyring {
         for _ in 0..UPDATE_ATTEMPTS {
             let mut record = self.store.get(name).await?.ok_or_else(|| ServiceError::key_not_found(name))?;
             let current = record.current_version;
-            if let Some(expected) = expected_current {
-                if expected != current {
-                    return Err(ServiceError::new(
-                        ErrorCode::Aborted,
-                        format!("key {name:?} is at version {current}, not the expected {expected}: rotation not done"),
-                    ));
-                }
+            if let Some(expected) = expected_current
+                && expected != current
+            {
+                return Err(ServiceError::new(
+                    ErrorCode::Aborted,
+                    format!("key {name:?} is at version {current}, not the expected {expected}: rotation not done"),
+                ));
             }
             let next = current
                 .checked_add(1)
@@ -309,11 +308,11 @@ impl Keyring {
             })?;
             let reference = target.create_version(name, next).await?;
             let t = now();
-            if let Some(old) = record.version_mut(current) {
-                if old.state == VersionState::Active {
-                    old.state = VersionState::DecryptOnly;
-                    old.updated_at = t;
-                }
+            if let Some(old) = record.version_mut(current)
+                && old.state == VersionState::Active
+            {
+                old.state = VersionState::DecryptOnly;
+                old.updated_at = t;
             }
             record.versions.push(VersionRecord {
                 version: next,
@@ -382,7 +381,6 @@ impl Keyring {
 
     /// Disables, enables or destroys a non-current version.
     pub async fn change_version(&self, name: &str, version: u32, op: VersionChange) -> ServiceResult<Arc<CachedKey>> {
-        let mut erased = None;
         let key = self
             .modify(name, |record| {
                 let deletion_allowed = record.deletion_allowed;
@@ -420,13 +418,10 @@ impl Keyring {
                 }
             })
             .await?;
-        if op == VersionChange::Destroy {
-            if let Some(v) = key.record.version(version) {
-                erased = Some(v.backend.clone());
-            }
-        }
-        if let Some(backend_name) = erased {
-            let backend = self.backends.get(&backend_name)?;
+        if op == VersionChange::Destroy
+            && let Some(v) = key.record.version(version)
+        {
+            let backend = self.backends.get(&v.backend)?;
             let reference = Default::default();
             backend.destroy_version(VersionRef { key: name, version, reference: &reference }).await?;
         }

@@ -178,8 +178,7 @@ pub async fn run(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1().map_err(|e| StartError::Other(format!("reflection: {e}")))?;
-    let reflection_v1alpha =
-        reflection().build_v1alpha().map_err(|e| StartError::Other(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| StartError::Other(format!("reflection: {e}")))?;
 
     let tls_config = tls::server_config(&config.tls)?;
     let listener =
@@ -194,16 +193,30 @@ pub async fn run(
     tracing::info!(%addr, "keybroker serving (mTLS, TLS 1.3)");
     on_listening(addr);
 
-    tonic::transport::Server::builder()
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(data_plane)
         .add_service(admin_plane)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
-        .await
-        .map_err(|e| StartError::Other(format!("server stopped: {e}")))?;
+        .serve_with_incoming_shutdown(incoming, {
+            let stop = stop.clone();
+            async move {
+                shutdown_signal().await;
+                stop.notify_one();
+            }
+        });
+    // Graceful shutdown waits for every connection to close, and idle gRPC
+    // clients keep theirs open: bound the wait.
+    let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    tokio::select! {
+        result = serve => result.map_err(|e| StartError::Other(format!("server stopped: {e}")))?,
+        () = async { stop.notified().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_seconds = grace.as_secs(), "grace period over; closing remaining connections");
+        }
+    }
     tracing::info!("keybroker stopped");
     Ok(())
 }

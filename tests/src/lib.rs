@@ -1,1 +1,242 @@
-//! harness
+//! The end-to-end harness: starts the real `keybroker` binary on 127.0.0.1
+//! with an ephemeral port, talks to it over real mTLS with the client crate,
+//! and stops it by pid. Real components only; a missing one fails the test
+//! with the command that installs it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use keybroker_client::pb::key_admin_client::KeyAdminClient;
+use keybroker_client::pb::key_broker_client::KeyBrokerClient;
+use keybroker_client::{TlsIdentity, connect};
+use tonic::transport::Channel;
+
+pub use keybroker_client::pb;
+
+/// Overrides where the `keybroker` binary is looked for.
+pub const ENV_TEST_BIN: &str = "KB_TEST_BIN";
+
+/// The `keybroker` binary built from this workspace.
+pub fn keybroker_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os(ENV_TEST_BIN) {
+        return PathBuf::from(bin);
+    }
+    // The test executable lives in <target>/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe.parent().and_then(Path::parent).expect("target profile dir").join("keybroker");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build -p keybroker-server --bin keybroker` \
+         (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running broker process.
+pub struct Broker {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+impl Broker {
+    /// `keybroker dev --data-dir DIR --listen 127.0.0.1:0`.
+    pub fn start_dev(data_dir: &Path) -> Broker {
+        let args = ["dev", "--data-dir", data_dir.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+        Self::start(&args, &[], data_dir)
+    }
+
+    /// Starts the binary with `args` and extra environment `env`, and waits
+    /// for its "keybroker listening on ADDR" line.
+    pub fn start(args: &[&str], env: &[(&str, &str)], data_dir: &Path) -> Broker {
+        match Self::try_start(args, env, data_dir) {
+            Ok(broker) => broker,
+            Err(failure) => panic!("keybroker did not start: {failure}"),
+        }
+    }
+
+    /// Like [`Broker::start`], but a start that fails returns the exit status
+    /// and stderr instead of panicking.
+    pub fn try_start(args: &[&str], env: &[(&str, &str)], data_dir: &Path) -> Result<Broker, StartFailure> {
+        let log_dir = data_dir.parent().unwrap_or(data_dir);
+        std::fs::create_dir_all(log_dir).unwrap();
+        let stderr_path = log_dir.join(format!(
+            "{}-stderr-{}.log",
+            data_dir.file_name().and_then(|n| n.to_str()).unwrap_or("broker"),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        let mut command = Command::new(keybroker_bin());
+        command
+            .args(args)
+            .env("KEYBROKER_LOG", "info,keybroker::audit=debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawning keybroker");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !sent && let Some(addr) = line.strip_prefix("keybroker listening on ") {
+                    let _ = tx.send(addr.trim().parse::<SocketAddr>().ok());
+                    sent = true;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(Some(addr)) => {
+                    return Ok(Broker { child: Some(child), addr, data_dir: data_dir.to_owned(), stderr_path });
+                }
+                Ok(None) => panic!("unparsable listening line"),
+                Err(_) => {
+                    if let Some(status) = child.try_wait().unwrap() {
+                        let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                        return Err(StartFailure { code: status.code(), stderr });
+                    }
+                    if std::time::Instant::now() > deadline {
+                        let _ = child.kill();
+                        let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                        panic!("keybroker did not listen within 30 s; stderr:\n{stderr}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Sends SIGKILL (kill -9) and reaps the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id() as libc::pid_t;
+            let rc = unsafe_kill(pid, libc::SIGKILL);
+            assert_eq!(rc, 0, "kill -9 {pid} failed");
+            child.wait().unwrap();
+        }
+    }
+
+    /// Sends SIGTERM and waits (without blocking the async runtime, whose
+    /// client connections must close for the drain to end) for the process
+    /// to exit; returns its exit code.
+    pub async fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        unsafe_kill(child.id() as libc::pid_t, libc::SIGTERM);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Everything the broker wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The dev PKI identity `who` (`client` or `admin`).
+    pub fn identity(&self, who: &str) -> TlsIdentity {
+        let tls = self.data_dir.join("tls");
+        TlsIdentity::from_files(tls.join("ca.pem"), tls.join(format!("{who}.pem")), tls.join(format!("{who}.key")))
+            .unwrap()
+    }
+
+    /// A channel as `who`.
+    pub async fn channel(&self, who: &str) -> Channel {
+        connect(&self.url(), &self.identity(who)).await.unwrap()
+    }
+
+    /// A data-plane client with the application identity.
+    pub async fn app(&self) -> KeyBrokerClient<Channel> {
+        KeyBrokerClient::new(self.channel("client").await)
+    }
+
+    /// An admin-plane client with the admin identity.
+    pub async fn admin(&self) -> KeyAdminClient<Channel> {
+        KeyAdminClient::new(self.channel("admin").await)
+    }
+
+    /// grpcurl arguments for mTLS as `who`.
+    pub fn grpcurl_tls_args(&self, who: &str) -> Vec<String> {
+        let tls = self.data_dir.join("tls");
+        vec![
+            "-cacert".into(),
+            tls.join("ca.pem").display().to_string(),
+            "-cert".into(),
+            tls.join(format!("{who}.pem")).display().to_string(),
+            "-key".into(),
+            tls.join(format!("{who}.key")).display().to_string(),
+        ]
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe_kill(child.id() as libc::pid_t, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// How a start failed.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub code: Option<i32>,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {:?}; stderr:\n{}", self.code, self.stderr)
+    }
+}
+
+#[allow(unsafe_code)]
+fn unsafe_kill(pid: libc::pid_t, signal: libc::c_int) -> libc::c_int {
+    // SAFETY: kill(2) has no memory-safety preconditions; pid is a child
+    // process this harness spawned and has not reaped yet.
+    unsafe { libc::kill(pid, signal) }
+}
+
+/// A real component's executable on PATH, or a failure that says how to
+/// install it.
+pub fn require_tool(name: &str, install: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not installed: {install} (the README's test command installs it)"))
+}
+
+/// A fresh temporary directory.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("kb-test-").tempdir().unwrap()
+}
+
+/// A BTreeMap context from pairs.
+pub fn ctx(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}

@@ -1,1 +1,14 @@
+//! End-to-end tests of the real `keybroker` binary. One behaviour per file;
+//! one test binary, so the suite links once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod crash_recovery;
+mod errors_and_limits;
+mod generated_code_is_fresh;
+mod grpcurl_reflection;
+mod mtls_identity;
+mod readme_walkthrough;
+mod rotation_and_lifecycle;
+mod serve_configuration;
+mod tampering_is_rejected;
+mod wrap_unwrap;

@@ -66,7 +66,11 @@ impl LocalBackend {
         let tag = self
             .root
             .cipher()
-            .encrypt_inout_detached(&Nonce::from(nonce), &Self::seal_aad(key, version), (&mut sealed[1 + GCM_NONCE_LEN..]).into())
+            .encrypt_inout_detached(
+                &Nonce::from(nonce),
+                &Self::seal_aad(key, version),
+                (&mut sealed[1 + GCM_NONCE_LEN..]).into(),
+            )
             .map_err(|_| self.material_error(key, version, "sealing failed"))?;
         sealed.extend_from_slice(&tag);
         Ok(BackendRef(sealed))
@@ -93,12 +97,7 @@ impl LocalBackend {
     }
 
     fn material_error(&self, key: &str, version: u32, reason: &str) -> BackendError {
-        BackendError::Material {
-            backend: self.name.clone(),
-            key: key.to_owned(),
-            version,
-            reason: reason.to_owned(),
-        }
+        BackendError::Material { backend: self.name.clone(), key: key.to_owned(), version, reason: reason.to_owned() }
     }
 
     fn cipher(&self, v: VersionRef<'_>) -> Result<Arc<Aes256Gcm>, BackendError> {
@@ -161,10 +160,8 @@ impl KeyBackend for LocalBackend {
         aad: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
         let cipher = self.cipher(version)?;
-        open_payload(&cipher, payload, aad).ok_or_else(|| BackendError::AuthenticationFailed {
-            key: version.key.to_owned(),
-            version: version.version,
-        })
+        open_payload(&cipher, payload, aad)
+            .ok_or_else(|| BackendError::AuthenticationFailed { key: version.key.to_owned(), version: version.version })
     }
 
     async fn export(&self, version: VersionRef<'_>) -> Result<Zeroizing<Vec<u8>>, BackendError> {

@@ -43,7 +43,9 @@ pub struct VersionRef<'a> {
 pub enum BackendError {
     /// The payload failed authentication: wrong context, tampered ciphertext,
     /// or a ciphertext made under another version.
-    #[error("ciphertext authentication failed (wrong context or tampered ciphertext) for key {key:?} version {version}")]
+    #[error(
+        "ciphertext authentication failed (wrong context or tampered ciphertext) for key {key:?} version {version}"
+    )]
     AuthenticationFailed {
         /// Key name.
         key: String,
@@ -176,9 +178,9 @@ impl Backends {
     /// The backend called `name`, or `FAILED_PRECONDITION` naming it (a key
     /// that refers to a backend removed from the configuration).
     pub fn get(&self, name: &str) -> Result<&Arc<dyn KeyBackend>, ServiceError> {
-        self.by_name.get(name).ok_or_else(|| {
-            ServiceError::precondition(format!("backend {name:?} is not configured on this broker"))
-        })
+        self.by_name
+            .get(name)
+            .ok_or_else(|| ServiceError::precondition(format!("backend {name:?} is not configured on this broker")))
     }
 
     /// Whether a backend of that name is configured.

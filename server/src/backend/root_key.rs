@@ -73,9 +73,8 @@ impl RootKey {
     /// in the error.
     pub fn from_base64(text: &str, source_name: &str) -> Result<Self, RootKeyError> {
         let format = || RootKeyError::Format { source_name: source_name.to_owned() };
-        let bytes = Zeroizing::new(
-            base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(|_| format())?,
-        );
+        let bytes =
+            Zeroizing::new(base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(|_| format())?);
         let key: &[u8; ROOT_KEY_LEN] = bytes.as_slice().try_into().map_err(|_| format())?;
         Ok(Self { cipher: Aes256Gcm::new(&(*key).into()) })
     }
@@ -87,12 +86,7 @@ impl RootKey {
         let mut key = Zeroizing::new([0u8; ROOT_KEY_LEN]);
         rand::rng().fill_bytes(key.as_mut_slice());
         let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.as_slice()));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io)?;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
         file.write_all(text.as_bytes()).map_err(io)?;
         file.write_all(b"\n").map_err(io)?;
         file.sync_all().map_err(io)

@@ -88,10 +88,7 @@ impl KeyAdmin for KeyAdminService {
         respond(self.keyring.key(&req.key).await.map(|k| key_message(&k)))
     }
 
-    async fn list_keys(
-        &self,
-        request: Request<pb::ListKeysRequest>,
-    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+    async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
         let req = request.into_inner();
         let result = (|| {
             let matcher = glob(&req.pattern)?;
@@ -114,7 +111,8 @@ impl KeyAdmin for KeyAdminService {
         let audit = Audit::start("Rotate", &request);
         let req = request.into_inner();
         let backend = Some(req.backend.as_str()).filter(|b| !b.is_empty());
-        let result = self.keyring.rotate(&req.key, req.expected_current_version, backend).await.map(|k| key_message(&k));
+        let result =
+            self.keyring.rotate(&req.key, req.expected_current_version, backend).await.map(|k| key_message(&k));
         audit.finish(&req.key, result.as_ref().map_or(0, |k| k.current_version), &result);
         respond(result)
     }
@@ -125,8 +123,11 @@ impl KeyAdmin for KeyAdminService {
     ) -> Result<Response<pb::Key>, Status> {
         let audit = Audit::start("SetMinDecryptionVersion", &request);
         let req = request.into_inner();
-        let result =
-            self.keyring.set_min_decryption_version(&req.key, req.min_decryption_version).await.map(|k| key_message(&k));
+        let result = self
+            .keyring
+            .set_min_decryption_version(&req.key, req.min_decryption_version)
+            .await
+            .map(|k| key_message(&k));
         audit.finish(&req.key, req.min_decryption_version, &result);
         respond(result)
     }

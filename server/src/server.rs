@@ -133,7 +133,12 @@ pub async fn run(
     verify_root_key(&keyring).await?;
     tracing::info!(keys = loaded, "version table loaded");
     for name in &options.ensure_keys {
-        if keyring.key(name).await.is_err() {
+        let missing = match keyring.key(name).await {
+            Ok(_) => false,
+            Err(err) if err.code() == crate::error::ErrorCode::NotFound => true,
+            Err(err) => return Err(StartError::Other(format!("reading key {name:?}: {err}"))),
+        };
+        if missing {
             keyring
                 .create(NewKey { name: name.clone(), ..Default::default() })
                 .await

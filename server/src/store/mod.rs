@@ -1,6 +1,8 @@
 //! The version table: keys, their versions and where each version lives.
 //! Every store implements [`KeyStore`]; the service never sees SQL.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

@@ -297,3 +297,74 @@ impl KeyStore for SqliteStore {
         Ok(stored)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::Backends;
+    use crate::backend::local::LocalBackend;
+    use crate::backend::root_key::RootKey;
+    use crate::keyring::{Keyring, NewKey};
+
+    #[tokio::test]
+    async fn sqlite_passes_the_store_conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("kb.sqlite")).await.unwrap();
+        crate::store::conformance::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn the_database_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kb.sqlite");
+        SqliteStore::open(&path).await.unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    /// Two brokers on one table rotating the same key at once: every
+    /// rotation that succeeded made exactly one new version, and versions
+    /// stay 1..=current with no duplicate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_rotating_at_once_never_create_the_same_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kb.sqlite");
+        let root = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let mut backends = Backends::default();
+            backends.insert(Arc::new(LocalBackend::new("local", RootKey::from_base64(root, "test").unwrap())));
+            let store = Arc::new(SqliteStore::open(&path).await.unwrap());
+            replicas.push(Arc::new(Keyring::new(store, backends, "local".into())));
+        }
+        replicas[0].create(NewKey { name: "k".into(), ..Default::default() }).await.unwrap();
+        let mut tasks = Vec::new();
+        for replica in &replicas {
+            for _ in 0..10 {
+                let replica = replica.clone();
+                tasks.push(tokio::spawn(async move {
+                    replica.rotate("k", None, None).await.map(|k| k.record.current_version)
+                }));
+            }
+        }
+        let mut won = Vec::new();
+        for task in tasks {
+            if let Ok(version) = task.await.unwrap() {
+                won.push(version);
+            }
+        }
+        won.sort_unstable();
+        let before = won.len();
+        won.dedup();
+        assert_eq!(before, won.len(), "two rotations reported the same new version: {won:?}");
+        assert!(won.len() >= 10, "only {} of 20 rotations succeeded", won.len());
+        let record = SqliteStore::open(&path).await.unwrap().get("k").await.unwrap().unwrap();
+        assert_eq!(record.current_version as usize, 1 + won.len());
+        let versions: Vec<u32> = record.versions.iter().map(|v| v.version).collect();
+        assert_eq!(versions, (1..=record.current_version).collect::<Vec<_>>());
+        let active = record.versions.iter().filter(|v| v.state == VersionState::Active).count();
+        assert_eq!(active, 1, "exactly one version is current");
+    }
+}

@@ -1,0 +1,92 @@
+//! One conformance suite for every [`KeyStore`]: each store's tests call
+//! [`run_all`] with a fresh, empty store (as kes and quickwit do).
+
+use super::{KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
+use crate::backend::BackendRef;
+
+fn version(v: u32, state: VersionState) -> VersionRecord {
+    VersionRecord {
+        version: v,
+        state,
+        backend: "local".into(),
+        backend_ref: BackendRef(vec![v as u8; 61]),
+        created_at: 1_700_000_000 + i64::from(v),
+        updated_at: 1_700_000_000 + i64::from(v),
+    }
+}
+
+fn key(name: &str) -> KeyRecord {
+    KeyRecord {
+        name: name.into(),
+        backend: "local".into(),
+        current_version: 1,
+        min_decryption_version: 1,
+        deletion_allowed: false,
+        labels: [("team".to_string(), "billing".to_string())].into(),
+        rotation_period_secs: 86_400,
+        max_wraps_per_version: 1 << 32,
+        created_at: 1_700_000_000,
+        updated_at: 1_700_000_000,
+        revision: 1,
+        versions: vec![version(1, VersionState::Active)],
+    }
+}
+
+/// Runs every conformance check against `store`, which must start empty.
+pub async fn run_all(store: &dyn KeyStore) {
+    create_get_and_duplicate(store).await;
+    update_checks_revision_and_adds_versions(store).await;
+    update_of_missing_key_is_not_found(store).await;
+    load_all_is_in_name_order(store).await;
+}
+
+async fn create_get_and_duplicate(store: &dyn KeyStore) {
+    assert!(store.get("a").await.unwrap().is_none());
+    let a = key("a");
+    store.create(&a).await.unwrap();
+    assert_eq!(store.get("a").await.unwrap(), Some(a.clone()), "a key reads back exactly");
+    assert!(matches!(store.create(&a).await, Err(StoreError::AlreadyExists(n)) if n == "a"));
+}
+
+async fn update_checks_revision_and_adds_versions(store: &dyn KeyStore) {
+    let mut b = key("b");
+    store.create(&b).await.unwrap();
+    b.versions[0].state = VersionState::DecryptOnly;
+    b.versions.push(version(2, VersionState::Active));
+    b.current_version = 2;
+    b.min_decryption_version = 2;
+    b.deletion_allowed = true;
+    let stored = store.update(&b).await.unwrap();
+    assert_eq!(stored.revision, 2);
+    assert_eq!(store.get("b").await.unwrap(), Some(stored.clone()));
+
+    // A writer holding the old revision loses, and changes nothing.
+    let mut stale = b.clone();
+    stale.versions.push(version(3, VersionState::Active));
+    stale.current_version = 3;
+    assert!(matches!(store.update(&stale).await, Err(StoreError::Conflict(_))));
+    assert_eq!(store.get("b").await.unwrap(), Some(stored.clone()));
+
+    // Destroy: state and erased reference persist.
+    let mut destroyed = stored.clone();
+    destroyed.versions[0].state = VersionState::Destroyed;
+    destroyed.versions[0].backend_ref = BackendRef::default();
+    let stored = store.update(&destroyed).await.unwrap();
+    let read = store.get("b").await.unwrap().unwrap();
+    assert_eq!(read, stored);
+    assert!(read.versions[0].backend_ref.0.is_empty());
+}
+
+async fn update_of_missing_key_is_not_found(store: &dyn KeyStore) {
+    assert!(matches!(store.update(&key("ghost")).await, Err(StoreError::NotFound(n)) if n == "ghost"));
+}
+
+async fn load_all_is_in_name_order(store: &dyn KeyStore) {
+    for name in ["z", "m"] {
+        store.create(&key(name)).await.unwrap();
+    }
+    let names: Vec<String> = store.load_all().await.unwrap().into_iter().map(|k| k.name).collect();
+    assert_eq!(names, ["a", "b", "m", "z"]);
+    let b = store.load_all().await.unwrap().into_iter().find(|k| k.name == "b").unwrap();
+    assert_eq!(b.versions.len(), 2);
+}

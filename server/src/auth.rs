@@ -58,6 +58,15 @@ impl Authorizer {
     }
 }
 
+impl Authorizer {
+    /// The peer of a Unix socket connection: identity `uid:<uid>`, listed in
+    /// the same `auth.*_identities` as certificate identities.
+    pub fn identify_unix(&self, uid: u32) -> Peer {
+        let identity = format!("uid:{uid}");
+        Peer { admin: self.admin.contains(&identity), app: self.app.contains(&identity), identity }
+    }
+}
+
 /// URI SANs, then DNS SANs, then the subject CN of a certificate.
 pub fn certificate_identities(cert_der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = X509Certificate::from_der(cert_der) else {

@@ -64,6 +64,19 @@ pub struct Config {
     /// Size limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// A Unix socket listener for the sidecar case, besides the mTLS port.
+    #[serde(default)]
+    pub unix_socket: Option<UnixSocketConfig>,
+}
+
+/// `[unix_socket]`: a pod-local listener, mode 0600. Callers are identified
+/// as `uid:<uid>` from the socket's peer credentials; list those identities
+/// in `[auth]` like certificate identities.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnixSocketConfig {
+    /// Path of the socket; a stale socket there is replaced.
+    pub path: PathBuf,
 }
 
 /// `[tls]`: mTLS with rustls, TLS 1.3 only.
@@ -317,6 +330,9 @@ impl Config {
         }
         if let Some(file) = &mut self.root_key.file {
             resolve(file);
+        }
+        if let Some(unix) = &mut self.unix_socket {
+            resolve(&mut unix.path);
         }
     }
 

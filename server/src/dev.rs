@@ -98,6 +98,10 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevError> {
         RootKey::generate_file(&root_key)?;
     }
     let config_path = dir.join("keybroker.toml");
+    // The sidecar socket admits the user running the dev broker (it is mode
+    // 0600: nobody else can connect anyway) as an application identity.
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata(dir).map_err(io(dir))?.uid();
     let config = format!(
         r#"# Written by `keybroker dev` at every start; edit a copy for `keybroker serve`.
 listen = "{listen}"
@@ -118,9 +122,12 @@ file = "root.key"
 [backends.local]
 type = "local"
 
+[unix_socket]
+path = "keybroker.sock"
+
 [auth]
 admin_identities = ["{DEV_ADMIN_IDENTITY}"]
-app_identities = ["{DEV_APP_IDENTITY}"]
+app_identities = ["{DEV_APP_IDENTITY}", "uid:{uid}"]
 "#
     );
     write_file(&config_path, &config, 0o600)?;

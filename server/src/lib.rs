@@ -15,6 +15,7 @@ pub mod dev;
 pub mod envelope;
 pub mod error;
 pub mod keyring;
+pub mod listener;
 pub mod server;
 pub mod service;
 pub mod store;

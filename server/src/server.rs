@@ -22,6 +22,7 @@ use crate::broker::Broker;
 use crate::config::{BackendConfig, Config, ConfigError, Environment, StoreConfig};
 use crate::error::ServiceError;
 use crate::keyring::{Keyring, NewKey};
+use crate::listener::{Incoming, bind_unix};
 use crate::service::key_admin::KeyAdminService;
 use crate::service::key_broker::KeyBrokerService;
 use crate::store::sqlite::SqliteStore;
@@ -189,12 +190,16 @@ pub async fn run(
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
-    let incoming = tls::incoming(
-        listener,
-        tls_config,
-        Arc::new(Authorizer::new(&config.auth)),
-        Duration::from_secs(config.tls.handshake_timeout_seconds),
-    );
+    let incoming = Incoming::new(Arc::new(Authorizer::new(&config.auth)));
+    incoming.add_tls(listener, tls_config, Duration::from_secs(config.tls.handshake_timeout_seconds));
+    if let Some(unix) = &config.unix_socket {
+        let listener = bind_unix(&unix.path).map_err(|e| {
+            StartError::Other(format!("invalid setting `unix_socket.path`: {}: {e}", unix.path.display()))
+        })?;
+        incoming.add_unix(listener);
+        tracing::info!(path = %unix.path.display(), "keybroker serving on unix socket (mode 0600)");
+    }
+    let incoming = incoming.into_stream();
     tracing::info!(%addr, "keybroker serving (mTLS, TLS 1.3)");
     on_listening(addr);
 

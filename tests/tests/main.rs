@@ -2,6 +2,8 @@
 //! one test binary, so the suite links once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod blob_encryption;
+mod client_library;
 mod crash_recovery;
 mod errors_and_limits;
 mod generated_code_is_fresh;

@@ -1,0 +1,201 @@
+//! Where connections come from: the mTLS TCP listener and, for the sidecar
+//! case, a Unix domain socket (mode 0600) whose callers are identified by
+//! their peer credentials. Each accepted connection carries its caller's
+//! [`Peer`], computed once at accept time, into every request's extensions.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::auth::{Authorizer, Peer, PeerInfo};
+
+/// The byte stream of an accepted connection.
+enum Io {
+    Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
+}
+
+/// An accepted connection and the caller it speaks for.
+pub struct Connection {
+    io: Io,
+    peer: PeerInfo,
+}
+
+impl Connected for Connection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer.clone()
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $io:ident => $call:expr) => {
+        match &mut $self.get_mut().io {
+            Io::Tls(s) => {
+                let $io = Pin::new(s.as_mut());
+                $call
+            }
+            Io::Unix(s) => {
+                let $io = Pin::new(s);
+                $call
+            }
+        }
+    };
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, io => io.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, io => io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Tls(s) => s.is_write_vectored(),
+            Io::Unix(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// The stream of accepted connections from every listener.
+pub struct Incoming {
+    tx: mpsc::Sender<io::Result<Connection>>,
+    rx: mpsc::Receiver<io::Result<Connection>>,
+    authorizer: Arc<Authorizer>,
+}
+
+impl Incoming {
+    /// An empty set of listeners whose callers `authorizer` identifies.
+    pub fn new(authorizer: Arc<Authorizer>) -> Self {
+        let (tx, rx) = mpsc::channel(128);
+        Self { tx, rx, authorizer }
+    }
+
+    /// Accepts mTLS connections on `listener`. Each handshake runs in its own
+    /// task (a slow client cannot stall others) under `handshake_timeout`;
+    /// refused handshakes are logged with the peer address and the reason.
+    pub fn add_tls(&self, listener: TcpListener, tls: Arc<rustls::ServerConfig>, handshake_timeout: Duration) {
+        let acceptor = TlsAcceptor::from(tls);
+        let tx = self.tx.clone();
+        let authorizer = self.authorizer.clone();
+        tokio::spawn(async move {
+            while !tx.is_closed() {
+                let (tcp, remote) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(%err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, authorizer, tx) = (acceptor.clone(), authorizer.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let peer = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|certs| certs.first())
+                                .map(|cert| authorizer.identify(cert))
+                                .unwrap_or_else(|| Peer { identity: "<none>".to_owned(), admin: false, app: false });
+                            tracing::debug!(%remote, identity = %peer.identity, "mTLS connection accepted");
+                            let connection =
+                                Connection { io: Io::Tls(Box::new(stream)), peer: PeerInfo(Arc::new(peer)) };
+                            let _ = tx.send(Ok(connection)).await;
+                        }
+                        Ok(Err(err)) => tracing::info!(%remote, %err, "TLS handshake refused"),
+                        Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+    }
+
+    /// Accepts connections on a Unix socket; the caller is `uid:<uid>` from
+    /// the socket's peer credentials.
+    pub fn add_unix(&self, listener: UnixListener) {
+        let tx = self.tx.clone();
+        let authorizer = self.authorizer.clone();
+        tokio::spawn(async move {
+            while !tx.is_closed() {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        tracing::warn!(%err, "unix socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let peer = match stream.peer_cred() {
+                    Ok(cred) => authorizer.identify_unix(cred.uid()),
+                    Err(err) => {
+                        tracing::info!(%err, "unix socket peer without credentials refused");
+                        continue;
+                    }
+                };
+                tracing::debug!(identity = %peer.identity, "unix socket connection accepted");
+                let connection = Connection { io: Io::Unix(stream), peer: PeerInfo(Arc::new(peer)) };
+                if tx.send(Ok(connection)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// The connections, for `serve_with_incoming`.
+    pub fn into_stream(self) -> ReceiverStream<io::Result<Connection>> {
+        ReceiverStream::new(self.rx)
+    }
+}
+
+/// Binds a Unix socket at `path` readable and writable by the broker's user
+/// only (0600), replacing a stale socket left by a previous run.
+pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        } else {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"));
+        }
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}

@@ -20,6 +20,13 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   export PATH="$GRPCURL_DIR:$PATH"
 fi
 grpcurl -version 2>&1 | head -1
+if ! have_py grpc || ! have_py grpc_tools; then
+  python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools
+fi
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  apt-get install -y nodejs npm
+fi
+(cd tests/polyglot/node && npm ci --no-audit --no-fund --loglevel=error)
 
 say "cargo fmt --check"
 cargo fmt --all -- --check
@@ -29,6 +36,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "build (the end-to-end tests start target/debug/keybroker)"
 cargo build --workspace --all-targets --locked
+
+say "keybroker-client packages and builds on its own"
+cargo package -p keybroker-client --locked --quiet
+cargo publish --dry-run -p keybroker-client --locked --quiet
 
 say "tests"
 if cargo nextest --version >/dev/null 2>&1; then

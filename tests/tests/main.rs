@@ -3,12 +3,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 mod blob_encryption;
+mod client_examples;
 mod client_library;
 mod crash_recovery;
 mod errors_and_limits;
 mod generated_code_is_fresh;
 mod grpcurl_reflection;
 mod mtls_identity;
+mod polyglot_clients;
 mod readme_walkthrough;
 mod rotation_and_lifecycle;
 mod serve_configuration;

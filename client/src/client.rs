@@ -375,7 +375,7 @@ impl Client {
     /// `expected_current_version` is given: the compare-and-swap makes a
     /// repeated rotation impossible, while a blind retry could rotate twice.
     pub async fn rotate(&self, key: &str, expected_current_version: Option<u32>) -> Result<pb::Key> {
-        let message = pb::RotateRequest { key: key.to_owned(), expected_current_version, backend: String::new() };
+        let message = pb::RotateRequest { key: key.to_owned(), expected_current_version, ..Default::default() };
         let admin = self.admin.clone();
         let client = if expected_current_version.is_some() {
             self.clone()

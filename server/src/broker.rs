@@ -7,11 +7,15 @@ use std::sync::Arc;
 use rand::Rng;
 use zeroize::Zeroizing;
 
-use crate::backend::VersionRef;
+use crate::backend::{Aad, VersionRef};
 use crate::config::LimitsConfig;
-use crate::envelope::{self, additional_data, write_header};
+use crate::envelope::{self, write_header};
 use crate::error::{ServiceError, ServiceResult};
 use crate::keyring::{Keyring, check_key_name};
+
+/// Context keys keybroker reserves for itself (the AWS KMS backend adds
+/// `keybroker:header`).
+pub const RESERVED_CONTEXT_PREFIX: &str = "keybroker:";
 
 /// A DEK's length when GenerateDataKey is asked for length 0.
 pub const DEFAULT_DEK_LEN: usize = 32;
@@ -72,6 +76,11 @@ impl Broker {
     }
 
     fn check_context(&self, context: &BTreeMap<String, String>) -> ServiceResult<()> {
+        if let Some(reserved) = context.keys().find(|k| k.starts_with(RESERVED_CONTEXT_PREFIX)) {
+            return Err(ServiceError::invalid(format!(
+                "encryption context key {reserved:?} is reserved (keys starting with {RESERVED_CONTEXT_PREFIX:?})"
+            )));
+        }
         let len = envelope::context_len(context);
         if len > self.limits.max_context_bytes {
             return Err(ServiceError::invalid(format!(
@@ -103,13 +112,13 @@ impl Broker {
         check_key_name(key)?;
         let cached = self.keyring.key(key).await?;
         let current = cached.current()?;
-        let backend = self.keyring.backends().get(&current.backend)?;
-        let mut ciphertext = Vec::with_capacity(13 + key.len() + plaintext.len() + 64);
-        let header_len = write_header(&mut ciphertext, backend.algorithm(), key, current.version);
-        let mut aad = Vec::new();
-        additional_data(&mut aad, &ciphertext[..header_len], context);
+        let backend = self.keyring.backends().get_mode(&current.backend, current.mode)?;
+        let mut header = Vec::with_capacity(13 + key.len());
+        write_header(&mut header, backend.algorithm(), key, current.version);
+        let mut ciphertext = Vec::with_capacity(header.len() + plaintext.len() + 64);
+        ciphertext.extend_from_slice(&header);
         let version = VersionRef { key, version: current.version, reference: &current.backend_ref };
-        backend.wrap(version, plaintext, &aad, &mut ciphertext).await?;
+        backend.wrap(version, plaintext, Aad { header: &header, context }, &mut ciphertext).await?;
         cached.count_wrap(current.version);
         Ok(Wrapped { ciphertext, key: key.to_owned(), version: current.version })
     }
@@ -121,7 +130,7 @@ impl Broker {
         let env = envelope::parse(ciphertext).map_err(|e| ServiceError::invalid(e.to_string()))?;
         let cached = self.keyring.key_for_version(env.key, env.version).await?;
         let record = cached.unwrappable(env.version)?;
-        let backend = self.keyring.backends().get(&record.backend)?;
+        let backend = self.keyring.backends().get_mode(&record.backend, record.mode)?;
         if backend.algorithm() != env.algorithm {
             return Err(ServiceError::invalid(format!(
                 "ciphertext payload algorithm {:?} does not match version {} of key {:?} ({:?})",
@@ -131,10 +140,8 @@ impl Broker {
                 backend.algorithm()
             )));
         }
-        let mut aad = Vec::new();
-        additional_data(&mut aad, env.header, context);
         let version = VersionRef { key: env.key, version: env.version, reference: &record.backend_ref };
-        let plaintext = backend.unwrap(version, env.payload, &aad).await?;
+        let plaintext = backend.unwrap(version, env.payload, Aad { header: env.header, context }).await?;
         Ok(Unwrapped {
             plaintext,
             key: env.key.to_owned(),

@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::backend::{Backends, VersionRef};
 use crate::envelope::is_valid_key_name;
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
-use crate::store::{KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
+use crate::store::{KeyMode, KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
 
 /// How often a change that lost a concurrent race is retried before the
 /// caller gets `ABORTED`.
@@ -104,6 +104,10 @@ pub struct NewKey {
     pub rotation_period_secs: u64,
     /// Wraps per version before rotation (0 = no limit).
     pub max_wraps_per_version: u64,
+    /// Direct or hierarchy mode.
+    pub mode: KeyMode,
+    /// Existing material to attach as version 1 (KMS key ARN, HSM label).
+    pub backend_key_id: String,
 }
 
 /// A change to a key's policy.
@@ -164,6 +168,16 @@ impl Keyring {
     /// The configured backends.
     pub fn backends(&self) -> &Backends {
         &self.backends
+    }
+
+    /// The backend that makes new versions in `mode` on backend `name`;
+    /// `INVALID_ARGUMENT` naming it when it is not configured or has no such
+    /// mode.
+    fn backend_for(&self, name: &str, mode: KeyMode) -> ServiceResult<&Arc<dyn crate::backend::KeyBackend>> {
+        if !self.backends.contains(name) {
+            return Err(ServiceError::invalid(format!("backend {name:?} is not configured on this broker")));
+        }
+        self.backends.get_mode(name, mode)
     }
 
     /// Loads the whole table into the cache.
@@ -256,6 +270,7 @@ impl Keyring {
         let record = KeyRecord {
             name: spec.name,
             backend: backend_name.clone(),
+            mode: spec.mode,
             current_version: 1,
             min_decryption_version: 1,
             deletion_allowed: spec.deletion_allowed,
@@ -270,6 +285,7 @@ impl Keyring {
                 state: VersionState::Active,
                 backend: backend_name,
                 backend_ref: reference,
+                mode: spec.mode,
                 created_at: t,
                 updated_at: t,
             }],
@@ -286,6 +302,7 @@ impl Keyring {
         name: &str,
         expected_current: Option<u32>,
         backend: Option<&str>,
+        backend_key_id: Option<&str>,
     ) -> ServiceResult<Arc<CachedKey>> {
         check_key_name(name)?;
         for _ in 0..UPDATE_ATTEMPTS {
@@ -303,10 +320,11 @@ impl Keyring {
                 .checked_add(1)
                 .ok_or_else(|| ServiceError::precondition(format!("key {name:?} has run out of version numbers")))?;
             let backend_name = backend.filter(|b| !b.is_empty()).unwrap_or(&record.backend).to_owned();
-            let target = self.backends.get(&backend_name).map_err(|_| {
-                ServiceError::invalid(format!("backend {backend_name:?} is not configured on this broker"))
-            })?;
-            let reference = target.create_version(name, next).await?;
+            let target = self.backend_for(&backend_name, record.mode)?;
+            let reference = match backend_key_id.filter(|id| !id.is_empty()) {
+                Some(id) => target.attach(name, next, id).await?,
+                None => target.create_version(name, next).await?,
+            };
             let t = now();
             if let Some(old) = record.version_mut(current)
                 && old.state == VersionState::Active
@@ -319,6 +337,7 @@ impl Keyring {
                 state: VersionState::Active,
                 backend: backend_name.clone(),
                 backend_ref: reference,
+                mode: record.mode,
                 created_at: t,
                 updated_at: t,
             });
@@ -381,6 +400,12 @@ impl Keyring {
 
     /// Disables, enables or destroys a non-current version.
     pub async fn change_version(&self, name: &str, version: u32, op: VersionChange) -> ServiceResult<Arc<CachedKey>> {
+        // The material reference is erased from the table by a destroy:
+        // keep it to erase the material in its backend afterwards.
+        let before = match op {
+            VersionChange::Destroy => self.store.get(name).await?.and_then(|r| r.version(version).cloned()),
+            _ => None,
+        };
         let key = self
             .modify(name, |record| {
                 let deletion_allowed = record.deletion_allowed;
@@ -418,12 +443,22 @@ impl Keyring {
                 }
             })
             .await?;
-        if op == VersionChange::Destroy
-            && let Some(v) = key.record.version(version)
-        {
-            let backend = self.backends.get(&v.backend)?;
-            let reference = Default::default();
-            backend.destroy_version(VersionRef { key: name, version, reference: &reference }).await?;
+        if let Some(old) = before.filter(|v| v.state != VersionState::Destroyed) {
+            // The table no longer lets the version unwrap; erasing the
+            // material itself is best effort, and logged when it fails.
+            let erased = match self.backends.get_mode(&old.backend, old.mode) {
+                Ok(backend) => {
+                    backend.destroy_version(VersionRef { key: name, version, reference: &old.backend_ref }).await
+                }
+                Err(err) => Err(crate::backend::BackendError::Unavailable {
+                    backend: old.backend.clone(),
+                    reason: err.to_string(),
+                }),
+            };
+            if let Err(err) = erased {
+                tracing::warn!(key = %name, version, backend = %old.backend, %err,
+                    "version destroyed in the table, but its material could not be erased in the backend");
+            }
         }
         Ok(key)
     }

@@ -38,6 +38,27 @@ enum Command {
         #[arg(long, env = ENV_CONFIG)]
         config: Option<PathBuf>,
     },
+    /// Create a new random root key, seal it with the remote backend named
+    /// by root_key.sealed_by under root_key.sealed_by_key, and write
+    /// root_key.sealed_file (mode 0600; never overwritten).
+    SealRootKey {
+        /// Configuration file (TOML).
+        #[arg(long, env = ENV_CONFIG)]
+        config: Option<PathBuf>,
+    },
+    /// Create a key in a remote backend (an AWS KMS key, an HSM object with
+    /// the given label) and print its id, e.g. for root_key.sealed_by_key.
+    CreateRemoteKey {
+        /// Configuration file (TOML).
+        #[arg(long, env = ENV_CONFIG)]
+        config: Option<PathBuf>,
+        /// Backend name from the configuration.
+        #[arg(long)]
+        backend: String,
+        /// Label (HSM object label prefix; KMS key description).
+        #[arg(long, default_value = "keybroker-root-key")]
+        label: String,
+    },
 }
 
 fn init_logging(filter: &str) -> anyhow::Result<()> {
@@ -70,6 +91,19 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
             (config, options, Some(data_dir))
         }
         Command::Serve { config } => (Config::load(config.as_deref(), &env)?, server::RunOptions::default(), None),
+        Command::SealRootKey { config } => {
+            let config = Config::load(config.as_deref(), &env)?;
+            init_logging(&config.log)?;
+            let path = server::seal_root_key(&config, &env).await?;
+            println!("sealed a new root key into {}", path.display());
+            return Ok(());
+        }
+        Command::CreateRemoteKey { config, backend, label } => {
+            let config = Config::load(config.as_deref(), &env)?;
+            init_logging(&config.log)?;
+            println!("{}", server::create_remote_key(&config, &env, &backend, &label).await?);
+            return Ok(());
+        }
     };
     init_logging(&config.log)?;
     server::run(config, &env, options, |addr| announce(addr, data_dir.map(|d| dev::banner(&d, addr)))).await?;

@@ -12,12 +12,15 @@ use keybroker_client::pb::key_admin_server::KeyAdminServer;
 use keybroker_client::pb::key_broker_server::KeyBrokerServer;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic_health::ServingStatus;
 
 use crate::auth::{Authorizer, Plane, require};
+use crate::backend::aws_kms::{AwsKmsBackend, AwsKmsSettings};
+use crate::backend::health::{HealthBoard, spawn_monitor};
+use crate::backend::hierarchy::HierarchyBackend;
 use crate::backend::local::LocalBackend;
+use crate::backend::pkcs11::{Pkcs11Backend, Pkcs11Settings};
 use crate::backend::root_key::{RootKey, RootKeyError};
-use crate::backend::{BackendError, Backends, VersionRef};
+use crate::backend::{Aad, BackendError, BackendRef, Backends, KeyBackend, VersionRef};
 use crate::broker::Broker;
 use crate::config::{BackendConfig, Config, ConfigError, Environment, StoreConfig};
 use crate::error::ServiceError;
@@ -28,11 +31,6 @@ use crate::service::key_broker::KeyBrokerService;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{KeyStore, StoreError, VersionState};
 use crate::tls::{self, TlsError};
-
-/// The health service name of a backend: `keybroker.backend.<name>`.
-pub fn backend_health_name(backend: &str) -> String {
-    format!("keybroker.backend.{backend}")
-}
 
 /// Why a broker could not start. Each message names the setting or file.
 #[derive(Debug, thiserror::Error)]
@@ -73,21 +71,169 @@ pub struct RunOptions {
     pub ensure_keys: Vec<String>,
 }
 
-async fn build_backends(config: &Config, env: &Environment) -> Result<Backends, StartError> {
+/// The PIN of a pkcs11 backend, from its file or environment variable.
+fn read_pin(
+    name: &str,
+    pin_file: Option<&std::path::Path>,
+    pin_env: Option<&str>,
+    env: &Environment,
+) -> Result<zeroize::Zeroizing<String>, StartError> {
+    if let Some(file) = pin_file {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            StartError::Other(format!("invalid setting `backends.{name}.pin_file`: {}: {e}", file.display()))
+        })?;
+        return Ok(zeroize::Zeroizing::new(text.trim().to_owned()));
+    }
+    let var = pin_env.unwrap_or_default();
+    let value = env.get_any(var).ok_or_else(|| {
+        StartError::Other(format!("invalid setting `backends.{name}.pin_env`: environment variable {var} is not set"))
+    })?;
+    Ok(zeroize::Zeroizing::new(value))
+}
+
+/// Builds the remote backends (AWS KMS, PKCS#11) and their hierarchy-mode
+/// wrappers.
+async fn build_remote_backends(config: &Config, env: &Environment) -> Result<Backends, StartError> {
     let mut backends = Backends::default();
     for (name, backend) in &config.backends {
-        match backend {
-            BackendConfig::Local {} => {
-                let root = match (&config.root_key.file, env.root_key_secret()) {
-                    (Some(file), _) => RootKey::from_file(file)?,
-                    (None, Some(secret)) => RootKey::from_base64(&secret, crate::config::ENV_ROOT_KEY)?,
-                    (None, None) => return Err(RootKeyError::Missing.into()),
+        let (remote, ttl): (Arc<dyn KeyBackend>, u64) = match backend {
+            BackendConfig::Local {} => continue,
+            BackendConfig::AwsKms { region, endpoint, timeout_ms, hierarchy_ttl_seconds } => {
+                let settings = AwsKmsSettings {
+                    region: region.clone(),
+                    endpoint: endpoint.clone(),
+                    timeout: Duration::from_millis(*timeout_ms),
                 };
-                backends.insert(Arc::new(LocalBackend::new(name.clone(), root)));
+                (Arc::new(AwsKmsBackend::new(name.clone(), &settings).await), *hierarchy_ttl_seconds)
             }
+            BackendConfig::Pkcs11 {
+                module,
+                token_label,
+                slot,
+                pin_file,
+                pin_env,
+                sessions,
+                timeout_ms,
+                hierarchy_ttl_seconds,
+            } => {
+                let settings = Pkcs11Settings {
+                    module: module.clone(),
+                    token_label: token_label.clone(),
+                    slot: *slot,
+                    pin: read_pin(name, pin_file.as_deref(), pin_env.as_deref(), env)?,
+                    sessions: *sessions,
+                    timeout: Duration::from_millis(*timeout_ms),
+                };
+                (Arc::new(Pkcs11Backend::new(name.clone(), settings)), *hierarchy_ttl_seconds)
+            }
+        };
+        backends.insert_hierarchy(name, Arc::new(HierarchyBackend::new(remote.clone(), Duration::from_secs(ttl))));
+        backends.insert(remote);
+    }
+    Ok(backends)
+}
+
+/// Additional data of a root key sealed by a remote backend.
+const ROOT_KEY_SEAL_HEADER: &[u8] = b"keybroker.root-key.v1";
+
+/// The remote backend and reference that seal the root key, per `[root_key]`.
+async fn root_key_sealer(
+    config: &Config,
+    backends: &Backends,
+) -> Result<Option<(Arc<dyn KeyBackend>, BackendRef)>, StartError> {
+    let (Some(by), Some(key)) = (&config.root_key.sealed_by, &config.root_key.sealed_by_key) else {
+        return Ok(None);
+    };
+    let backend = backends.get(by).map_err(|e| StartError::Other(e.to_string()))?.clone();
+    let reference = backend
+        .attach("keybroker-root-key", 1, key)
+        .await
+        .map_err(|e| StartError::Other(format!("invalid setting `root_key.sealed_by_key`: {e}")))?;
+    Ok(Some((backend, reference)))
+}
+
+async fn load_root_key(config: &Config, env: &Environment, backends: &Backends) -> Result<RootKey, StartError> {
+    if let Some(file) = &config.root_key.file {
+        return Ok(RootKey::from_file(file)?);
+    }
+    if let (Some(sealed_file), Some((backend, reference))) =
+        (&config.root_key.sealed_file, root_key_sealer(config, backends).await?)
+    {
+        let sealed = std::fs::read(sealed_file).map_err(|e| {
+            StartError::Other(format!("invalid setting `root_key.sealed_file`: {}: {e}", sealed_file.display()))
+        })?;
+        let context = Default::default();
+        let version = VersionRef { key: "keybroker-root-key", version: 1, reference: &reference };
+        let key = backend
+            .unwrap(version, &sealed, Aad { header: ROOT_KEY_SEAL_HEADER, context: &context })
+            .await
+            .map_err(|e| StartError::Other(format!("unsealing the root key with backend {:?}: {e}", backend.name())))?;
+        return Ok(RootKey::from_bytes(&key)?);
+    }
+    match env.root_key_secret() {
+        Some(secret) => Ok(RootKey::from_base64(&secret, crate::config::ENV_ROOT_KEY)?),
+        None => Err(RootKeyError::Missing.into()),
+    }
+}
+
+async fn build_backends(config: &Config, env: &Environment) -> Result<Backends, StartError> {
+    let mut backends = build_remote_backends(config, env).await?;
+    let locals: Vec<&String> =
+        config.backends.iter().filter(|(_, b)| matches!(b, BackendConfig::Local {})).map(|(n, _)| n).collect();
+    if !locals.is_empty() {
+        for name in locals {
+            let root = load_root_key(config, env, &backends).await?;
+            backends.insert(Arc::new(LocalBackend::new(name.clone(), root)));
         }
     }
     Ok(backends)
+}
+
+/// `keybroker seal-root-key`: makes a new random root key, seals it with the
+/// remote backend of `[root_key]`, and writes `root_key.sealed_file` (mode
+/// 0600, never overwritten).
+pub async fn seal_root_key(config: &Config, env: &Environment) -> Result<std::path::PathBuf, StartError> {
+    let backends = build_remote_backends(config, env).await?;
+    let (Some(sealed_file), Some((backend, reference))) =
+        (&config.root_key.sealed_file, root_key_sealer(config, &backends).await?)
+    else {
+        return Err(StartError::Other(
+            "set root_key.sealed_file, root_key.sealed_by and root_key.sealed_by_key first".to_owned(),
+        ));
+    };
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    rand::Rng::fill_bytes(&mut rand::rng(), key.as_mut_slice());
+    let context = Default::default();
+    let version = VersionRef { key: "keybroker-root-key", version: 1, reference: &reference };
+    let mut sealed = Vec::new();
+    backend
+        .wrap(version, key.as_slice(), Aad { header: ROOT_KEY_SEAL_HEADER, context: &context }, &mut sealed)
+        .await
+        .map_err(|e| StartError::Other(format!("sealing the root key with backend {:?}: {e}", backend.name())))?;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(sealed_file).map_err(|e| {
+            StartError::Other(format!("invalid setting `root_key.sealed_file`: {}: {e}", sealed_file.display()))
+        })?;
+    file.write_all(&sealed).map_err(|e| StartError::Other(format!("{}: {e}", sealed_file.display())))?;
+    Ok(sealed_file.clone())
+}
+
+/// `keybroker create-remote-key`: creates a key in a remote backend (a KMS
+/// key, an HSM object labelled `label`) for `root_key.sealed_by_key`, and
+/// returns its id.
+pub async fn create_remote_key(
+    config: &Config,
+    env: &Environment,
+    backend: &str,
+    label: &str,
+) -> Result<String, StartError> {
+    let backends = build_remote_backends(config, env).await?;
+    let remote = backends.get(backend).map_err(|e| StartError::Other(e.to_string()))?;
+    crate::keyring::check_key_name(label).map_err(|e| StartError::Other(e.to_string()))?;
+    let reference = remote.create_version(label, 1).await.map_err(|e| StartError::Other(e.to_string()))?;
+    Ok(remote.backend_key_id(&reference))
 }
 
 async fn open_store(config: &Config) -> Result<Arc<dyn KeyStore>, StartError> {
@@ -148,6 +294,7 @@ pub async fn run(
         }
     }
 
+    let board = Arc::new(HealthBoard::default());
     let broker = Arc::new(Broker::new(keyring.clone(), config.limits.clone()));
     let max_message = config.limits.max_message_bytes;
     let data_plane = InterceptedService::new(
@@ -157,7 +304,7 @@ pub async fn run(
         require(Plane::Data),
     );
     let admin_plane = InterceptedService::new(
-        KeyAdminServer::new(KeyAdminService::new(keyring.clone()))
+        KeyAdminServer::new(KeyAdminService::new(keyring.clone(), board.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         require(Plane::Admin),
@@ -166,16 +313,13 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KeyBrokerServer<KeyBrokerService>>().await;
     health.set_serving::<KeyAdminServer<KeyAdminService>>().await;
-    for (name, backend) in backends.iter() {
-        let status = match backend.health().await {
-            Ok(()) => ServingStatus::Serving,
-            Err(err) => {
-                tracing::warn!(backend = %name, %err, "backend unhealthy at start");
-                ServingStatus::NotServing
-            }
-        };
-        health.set_service_status(backend_health_name(name), status).await;
-    }
+    crate::backend::health::check_all(&backends, &board, &health).await;
+    spawn_monitor(
+        backends.clone(),
+        board.clone(),
+        health.clone(),
+        Duration::from_millis(config.health_check_interval_ms),
+    );
 
     // grpcurl 1.8 speaks only v1alpha; newer tools speak v1: serve both.
     let reflection = || {

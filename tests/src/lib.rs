@@ -122,6 +122,12 @@ impl Broker {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
+    /// `keybroker serve --config FILE` with extra environment; the data
+    /// directory `data_dir` must hold a dev PKI (`tls/`).
+    pub fn serve(config: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Broker {
+        Self::start(&["serve", "--config", config.to_str().unwrap()], env, data_dir)
+    }
+
     /// Sends SIGKILL (kill -9) and reaps the process.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -239,4 +245,151 @@ pub fn tempdir() -> tempfile::TempDir {
 /// A BTreeMap context from pairs.
 pub fn ctx(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real AWS KMS emulator: `moto_server` from PyPI `moto[server]`, on
+/// 127.0.0.1 with an ephemeral port, stopped by pid on drop.
+pub struct Moto {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Moto {
+    /// Starts moto_server and waits until it answers.
+    pub fn start() -> Moto {
+        let bin = require_tool("moto_server", "pip install 'moto[server]'");
+        let port = free_port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning moto_server");
+        let moto = Moto { child: Some(child), port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "moto_server did not listen on {port} within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        moto
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Environment for an AWS SDK client of this emulator.
+    pub fn env() -> [(&'static str, &'static str); 3] {
+        [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_EC2_METADATA_DISABLED", "true")]
+    }
+
+    /// SIGSTOP: the server stops answering (an outage), keeping its state.
+    pub fn freeze(&self) {
+        assert_eq!(unsafe_kill(self.pid(), libc::SIGSTOP), 0);
+    }
+
+    /// SIGCONT: the server answers again.
+    pub fn thaw(&self) {
+        assert_eq!(unsafe_kill(self.pid(), libc::SIGCONT), 0);
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        self.child.as_ref().map(|c| c.id() as libc::pid_t).unwrap_or(0)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe_kill(child.id() as libc::pid_t, libc::SIGCONT);
+            unsafe_kill(child.id() as libc::pid_t, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The SoftHSM2 PKCS#11 module from Debian `softhsm2`.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// The user PIN of every test token.
+pub const SOFTHSM_PIN: &str = "1234";
+
+/// A SoftHSM2 token store in a folder of its own: a `softhsm2.conf` whose
+/// tokens live under `dir/tokens`.
+pub struct SoftHsm {
+    pub conf: PathBuf,
+    pub tokens: PathBuf,
+}
+
+impl SoftHsm {
+    /// A token store in `dir` with one initialized token labelled `label`.
+    pub fn new(dir: &Path, label: &str) -> SoftHsm {
+        let util = require_tool("softhsm2-util", "apt-get install -y softhsm2");
+        assert!(Path::new(SOFTHSM_MODULE).is_file(), "{SOFTHSM_MODULE} is missing: apt-get install -y softhsm2");
+        let tokens = dir.join("tokens");
+        std::fs::create_dir_all(&tokens).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
+        )
+        .unwrap();
+        let hsm = SoftHsm { conf, tokens };
+        let out = Command::new(util)
+            .args(["--init-token", "--free", "--label", label, "--pin", SOFTHSM_PIN, "--so-pin", "5678"])
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+        hsm
+    }
+
+    /// The environment a process using this token store needs.
+    pub fn env(&self) -> (&'static str, String) {
+        ("SOFTHSM2_CONF", self.conf.display().to_string())
+    }
+}
+
+/// Writes a broker configuration in `dir` that reuses the dev PKI of
+/// `dev_dir` and has the given extra backends (TOML), and returns its path.
+pub fn config_with_backends(dir: &Path, dev_dir: &Path, default_backend: &str, backends_toml: &str) -> PathBuf {
+    let tls = dev_dir.join("tls");
+    let text = format!(
+        r#"listen = "127.0.0.1:0"
+default_backend = "{default_backend}"
+health_check_interval_ms = 200
+
+[tls]
+cert = "{tls}/server.pem"
+key = "{tls}/server.key"
+client_ca = "{tls}/ca.pem"
+
+[store]
+type = "sqlite"
+path = "{dir}/keybroker.sqlite"
+
+[root_key]
+file = "{dev}/root.key"
+
+[backends.local]
+type = "local"
+
+{backends_toml}
+
+[auth]
+admin_identities = ["spiffe://keybroker.dev/admin"]
+app_identities = ["spiffe://keybroker.dev/app"]
+"#,
+        tls = tls.display(),
+        dir = dir.display(),
+        dev = dev_dir.display(),
+    );
+    let path = dir.join("keybroker.toml");
+    std::fs::write(&path, text).unwrap();
+    path
 }

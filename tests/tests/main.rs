@@ -2,6 +2,7 @@
 //! one test binary, so the suite links once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod backend_conformance;
 mod blob_encryption;
 mod client_examples;
 mod client_library;

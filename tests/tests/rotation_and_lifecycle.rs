@@ -49,7 +49,7 @@ async fn compare_and_swap_rotation_with_a_stale_version_is_aborted() {
     let broker = Broker::start_dev(&dir.path().join("kb"));
     let mut admin = broker.admin().await;
     let rotate =
-        |expected| pb::RotateRequest { key: "demo".into(), expected_current_version: expected, backend: String::new() };
+        |expected| pb::RotateRequest { key: "demo".into(), expected_current_version: expected, ..Default::default() };
     let key = admin.rotate(rotate(Some(1))).await.unwrap().into_inner();
     assert_eq!(key.current_version, 2);
     let err = admin.rotate(rotate(Some(1))).await.unwrap_err();

@@ -17,7 +17,7 @@ use rand::Rng;
 use zeroize::Zeroizing;
 
 use super::root_key::RootKey;
-use super::{BackendError, BackendRef, KeyBackend, VersionRef};
+use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef};
 use crate::envelope::{Algorithm, GCM_NONCE_LEN, GCM_TAG_LEN};
 
 /// Bytes of a KEK.
@@ -33,6 +33,7 @@ pub struct LocalBackend {
     name: String,
     root: RootKey,
     ciphers: RwLock<HashMap<CacheKey, Arc<Aes256Gcm>>>,
+    stats: BackendStats,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -44,7 +45,7 @@ impl std::fmt::Debug for LocalBackend {
 impl LocalBackend {
     /// A local backend called `name` sealing under `root`.
     pub fn new(name: impl Into<String>, root: RootKey) -> Self {
-        Self { name: name.into(), root, ciphers: RwLock::new(HashMap::new()) }
+        Self { name: name.into(), root, ciphers: RwLock::new(HashMap::new()), stats: BackendStats::default() }
     }
 
     fn seal_aad(key: &str, version: u32) -> Vec<u8> {
@@ -135,6 +136,25 @@ impl KeyBackend for LocalBackend {
         Algorithm::Aes256Gcm
     }
 
+    fn exportable(&self) -> bool {
+        true
+    }
+
+    fn stats(&self) -> &BackendStats {
+        &self.stats
+    }
+
+    async fn attach(&self, _key: &str, _version: u32, _backend_key_id: &str) -> Result<BackendRef, BackendError> {
+        Err(BackendError::Unsupported {
+            backend: self.name.clone(),
+            reason: "the local backend generates its own keys; there is no external key to attach".to_owned(),
+        })
+    }
+
+    fn backend_key_id(&self, _reference: &BackendRef) -> String {
+        String::new()
+    }
+
     async fn create_version(&self, key: &str, version: u32) -> Result<BackendRef, BackendError> {
         let mut kek = Zeroizing::new([0u8; KEK_LEN]);
         rand::rng().fill_bytes(kek.as_mut_slice());
@@ -145,11 +165,11 @@ impl KeyBackend for LocalBackend {
         &self,
         version: VersionRef<'_>,
         plaintext: &[u8],
-        aad: &[u8],
+        aad: Aad<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
         let cipher = self.cipher(version)?;
-        seal_payload(&cipher, plaintext, aad, out)
+        seal_payload(&cipher, plaintext, &aad.bytes(), out)
             .map_err(|_| self.material_error(version.key, version.version, "encryption failed"))
     }
 
@@ -157,10 +177,10 @@ impl KeyBackend for LocalBackend {
         &self,
         version: VersionRef<'_>,
         payload: &[u8],
-        aad: &[u8],
+        aad: Aad<'_>,
     ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
         let cipher = self.cipher(version)?;
-        open_payload(&cipher, payload, aad)
+        open_payload(&cipher, payload, &aad.bytes())
             .ok_or_else(|| BackendError::AuthenticationFailed { key: version.key.to_owned(), version: version.version })
     }
 
@@ -225,6 +245,10 @@ mod tests {
     use super::*;
     use base64::Engine;
 
+    fn aad<'a>(header: &'a [u8], ctx: &'a std::collections::BTreeMap<String, String>) -> Aad<'a> {
+        Aad { header, context: ctx }
+    }
+
     fn backend(seed: u8) -> LocalBackend {
         let b64 = base64::engine::general_purpose::STANDARD.encode([seed; 32]);
         LocalBackend::new("local", RootKey::from_base64(&b64, "test").unwrap())
@@ -235,15 +259,19 @@ mod tests {
         let b = backend(1);
         let r = b.create_version("k", 1).await.unwrap();
         let v = VersionRef { key: "k", version: 1, reference: &r };
+        let ctx = Default::default();
         let mut out = b"hdr".to_vec();
-        b.wrap(v, b"secret dek", b"aad", &mut out).await.unwrap();
+        b.wrap(v, b"secret dek", aad(b"aad", &ctx), &mut out).await.unwrap();
         let payload = &out[3..];
         assert_eq!(payload.len(), 12 + 10 + 16);
-        assert_eq!(&**b.unwrap(v, payload, b"aad").await.unwrap(), b"secret dek");
-        assert!(matches!(b.unwrap(v, payload, b"other").await, Err(BackendError::AuthenticationFailed { .. })));
+        assert_eq!(&**b.unwrap(v, payload, aad(b"aad", &ctx)).await.unwrap(), b"secret dek");
+        assert!(matches!(
+            b.unwrap(v, payload, aad(b"other", &ctx)).await,
+            Err(BackendError::AuthenticationFailed { .. })
+        ));
         let mut bad = payload.to_vec();
         bad[20] ^= 1;
-        assert!(b.unwrap(v, &bad, b"aad").await.is_err());
+        assert!(b.unwrap(v, &bad, aad(b"aad", &ctx)).await.is_err());
     }
 
     #[tokio::test]
@@ -263,11 +291,12 @@ mod tests {
         let b = backend(2);
         let ra = a.create_version("k", 1).await.unwrap();
         let va = VersionRef { key: "k", version: 1, reference: &ra };
+        let ctx = Default::default();
         let mut out = Vec::new();
-        a.wrap(va, b"dek", b"", &mut out).await.unwrap();
+        a.wrap(va, b"dek", aad(b"", &ctx), &mut out).await.unwrap();
         let rb = b.import("k", 1, &a.export(va).await.unwrap()).await.unwrap();
         let vb = VersionRef { key: "k", version: 1, reference: &rb };
-        assert_eq!(&**b.unwrap(vb, &out, b"").await.unwrap(), b"dek");
+        assert_eq!(&**b.unwrap(vb, &out, aad(b"", &ctx)).await.unwrap(), b"dek");
         assert!(b.import("k", 2, &[0; 16]).await.is_err());
     }
 

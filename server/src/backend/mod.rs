@@ -2,17 +2,85 @@
 //! version records which backend holds it and an opaque [`BackendRef`] that
 //! backend gave out, so versions of one key may live in different backends.
 
+pub mod aws_kms;
+pub mod health;
+pub mod hierarchy;
 pub mod local;
+pub mod pkcs11;
 pub mod root_key;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
-use crate::envelope::Algorithm;
+use crate::envelope::{Algorithm, additional_data};
 use crate::error::{ErrorCode, ServiceError};
+use crate::store::KeyMode;
+
+/// The additional authenticated data of a wrap: the envelope header and the
+/// caller's encryption context. AES-GCM backends authenticate
+/// [`Aad::bytes`] (header + canonical context); AWS KMS receives the context
+/// itself as its EncryptionContext, with the header added under
+/// [`AWS_HEADER_CONTEXT_KEY`], so the context is enforced by KMS too.
+#[derive(Debug, Clone, Copy)]
+pub struct Aad<'a> {
+    /// Envelope header (or another domain-separating prefix).
+    pub header: &'a [u8],
+    /// The caller's encryption context.
+    pub context: &'a BTreeMap<String, String>,
+}
+
+/// The EncryptionContext entry that carries the envelope header to AWS KMS.
+pub const AWS_HEADER_CONTEXT_KEY: &str = "keybroker:header";
+
+impl Aad<'_> {
+    /// The canonical byte form: header, then the length-prefixed context.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        additional_data(&mut out, self.header, self.context);
+        out
+    }
+}
+
+/// Counts of what a backend did, for `ListBackends` and the hierarchy-mode
+/// proof that wraps stop reaching the KMS.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    remote_calls: AtomicU64,
+}
+
+impl BackendStats {
+    /// Counts one call to the remote KMS or HSM.
+    pub fn count_remote_call(&self) {
+        self.remote_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Remote calls so far.
+    pub fn remote_calls(&self) -> u64 {
+        self.remote_calls.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs a backend call with a deadline; a call that does not finish in time
+/// is `Unavailable`, naming the backend. This is what bounds the failure of
+/// a backend that is down to its own keys and to `timeout`.
+pub async fn with_timeout<T>(
+    backend: &str,
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(BackendError::Unavailable {
+            backend: backend.to_owned(),
+            reason: format!("no answer within {} ms", timeout.as_millis()),
+        }),
+    }
+}
 
 /// What a backend needs to find a version's material: for `local`, the KEK
 /// sealed under the root key; for AWS KMS, a key ARN; for PKCS#11, an object
@@ -71,6 +139,24 @@ pub enum BackendError {
         /// Backend name.
         backend: String,
     },
+    /// The backend refused the operation because of the remote key's state
+    /// (disabled, pending deletion) or its permissions.
+    #[error("backend {backend:?}: {reason}")]
+    Refused {
+        /// Backend name.
+        backend: String,
+        /// What the backend said, naming the remote key.
+        reason: String,
+    },
+    /// The operation does not apply to this backend (attaching material to
+    /// the local backend, hierarchy mode on the local backend).
+    #[error("backend {backend:?}: {reason}")]
+    Unsupported {
+        /// Backend name.
+        backend: String,
+        /// Why.
+        reason: String,
+    },
     /// Imported material has the wrong shape.
     #[error("backend {backend:?} cannot import this material: {reason}")]
     BadImport {
@@ -97,6 +183,8 @@ impl BackendError {
             BackendError::Material { .. } => ErrorCode::Internal,
             BackendError::NotExportable { .. } => ErrorCode::FailedPrecondition,
             BackendError::BadImport { .. } => ErrorCode::InvalidArgument,
+            BackendError::Refused { .. } => ErrorCode::FailedPrecondition,
+            BackendError::Unsupported { .. } => ErrorCode::InvalidArgument,
             BackendError::Unavailable { .. } => ErrorCode::Unavailable,
         }
     }
@@ -110,7 +198,9 @@ impl From<BackendError> for ServiceError {
 
 /// A place where KEK versions live and where wraps happen.
 ///
-/// Implementations never log, return or format key material.
+/// Implementations never log, return or format key material. Every remote
+/// call is bounded by the backend's timeout and fails with `Unavailable`
+/// naming the backend.
 #[async_trait]
 pub trait KeyBackend: Send + Sync + 'static {
     /// The name this backend has in the configuration.
@@ -122,57 +212,96 @@ pub trait KeyBackend: Send + Sync + 'static {
     /// The payload algorithm of the envelopes this backend makes.
     fn algorithm(&self) -> Algorithm;
 
+    /// Whether [`KeyBackend::export`] can succeed.
+    fn exportable(&self) -> bool;
+
+    /// What the backend has done.
+    fn stats(&self) -> &BackendStats;
+
     /// Creates the material of a new version and returns its reference.
     /// Returns `Unavailable` when the backend cannot be reached.
     async fn create_version(&self, key: &str, version: u32) -> Result<BackendRef, BackendError>;
 
-    /// Encrypts `plaintext` with `aad` under the version and appends the
+    /// Uses material the operator brings (a KMS key ARN, an HSM object
+    /// label) as a version. Returns `Refused` when it does not exist or is
+    /// unusable, `Unsupported` for the local backend.
+    async fn attach(&self, key: &str, version: u32, backend_key_id: &str) -> Result<BackendRef, BackendError>;
+
+    /// The backend's own name for a version's material (ARN, label), for
+    /// display; empty when it has none.
+    fn backend_key_id(&self, reference: &BackendRef) -> String;
+
+    /// Encrypts `plaintext` bound to `aad` under the version and appends the
     /// payload to `out`. Returns `Material` when the version's material
-    /// cannot be opened and `Unavailable` when the backend is down.
+    /// cannot be opened, `Refused` when the remote key refuses, and
+    /// `Unavailable` when the backend is down.
     async fn wrap(
         &self,
         version: VersionRef<'_>,
         plaintext: &[u8],
-        aad: &[u8],
+        aad: Aad<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError>;
 
     /// Decrypts a payload made by [`KeyBackend::wrap`]. Returns
     /// `AuthenticationFailed` when the payload or `aad` were altered or
-    /// belong to another version, `Material` and `Unavailable` as `wrap`.
+    /// belong to another version, and the errors of `wrap` otherwise.
     async fn unwrap(
         &self,
         version: VersionRef<'_>,
         payload: &[u8],
-        aad: &[u8],
+        aad: Aad<'_>,
     ) -> Result<Zeroizing<Vec<u8>>, BackendError>;
 
     /// Returns the raw KEK of a version, for migration and backup. Returns
     /// `NotExportable` when the backend keeps keys inside.
     async fn export(&self, version: VersionRef<'_>) -> Result<Zeroizing<Vec<u8>>, BackendError>;
 
-    /// Stores raw KEK material as a version of this backend and returns its
-    /// reference. Returns `BadImport` when the material has the wrong size.
+    /// Stores raw KEK material (32 bytes) as a version of this backend and
+    /// returns its reference. Returns `BadImport` when the material has the
+    /// wrong size and `NotExportable` when the backend cannot take material.
     async fn import(&self, key: &str, version: u32, material: &[u8]) -> Result<BackendRef, BackendError>;
 
-    /// Erases a version's material where the backend holds it, and forgets
-    /// any cached copy. The caller erases the reference.
+    /// Erases a version's material where the backend holds it (a KMS key is
+    /// scheduled for deletion), and forgets any cached copy.
     async fn destroy_version(&self, version: VersionRef<'_>) -> Result<(), BackendError>;
 
     /// Checks that the backend can serve. Returns `Unavailable` otherwise.
     async fn health(&self) -> Result<(), BackendError>;
 }
 
-/// The configured backends, by name.
+/// The configured backends, by name, and their hierarchy-mode wrappers.
 #[derive(Clone, Default)]
 pub struct Backends {
     by_name: BTreeMap<String, Arc<dyn KeyBackend>>,
+    hierarchy: BTreeMap<String, Arc<dyn KeyBackend>>,
 }
 
 impl Backends {
     /// Adds a backend under its own name.
     pub fn insert(&mut self, backend: Arc<dyn KeyBackend>) {
         self.by_name.insert(backend.name().to_owned(), backend);
+    }
+
+    /// Adds the hierarchy-mode wrapper of the backend `name`.
+    pub fn insert_hierarchy(&mut self, name: &str, wrapper: Arc<dyn KeyBackend>) {
+        self.hierarchy.insert(name.to_owned(), wrapper);
+    }
+
+    /// The backend that serves versions of `mode` held by backend `name`.
+    pub fn get_mode(&self, name: &str, mode: KeyMode) -> Result<&Arc<dyn KeyBackend>, ServiceError> {
+        match mode {
+            KeyMode::Direct => self.get(name),
+            KeyMode::Hierarchy => self.hierarchy.get(name).ok_or_else(|| {
+                if self.by_name.contains_key(name) {
+                    ServiceError::invalid(format!(
+                        "backend {name:?} has no hierarchy mode (only remote backends, aws-kms and pkcs11, do)"
+                    ))
+                } else {
+                    ServiceError::precondition(format!("backend {name:?} is not configured on this broker"))
+                }
+            }),
+        }
     }
 
     /// The backend called `name`, or `FAILED_PRECONDITION` naming it (a key

@@ -79,6 +79,13 @@ impl RootKey {
         Ok(Self { cipher: Aes256Gcm::new(&(*key).into()) })
     }
 
+    /// A root key from its 32 raw bytes (as unsealed by a remote backend).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, RootKeyError> {
+        let key: &[u8; ROOT_KEY_LEN] =
+            bytes.try_into().map_err(|_| RootKeyError::Format { source_name: "the sealed root key".to_owned() })?;
+        Ok(Self { cipher: Aes256Gcm::new(&(*key).into()) })
+    }
+
     /// Writes a new random root key to `path` with mode 0600; fails if the
     /// file exists (a root key is never overwritten).
     pub fn generate_file(path: &Path) -> Result<(), RootKeyError> {

@@ -12,8 +12,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{Audit, key_message, respond};
+use crate::backend::health::HealthBoard;
 use crate::error::{ServiceError, ServiceResult};
-use crate::keyring::{Keyring, NewKey, PolicyChange, VersionChange};
+use crate::keyring::{CachedKey, Keyring, NewKey, PolicyChange, VersionChange};
+use crate::store::KeyMode;
 
 /// Keys per ListKeys page when the caller does not say.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -23,12 +25,17 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 /// The admin-plane service.
 pub struct KeyAdminService {
     keyring: Arc<Keyring>,
+    board: Arc<HealthBoard>,
 }
 
 impl KeyAdminService {
-    /// A service over `keyring`.
-    pub fn new(keyring: Arc<Keyring>) -> Self {
-        Self { keyring }
+    /// A service over `keyring`, reporting backend health from `board`.
+    pub fn new(keyring: Arc<Keyring>, board: Arc<HealthBoard>) -> Self {
+        Self { keyring, board }
+    }
+
+    fn message(&self, key: &CachedKey) -> pb::Key {
+        key_message(key, self.keyring.backends(), &self.board)
     }
 }
 
@@ -76,16 +83,21 @@ impl KeyAdmin for KeyAdminService {
                 labels: req.labels,
                 rotation_period_secs: policy.rotation_period_seconds,
                 max_wraps_per_version: policy.max_wraps_per_version,
+                mode: match pb::KeyMode::try_from(req.mode) {
+                    Ok(pb::KeyMode::Hierarchy) => KeyMode::Hierarchy,
+                    _ => KeyMode::Direct,
+                },
+                backend_key_id: req.backend_key_id,
             })
             .await
-            .map(|k| key_message(&k));
+            .map(|k| self.message(&k));
         audit.finish(&req.key, 1, &result);
         respond(result)
     }
 
     async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
         let req = request.get_ref();
-        respond(self.keyring.key(&req.key).await.map(|k| key_message(&k)))
+        respond(self.keyring.key(&req.key).await.map(|k| self.message(&k)))
     }
 
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
@@ -102,7 +114,7 @@ impl KeyAdmin for KeyAdminService {
                 (true, Some(last)) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&last.record.name),
                 _ => String::new(),
             };
-            Ok(pb::ListKeysResponse { keys: keys.iter().map(|k| key_message(k)).collect(), next_page_token })
+            Ok(pb::ListKeysResponse { keys: keys.iter().map(|k| self.message(k)).collect(), next_page_token })
         })();
         respond(result)
     }
@@ -111,8 +123,12 @@ impl KeyAdmin for KeyAdminService {
         let audit = Audit::start("Rotate", &request);
         let req = request.into_inner();
         let backend = Some(req.backend.as_str()).filter(|b| !b.is_empty());
-        let result =
-            self.keyring.rotate(&req.key, req.expected_current_version, backend).await.map(|k| key_message(&k));
+        let key_id = Some(req.backend_key_id.as_str()).filter(|id| !id.is_empty());
+        let result = self
+            .keyring
+            .rotate(&req.key, req.expected_current_version, backend, key_id)
+            .await
+            .map(|k| self.message(&k));
         audit.finish(&req.key, result.as_ref().map_or(0, |k| k.current_version), &result);
         respond(result)
     }
@@ -127,7 +143,7 @@ impl KeyAdmin for KeyAdminService {
             .keyring
             .set_min_decryption_version(&req.key, req.min_decryption_version)
             .await
-            .map(|k| key_message(&k));
+            .map(|k| self.message(&k));
         audit.finish(&req.key, req.min_decryption_version, &result);
         respond(result)
     }
@@ -155,9 +171,29 @@ impl KeyAdmin for KeyAdminService {
             labels: req.replace_labels.then_some(req.labels),
             rotation: req.rotation_policy.map(|p| (p.rotation_period_seconds, p.max_wraps_per_version)),
         };
-        let result = self.keyring.update_policy(&req.key, change).await.map(|k| key_message(&k));
+        let result = self.keyring.update_policy(&req.key, change).await.map(|k| self.message(&k));
         audit.finish(&req.key, 0, &result);
         respond(result)
+    }
+
+    async fn list_backends(
+        &self,
+        _request: Request<pb::ListBackendsRequest>,
+    ) -> Result<Response<pb::ListBackendsResponse>, Status> {
+        let backends = self
+            .keyring
+            .backends()
+            .iter()
+            .map(|(name, backend)| pb::Backend {
+                name: name.clone(),
+                r#type: backend.kind().to_owned(),
+                healthy: self.board.healthy(name),
+                error: self.board.error(name).unwrap_or_default(),
+                remote_calls: backend.stats().remote_calls(),
+                exportable: backend.exportable(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListBackendsResponse { backends }))
     }
 
     type MigrateStream = ProgressStream;
@@ -192,7 +228,7 @@ impl KeyAdminService {
     ) -> Result<Response<pb::Key>, Status> {
         let audit = Audit::start(rpc, &request);
         let req = request.into_inner();
-        let result = self.keyring.change_version(&req.key, req.version, op).await.map(|k| key_message(&k));
+        let result = self.keyring.change_version(&req.key, req.version, op).await.map(|k| self.message(&k));
         audit.finish(&req.key, req.version, &result);
         respond(result)
     }

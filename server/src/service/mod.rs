@@ -11,13 +11,19 @@ use keybroker_client::pb;
 use tonic::{Request, Status};
 
 use crate::auth;
+use crate::backend::Backends;
+use crate::backend::health::HealthBoard;
 use crate::error::ServiceError;
 use crate::keyring::CachedKey;
-use crate::store::VersionState;
+use crate::store::{KeyMode, VersionState};
 
-/// Converts a cached key into its API message.
-pub fn key_message(key: &CachedKey) -> pb::Key {
+/// Converts a cached key into its API message, with the health of the
+/// backends holding its versions.
+pub fn key_message(key: &CachedKey, backends: &Backends, board: &HealthBoard) -> pb::Key {
     let r = &key.record;
+    let key_id = |v: &crate::store::VersionRecord| {
+        backends.get_mode(&v.backend, v.mode).map(|b| b.backend_key_id(&v.backend_ref)).unwrap_or_default()
+    };
     pb::Key {
         name: r.name.clone(),
         backend: r.backend.clone(),
@@ -32,6 +38,9 @@ pub fn key_message(key: &CachedKey) -> pb::Key {
                 backend: v.backend.clone(),
                 created_at_unix_seconds: v.created_at,
                 wrap_count: key.wrap_count(v.version),
+                backend_healthy: board.healthy(&v.backend),
+                backend_key_id: key_id(v),
+                mode: key_mode(v.mode) as i32,
             })
             .collect(),
         deletion_allowed: r.deletion_allowed,
@@ -42,6 +51,16 @@ pub fn key_message(key: &CachedKey) -> pb::Key {
         }),
         created_at_unix_seconds: r.created_at,
         updated_at_unix_seconds: r.updated_at,
+        mode: key_mode(r.mode) as i32,
+        backend_healthy: board.healthy(&r.backend),
+    }
+}
+
+/// The API form of a key mode.
+pub fn key_mode(mode: KeyMode) -> pb::KeyMode {
+    match mode {
+        KeyMode::Direct => pb::KeyMode::Direct,
+        KeyMode::Hierarchy => pb::KeyMode::Hierarchy,
     }
 }
 

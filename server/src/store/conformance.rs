@@ -1,7 +1,7 @@
 //! One conformance suite for every [`KeyStore`]: each store's tests call
 //! [`run_all`] with a fresh, empty store (as kes and quickwit do).
 
-use super::{KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
+use super::{KeyMode, KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
 use crate::backend::BackendRef;
 
 fn version(v: u32, state: VersionState) -> VersionRecord {
@@ -10,6 +10,7 @@ fn version(v: u32, state: VersionState) -> VersionRecord {
         state,
         backend: "local".into(),
         backend_ref: BackendRef(vec![v as u8; 61]),
+        mode: if v % 2 == 0 { KeyMode::Hierarchy } else { KeyMode::Direct },
         created_at: 1_700_000_000 + i64::from(v),
         updated_at: 1_700_000_000 + i64::from(v),
     }
@@ -19,6 +20,7 @@ fn key(name: &str) -> KeyRecord {
     KeyRecord {
         name: name.into(),
         backend: "local".into(),
+        mode: KeyMode::Hierarchy,
         current_version: 1,
         min_decryption_version: 1,
         deletion_allowed: false,

@@ -48,6 +48,35 @@ impl VersionState {
     }
 }
 
+/// How a version holds its material.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyMode {
+    /// Wraps happen inside the backend.
+    #[default]
+    Direct,
+    /// A keybroker-generated KEK sealed by the backend; wraps happen locally.
+    Hierarchy,
+}
+
+impl KeyMode {
+    /// The name stored in the table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyMode::Direct => "direct",
+            KeyMode::Hierarchy => "hierarchy",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "direct" => Some(KeyMode::Direct),
+            "hierarchy" => Some(KeyMode::Hierarchy),
+            _ => None,
+        }
+    }
+}
+
 /// One version of a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionRecord {
@@ -59,6 +88,8 @@ pub struct VersionRecord {
     pub backend: String,
     /// The backend's reference to the material (empty once destroyed).
     pub backend_ref: BackendRef,
+    /// Direct or hierarchy.
+    pub mode: KeyMode,
     /// Creation time, Unix seconds.
     pub created_at: i64,
     /// Last change, Unix seconds.
@@ -72,6 +103,8 @@ pub struct KeyRecord {
     pub name: String,
     /// Backend new versions are created in.
     pub backend: String,
+    /// Mode of new versions.
+    pub mode: KeyMode,
     /// Version new wraps use.
     pub current_version: u32,
     /// Versions below refuse to unwrap.

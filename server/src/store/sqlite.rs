@@ -12,7 +12,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::{KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
+use super::{KeyMode, KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
 use crate::backend::BackendRef;
 
 /// A version table in one SQLite file.
@@ -73,7 +73,7 @@ impl SqliteStore {
         name: &str,
     ) -> Result<Vec<VersionRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT version, state, backend, backend_ref, created_at, updated_at \
+            "SELECT version, state, backend, backend_ref, mode, created_at, updated_at \
              FROM key_versions WHERE key_name = ? ORDER BY version",
         )
         .bind(name)
@@ -85,14 +85,15 @@ impl SqliteStore {
 
     async fn insert_version(tx: &mut Transaction<'_, Sqlite>, name: &str, v: &VersionRecord) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, mode, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(name)
         .bind(i64::from(v.version))
         .bind(v.state.as_str())
         .bind(&v.backend)
         .bind(&v.backend_ref.0)
+        .bind(v.mode.as_str())
         .bind(v.created_at)
         .bind(v.updated_at)
         .execute(&mut **tx)
@@ -109,12 +110,14 @@ fn version_from_row(name: &str, row: &SqliteRow) -> Result<VersionRecord, StoreE
     let corrupt = |reason: String| StoreError::Corrupt { key: name.to_owned(), reason };
     let get_err = |e: sqlx::Error| corrupt(e.to_string());
     let state: String = row.try_get("state").map_err(get_err)?;
+    let mode: String = row.try_get("mode").map_err(get_err)?;
     let version: i64 = row.try_get("version").map_err(get_err)?;
     Ok(VersionRecord {
         version: u32::try_from(version).map_err(|_| corrupt(format!("version {version}")))?,
         state: VersionState::parse(&state).ok_or_else(|| corrupt(format!("state {state:?}")))?,
         backend: row.try_get("backend").map_err(get_err)?,
         backend_ref: BackendRef(row.try_get("backend_ref").map_err(get_err)?),
+        mode: KeyMode::parse(&mode).ok_or_else(|| corrupt(format!("mode {mode:?}")))?,
         created_at: row.try_get("created_at").map_err(get_err)?,
         updated_at: row.try_get("updated_at").map_err(get_err)?,
     })
@@ -132,10 +135,12 @@ fn key_from_row(row: &SqliteRow, versions: Vec<VersionRecord>) -> Result<KeyReco
         u64::try_from(v).map_err(|_| corrupt(format!("{col} = {v}")))
     };
     let labels: String = row.try_get("labels").map_err(|e| corrupt(e.to_string()))?;
+    let mode: String = row.try_get("mode").map_err(|e| corrupt(e.to_string()))?;
     let labels: BTreeMap<String, String> =
         serde_json::from_str(&labels).map_err(|e| corrupt(format!("labels: {e}")))?;
     let record = KeyRecord {
         backend: row.try_get("backend").map_err(|e| corrupt(e.to_string()))?,
+        mode: KeyMode::parse(&mode).ok_or_else(|| corrupt(format!("mode {mode:?}")))?,
         current_version: get_u32("current_version")?,
         min_decryption_version: get_u32("min_decryption_version")?,
         deletion_allowed: row.try_get("deletion_allowed").map_err(|e| corrupt(e.to_string()))?,
@@ -159,7 +164,7 @@ fn key_from_row(row: &SqliteRow, versions: Vec<VersionRecord>) -> Result<KeyReco
 macro_rules! key_columns {
     () => {
         "name, backend, current_version, min_decryption_version, deletion_allowed, labels, \
-         rotation_period_secs, max_wraps_per_version, created_at, updated_at, revision"
+         rotation_period_secs, max_wraps_per_version, created_at, updated_at, revision, mode"
     };
 }
 
@@ -172,7 +177,7 @@ impl KeyStore for SqliteStore {
             .await
             .map_err(unavailable)?;
         let rows = sqlx::query(
-            "SELECT key_name, version, state, backend, backend_ref, created_at, updated_at \
+            "SELECT key_name, version, state, backend, backend_ref, mode, created_at, updated_at \
              FROM key_versions ORDER BY key_name, version",
         )
         .fetch_all(&mut *tx)
@@ -211,7 +216,7 @@ impl KeyStore for SqliteStore {
     async fn create(&self, key: &KeyRecord) -> Result<(), StoreError> {
         let labels = serde_json::to_string(&key.labels).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query(concat!("INSERT INTO keys (", key_columns!(), ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+        sqlx::query(concat!("INSERT INTO keys (", key_columns!(), ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
             .bind(&key.name)
             .bind(&key.backend)
             .bind(i64::from(key.current_version))
@@ -223,6 +228,7 @@ impl KeyStore for SqliteStore {
             .bind(key.created_at)
             .bind(key.updated_at)
             .bind(to_i64(key.revision))
+            .bind(key.mode.as_str())
             .execute(&mut *tx)
             .await
             .map_err(|e| match &e {
@@ -239,11 +245,12 @@ impl KeyStore for SqliteStore {
         let labels = serde_json::to_string(&key.labels).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let updated = sqlx::query(
-            "UPDATE keys SET backend = ?, current_version = ?, min_decryption_version = ?, deletion_allowed = ?, \
+            "UPDATE keys SET backend = ?, mode = ?, current_version = ?, min_decryption_version = ?, deletion_allowed = ?, \
              labels = ?, rotation_period_secs = ?, max_wraps_per_version = ?, updated_at = ?, \
              revision = revision + 1 WHERE name = ? AND revision = ?",
         )
         .bind(&key.backend)
+        .bind(key.mode.as_str())
         .bind(i64::from(key.current_version))
         .bind(i64::from(key.min_decryption_version))
         .bind(key.deletion_allowed)
@@ -275,12 +282,13 @@ impl KeyStore for SqliteStore {
                 Some(s) if s == v => {}
                 Some(_) => {
                     sqlx::query(
-                        "UPDATE key_versions SET state = ?, backend = ?, backend_ref = ?, updated_at = ? \
+                        "UPDATE key_versions SET state = ?, backend = ?, backend_ref = ?, mode = ?, updated_at = ? \
                          WHERE key_name = ? AND version = ?",
                     )
                     .bind(v.state.as_str())
                     .bind(&v.backend)
                     .bind(&v.backend_ref.0)
+                    .bind(v.mode.as_str())
                     .bind(v.updated_at)
                     .bind(&key.name)
                     .bind(i64::from(v.version))
@@ -345,7 +353,7 @@ mod tests {
             for _ in 0..10 {
                 let replica = replica.clone();
                 tasks.push(tokio::spawn(async move {
-                    replica.rotate("k", None, None).await.map(|k| k.record.current_version)
+                    replica.rotate("k", None, None, None).await.map(|k| k.record.current_version)
                 }));
             }
         }

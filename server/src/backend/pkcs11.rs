@@ -1,0 +1,443 @@
+//! The `pkcs11` backend: any PKCS#11 HSM through `cryptoki`. Each key version
+//! is a token object: a sensitive, non-extractable AES-256 key labelled
+//! `keybroker:<key>:v<version>`. Wrap and Unwrap are CKM_AES_GCM inside the
+//! HSM (96-bit random nonce, 128-bit tag; payload = nonce || ciphertext ||
+//! tag, the same layout as the local backend).
+//!
+//! PKCS#11 calls block, so they run on tokio's blocking pool, each bounded
+//! by `timeout_ms`. Sessions are pooled (up to `sessions` at once), so
+//! concurrent calls do not serialize on one session. When the token goes
+//! away (removed, module error), the backend drops its context and
+//! reconnects on a later call or health check: recovery needs no restart.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use rand::Rng;
+use zeroize::Zeroizing;
+
+use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef, with_timeout};
+use crate::envelope::{Algorithm, GCM_NONCE_LEN, GCM_TAG_LEN};
+
+/// Settings of a `pkcs11` backend.
+#[derive(Clone)]
+pub struct Pkcs11Settings {
+    /// Path of the PKCS#11 module (`.so`).
+    pub module: PathBuf,
+    /// Token label to use (preferred: slot numbers change).
+    pub token_label: Option<String>,
+    /// Slot id, when no label is given.
+    pub slot: Option<u64>,
+    /// User PIN.
+    pub pin: Zeroizing<String>,
+    /// Most sessions open at once.
+    pub sessions: usize,
+    /// Deadline of every HSM call.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Pkcs11Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Settings")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("slot", &self.slot)
+            .field("pin", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an operation inside a session failed.
+enum OpError {
+    /// A PKCS#11 call failed.
+    Ck(&'static str, CkError),
+    /// A failure the operation already classified.
+    Backend(BackendError),
+}
+
+/// A connected token: the initialized module, its slot, and idle sessions.
+struct Token {
+    ctx: Pkcs11,
+    slot: Slot,
+    idle: Mutex<Vec<Session>>,
+    open: tokio::sync::Semaphore,
+    handles: Mutex<HashMap<Vec<u8>, ObjectHandle>>,
+}
+
+/// The PKCS#11 backend.
+pub struct Pkcs11Backend {
+    name: String,
+    settings: Pkcs11Settings,
+    token: Mutex<Option<Arc<Token>>>,
+    last_connect: Mutex<Option<Instant>>,
+    stats: BackendStats,
+}
+
+impl std::fmt::Debug for Pkcs11Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Backend").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a single take/put: a poisoned lock is consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether a failed call shows that the token or module is gone.
+fn token_lost(err: &CkError) -> bool {
+    matches!(
+        err,
+        CkError::Pkcs11(
+            RvError::TokenNotPresent
+                | RvError::DeviceRemoved
+                | RvError::DeviceError
+                | RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::SlotIdInvalid
+                | RvError::CryptokiNotInitialized
+                | RvError::UserNotLoggedIn,
+            _
+        )
+    )
+}
+
+/// The label of a version's object.
+pub fn object_label(key: &str, version: u32) -> String {
+    format!("keybroker:{key}:v{version}")
+}
+
+impl Pkcs11Backend {
+    /// A backend called `name`. It connects lazily: a missing token makes
+    /// its keys `UNAVAILABLE`, not the broker fail to start.
+    pub fn new(name: impl Into<String>, settings: Pkcs11Settings) -> Self {
+        Self {
+            name: name.into(),
+            settings,
+            token: Mutex::new(None),
+            last_connect: Mutex::new(None),
+            stats: BackendStats::default(),
+        }
+    }
+
+    fn unavailable(&self, reason: impl Into<String>) -> BackendError {
+        BackendError::Unavailable { backend: self.name.clone(), reason: reason.into() }
+    }
+
+    fn connect(&self) -> Result<Arc<Token>, BackendError> {
+        if let Some(token) = lock(&self.token).clone() {
+            return Ok(token);
+        }
+        {
+            // Do not hammer a missing module or token: one attempt per 200 ms.
+            let mut last = lock(&self.last_connect);
+            if last.is_some_and(|t| t.elapsed() < Duration::from_millis(200)) {
+                return Err(self.unavailable("token not reachable (reconnecting)"));
+            }
+            *last = Some(Instant::now());
+        }
+        let s = &self.settings;
+        let ctx = Pkcs11::new(&s.module)
+            .map_err(|e| self.unavailable(format!("loading module {}: {e}", s.module.display())))?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(self.unavailable(format!("C_Initialize: {e}"))),
+        }
+        let slots = ctx.get_slots_with_token().map_err(|e| self.unavailable(format!("listing slots: {e}")))?;
+        let slot = slots
+            .into_iter()
+            .find(|slot| match (&s.token_label, s.slot) {
+                (Some(label), _) => ctx.get_token_info(*slot).is_ok_and(|info| info.label().trim() == label),
+                (None, Some(id)) => slot.id() == id,
+                (None, None) => false,
+            })
+            .ok_or_else(|| match &s.token_label {
+                Some(label) => self.unavailable(format!("no token labelled {label:?}")),
+                None => self.unavailable(format!("no token in slot {:?}", s.slot)),
+            })?;
+        let session = ctx.open_rw_session(slot).map_err(|e| self.unavailable(format!("opening a session: {e}")))?;
+        match session.login(UserType::User, Some(&AuthPin::from(s.pin.as_str().to_owned()))) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => return Err(self.unavailable("login refused: wrong PIN")),
+            Err(e) => return Err(self.unavailable(format!("login: {e}"))),
+        }
+        let token = Arc::new(Token {
+            ctx,
+            slot,
+            idle: Mutex::new(vec![session]),
+            open: tokio::sync::Semaphore::new(s.sessions.max(1)),
+            handles: Mutex::new(HashMap::new()),
+        });
+        *lock(&self.token) = Some(token.clone());
+        tracing::info!(backend = %self.name, "PKCS#11 token connected");
+        Ok(token)
+    }
+
+    /// Forgets the connection, so the next call initializes the module again
+    /// (a token that reappeared is only seen after re-initialization).
+    fn disconnect(&self, why: &str) {
+        if lock(&self.token).take().is_some() {
+            tracing::warn!(backend = %self.name, error = %why, "PKCS#11 token lost; will reconnect");
+        }
+    }
+
+    /// Runs `op` with a pooled session on the blocking pool, under the
+    /// timeout. A PKCS#11 failure that shows the token is gone drops the
+    /// connection.
+    async fn run<T, F>(&self, op: F) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Token, &Session) -> Result<T, OpError> + Send + 'static,
+    {
+        self.stats.count_remote_call();
+        let call = async {
+            let token = self.connect()?;
+            let _permit = token.open.acquire().await.map_err(|_| self.unavailable("session pool closed"))?;
+            let worker = token.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let session = match lock(&worker.idle).pop() {
+                    Some(session) => session,
+                    None => worker.ctx.open_rw_session(worker.slot).map_err(|e| OpError::Ck("C_OpenSession", e))?,
+                };
+                let result = op(&worker, &session);
+                lock(&worker.idle).push(session);
+                result
+            })
+            .await
+            .map_err(|e| self.unavailable(format!("HSM worker failed: {e}")))?;
+            result.map_err(|e| match e {
+                OpError::Backend(err) => err,
+                OpError::Ck(what, err) => {
+                    if token_lost(&err) {
+                        self.disconnect(&err.to_string());
+                    }
+                    self.unavailable(format!("{what}: {err}"))
+                }
+            })
+        };
+        with_timeout(&self.name, self.settings.timeout, call).await
+    }
+
+    fn find(token: &Token, session: &Session, label: &[u8]) -> Result<Option<ObjectHandle>, OpError> {
+        if let Some(handle) = lock(&token.handles).get(label) {
+            return Ok(Some(*handle));
+        }
+        let found = session
+            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.to_vec())])
+            .map_err(|e| OpError::Ck("C_FindObjects", e))?;
+        if let Some(handle) = found.first() {
+            lock(&token.handles).insert(label.to_vec(), *handle);
+        }
+        Ok(found.first().copied())
+    }
+
+    fn find_version(
+        token: &Token,
+        session: &Session,
+        backend: &str,
+        key: &str,
+        version: u32,
+        label: &[u8],
+    ) -> Result<ObjectHandle, OpError> {
+        Self::find(token, session, label)?.ok_or_else(|| {
+            OpError::Backend(BackendError::Material {
+                backend: backend.to_owned(),
+                key: key.to_owned(),
+                version,
+                reason: format!("its HSM object {:?} is missing", String::from_utf8_lossy(label)),
+            })
+        })
+    }
+
+    fn key_template(label: &str) -> Vec<Attribute> {
+        vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ]
+    }
+}
+
+fn gcm_params<'a>(nonce: &'a mut [u8], aad: &'a [u8]) -> Result<GcmParams<'a>, OpError> {
+    GcmParams::new(nonce, aad, (GCM_TAG_LEN as u64 * 8).into()).map_err(|e| OpError::Ck("GCM parameters", e))
+}
+
+#[async_trait]
+impl KeyBackend for Pkcs11Backend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "pkcs11"
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::Aes256Gcm
+    }
+
+    fn exportable(&self) -> bool {
+        false
+    }
+
+    fn stats(&self) -> &BackendStats {
+        &self.stats
+    }
+
+    async fn create_version(&self, key: &str, version: u32) -> Result<BackendRef, BackendError> {
+        let label = object_label(key, version);
+        let template_label = label.clone();
+        self.run(move |_, session| {
+            let mut template = Self::key_template(&template_label);
+            template.push(Attribute::ValueLen(32u64.into()));
+            session.generate_key(&Mechanism::AesKeyGen, &template).map_err(|e| OpError::Ck("C_GenerateKey", e))
+        })
+        .await?;
+        Ok(BackendRef(label.into_bytes()))
+    }
+
+    async fn attach(&self, _key: &str, _version: u32, backend_key_id: &str) -> Result<BackendRef, BackendError> {
+        let label = backend_key_id.as_bytes().to_vec();
+        let found = self.run(move |token, session| Self::find(token, session, &label)).await?;
+        match found {
+            Some(_) => Ok(BackendRef(backend_key_id.as_bytes().to_vec())),
+            None => Err(BackendError::Refused {
+                backend: self.name.clone(),
+                reason: format!("no secret key labelled {backend_key_id:?} on the token"),
+            }),
+        }
+    }
+
+    fn backend_key_id(&self, reference: &BackendRef) -> String {
+        String::from_utf8_lossy(&reference.0).into_owned()
+    }
+
+    async fn wrap(
+        &self,
+        version: VersionRef<'_>,
+        plaintext: &[u8],
+        aad: Aad<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        let (label, key, v, backend) =
+            (version.reference.0.clone(), version.key.to_owned(), version.version, self.name.clone());
+        let aad = aad.bytes();
+        let plaintext = Zeroizing::new(plaintext.to_vec());
+        let payload = self
+            .run(move |token, session| {
+                let handle = Self::find_version(token, session, &backend, &key, v, &label)?;
+                let mut nonce = [0u8; GCM_NONCE_LEN];
+                rand::rng().fill_bytes(&mut nonce);
+                let mut iv = nonce;
+                let sealed = session
+                    .encrypt(&Mechanism::AesGcm(gcm_params(&mut iv, &aad)?), handle, &plaintext)
+                    .map_err(|e| OpError::Ck("C_Encrypt", e))?;
+                let mut payload = nonce.to_vec();
+                payload.extend_from_slice(&sealed);
+                Ok(payload)
+            })
+            .await?;
+        out.extend_from_slice(&payload);
+        Ok(())
+    }
+
+    async fn unwrap(
+        &self,
+        version: VersionRef<'_>,
+        payload: &[u8],
+        aad: Aad<'_>,
+    ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        if payload.len() < GCM_NONCE_LEN + GCM_TAG_LEN {
+            return Err(BackendError::AuthenticationFailed { key: version.key.to_owned(), version: version.version });
+        }
+        let (label, key, v, backend) =
+            (version.reference.0.clone(), version.key.to_owned(), version.version, self.name.clone());
+        let aad = aad.bytes();
+        let payload = payload.to_vec();
+        self.run(move |token, session| {
+            let handle = Self::find_version(token, session, &backend, &key, v, &label)?;
+            let (nonce, sealed) = payload.split_at(GCM_NONCE_LEN);
+            let mut iv = nonce.to_vec();
+            match session.decrypt(&Mechanism::AesGcm(gcm_params(&mut iv, &aad)?), handle, sealed) {
+                Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
+                // SoftHSM reports a GCM tag mismatch as CKR_GENERAL_ERROR;
+                // other modules use CKR_ENCRYPTED_DATA_INVALID.
+                Err(CkError::Pkcs11(
+                    RvError::GeneralError | RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange,
+                    _,
+                )) => Err(OpError::Backend(BackendError::AuthenticationFailed { key, version: v })),
+                Err(e) => Err(OpError::Ck("C_Decrypt", e)),
+            }
+        })
+        .await
+    }
+
+    async fn export(&self, _version: VersionRef<'_>) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        Err(BackendError::NotExportable { backend: self.name.clone() })
+    }
+
+    async fn import(&self, key: &str, version: u32, material: &[u8]) -> Result<BackendRef, BackendError> {
+        if material.len() != 32 {
+            return Err(BackendError::BadImport {
+                backend: self.name.clone(),
+                reason: format!("an AES-256 key is 32 bytes, got {}", material.len()),
+            });
+        }
+        let label = object_label(key, version);
+        let template_label = label.clone();
+        let value = Zeroizing::new(material.to_vec());
+        self.run(move |_, session| {
+            let mut template = Self::key_template(&template_label);
+            template.push(Attribute::Value(value.to_vec()));
+            session.create_object(&template).map_err(|e| OpError::Ck("C_CreateObject", e))
+        })
+        .await?;
+        Ok(BackendRef(label.into_bytes()))
+    }
+
+    async fn destroy_version(&self, version: VersionRef<'_>) -> Result<(), BackendError> {
+        let label = version.reference.0.clone();
+        if label.is_empty() {
+            return Ok(());
+        }
+        self.run(move |token, session| {
+            let handle = Self::find(token, session, &label)?;
+            lock(&token.handles).remove(&label);
+            match handle {
+                Some(handle) => session.destroy_object(handle).map_err(|e| OpError::Ck("C_DestroyObject", e)),
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
+    async fn health(&self) -> Result<(), BackendError> {
+        let result = self
+            .run(|_, session| {
+                let mut probe = [0u8; 1];
+                session.generate_random_slice(&mut probe).map_err(|e| OpError::Ck("C_GenerateRandom", e))
+            })
+            .await;
+        if let Err(err) = &result {
+            self.disconnect(&err.to_string());
+        }
+        result
+    }
+}

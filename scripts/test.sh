@@ -24,9 +24,19 @@ if ! have_py grpc || ! have_py grpc_tools; then
   python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools
 fi
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-  apt-get install -y nodejs npm
+  apt-get update -qq && apt-get install -y -qq nodejs npm
 fi
 (cd tests/polyglot/node && npm ci --no-audit --no-fund --loglevel=error)
+# AWS KMS emulator for the aws-kms backend.
+if ! have_py moto || ! python3 -c 'import flask, flask_cors' >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
+fi
+command -v pyenv >/dev/null 2>&1 && pyenv rehash >/dev/null 2>&1 || true
+command -v moto_server >/dev/null 2>&1 || { echo "moto_server is not on PATH after installing moto[server]" >&2; exit 1; }
+# SoftHSM2 for the pkcs11 backend.
+if ! command -v softhsm2-util >/dev/null 2>&1 || [ ! -f /usr/lib/softhsm/libsofthsm2.so ]; then
+  apt-get update -qq && apt-get install -y -qq softhsm2
+fi
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

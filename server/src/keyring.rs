@@ -258,14 +258,15 @@ impl Keyring {
     pub async fn create(&self, spec: NewKey) -> ServiceResult<Arc<CachedKey>> {
         check_key_name(&spec.name)?;
         let backend_name = if spec.backend.is_empty() { self.default_backend.clone() } else { spec.backend };
-        let backend = self
-            .backends
-            .get(&backend_name)
-            .map_err(|_| ServiceError::invalid(format!("backend {backend_name:?} is not configured on this broker")))?;
+        let backend = self.backend_for(&backend_name, spec.mode)?;
         if self.store.get(&spec.name).await?.is_some() {
             return Err(StoreError::AlreadyExists(spec.name).into());
         }
-        let reference = backend.create_version(&spec.name, 1).await?;
+        let reference = if spec.backend_key_id.is_empty() {
+            backend.create_version(&spec.name, 1).await?
+        } else {
+            backend.attach(&spec.name, 1, &spec.backend_key_id).await?
+        };
         let t = now();
         let record = KeyRecord {
             name: spec.name,

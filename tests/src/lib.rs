@@ -237,6 +237,31 @@ pub fn require_tool(name: &str, install: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is not installed: {install} (the README's test command installs it)"))
 }
 
+/// A data directory with the dev PKI and root key of `keybroker dev`,
+/// made without starting a broker.
+pub fn dev_pki(dir: &Path) -> PathBuf {
+    let dev = dir.join("dev");
+    keybroker_server::dev::prepare(&dev, "127.0.0.1:0".parse().unwrap()).unwrap();
+    dev
+}
+
+/// The TOML of an `aws-kms` backend called `name` on `moto`.
+pub fn aws_backend_toml(name: &str, moto: &Moto) -> String {
+    format!(
+        "[backends.{name}]\ntype = \"aws-kms\"\nregion = \"us-east-1\"\nendpoint = \"{}\"\ntimeout_ms = 1000\n",
+        moto.endpoint()
+    )
+}
+
+/// The TOML of a `pkcs11` backend called `name` on token `label`, PIN from
+/// `KB_TEST_HSM_PIN`.
+pub fn hsm_backend_toml(name: &str, label: &str) -> String {
+    format!(
+        "[backends.{name}]\ntype = \"pkcs11\"\nmodule = \"{SOFTHSM_MODULE}\"\ntoken_label = \"{label}\"\n\
+         pin_env = \"KB_TEST_HSM_PIN\"\ntimeout_ms = 1000\n"
+    )
+}
+
 /// A fresh temporary directory.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("kb-test-").tempdir().unwrap()
@@ -358,6 +383,18 @@ impl SoftHsm {
 /// Writes a broker configuration in `dir` that reuses the dev PKI of
 /// `dev_dir` and has the given extra backends (TOML), and returns its path.
 pub fn config_with_backends(dir: &Path, dev_dir: &Path, default_backend: &str, backends_toml: &str) -> PathBuf {
+    let root = format!("[root_key]\nfile = \"{}/root.key\"\n", dev_dir.display());
+    config_with(dir, dev_dir, default_backend, &root, backends_toml)
+}
+
+/// Like [`config_with_backends`] with an explicit `[root_key]` section.
+pub fn config_with(
+    dir: &Path,
+    dev_dir: &Path,
+    default_backend: &str,
+    root_key_toml: &str,
+    backends_toml: &str,
+) -> PathBuf {
     let tls = dev_dir.join("tls");
     let text = format!(
         r#"listen = "127.0.0.1:0"
@@ -373,8 +410,7 @@ client_ca = "{tls}/ca.pem"
 type = "sqlite"
 path = "{dir}/keybroker.sqlite"
 
-[root_key]
-file = "{dev}/root.key"
+{root_key_toml}
 
 [backends.local]
 type = "local"
@@ -387,7 +423,6 @@ app_identities = ["spiffe://keybroker.dev/app"]
 "#,
         tls = tls.display(),
         dir = dir.display(),
-        dev = dev_dir.display(),
     );
     let path = dir.join("keybroker.toml");
     std::fs::write(&path, text).unwrap();

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 mod backend_conformance;
+mod backends_in_the_broker;
 mod blob_encryption;
 mod client_examples;
 mod client_library;
@@ -12,6 +13,7 @@ mod generated_code_is_fresh;
 mod grpcurl_reflection;
 mod mtls_identity;
 mod polyglot_clients;
+mod readme_config_examples;
 mod readme_walkthrough;
 mod rotation_and_lifecycle;
 mod serve_configuration;

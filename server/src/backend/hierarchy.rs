@@ -104,10 +104,10 @@ impl HierarchyBackend {
     async fn cipher(&self, v: VersionRef<'_>) -> Result<Arc<Aes256Gcm>, BackendError> {
         {
             let ciphers = self.ciphers.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some((cipher, loaded)) = ciphers.get(&(v.key.to_owned(), v.version)) {
-                if loaded.elapsed() < self.ttl {
-                    return Ok(cipher.clone());
-                }
+            if let Some((cipher, loaded)) = ciphers.get(&(v.key.to_owned(), v.version))
+                && loaded.elapsed() < self.ttl
+            {
+                return Ok(cipher.clone());
             }
         }
         let (remote, sealed) = split_ref(v.reference)

@@ -80,7 +80,8 @@ pub struct Pkcs11Backend {
     name: String,
     settings: Pkcs11Settings,
     token: Mutex<Option<Arc<Token>>>,
-    last_connect: Mutex<Option<Instant>>,
+    /// When the last connection attempt failed, and why.
+    last_failure: Mutex<Option<(Instant, String)>>,
     stats: BackendStats,
 }
 
@@ -126,7 +127,7 @@ impl Pkcs11Backend {
             name: name.into(),
             settings,
             token: Mutex::new(None),
-            last_connect: Mutex::new(None),
+            last_failure: Mutex::new(None),
             stats: BackendStats::default(),
         }
     }
@@ -139,14 +140,21 @@ impl Pkcs11Backend {
         if let Some(token) = lock(&self.token).clone() {
             return Ok(token);
         }
+        // Do not hammer a missing module or token: one attempt per 200 ms,
+        // answering with the last failure in between.
+        if let Some((at, why)) = lock(&self.last_failure).as_ref()
+            && at.elapsed() < Duration::from_millis(200)
         {
-            // Do not hammer a missing module or token: one attempt per 200 ms.
-            let mut last = lock(&self.last_connect);
-            if last.is_some_and(|t| t.elapsed() < Duration::from_millis(200)) {
-                return Err(self.unavailable("token not reachable (reconnecting)"));
-            }
-            *last = Some(Instant::now());
+            return Err(self.unavailable(format!("{why} (retrying)")));
         }
+        let connected = self.try_connect();
+        if let Err(BackendError::Unavailable { reason, .. }) = &connected {
+            *lock(&self.last_failure) = Some((Instant::now(), reason.clone()));
+        }
+        connected
+    }
+
+    fn try_connect(&self) -> Result<Arc<Token>, BackendError> {
         let s = &self.settings;
         let ctx = Pkcs11::new(&s.module)
             .map_err(|e| self.unavailable(format!("loading module {}: {e}", s.module.display())))?;

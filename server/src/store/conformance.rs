@@ -10,7 +10,7 @@ fn version(v: u32, state: VersionState) -> VersionRecord {
         state,
         backend: "local".into(),
         backend_ref: BackendRef(vec![v as u8; 61]),
-        mode: if v % 2 == 0 { KeyMode::Hierarchy } else { KeyMode::Direct },
+        mode: if v.is_multiple_of(2) { KeyMode::Hierarchy } else { KeyMode::Direct },
         created_at: 1_700_000_000 + i64::from(v),
         updated_at: 1_700_000_000 + i64::from(v),
     }

@@ -142,6 +142,7 @@ impl Broker {
         }
         let version = VersionRef { key: env.key, version: env.version, reference: &record.backend_ref };
         let plaintext = backend.unwrap(version, env.payload, Aad { header: env.header, context }).await?;
+        cached.count_unwrap(env.version, crate::keyring::now());
         Ok(Unwrapped {
             plaintext,
             key: env.key.to_owned(),

@@ -70,6 +70,21 @@ pub struct Config {
     /// How often every backend's health is checked, in milliseconds.
     #[serde(default = "default_health_interval")]
     pub health_check_interval_ms: u64,
+    /// A version unwrapped within this many seconds is not retired
+    /// (min_decryption_version raised past it, or destroyed) without force.
+    #[serde(default = "default_retirement_window")]
+    pub retirement_window_seconds: u64,
+    /// How often unwrap counts are written to the store, in milliseconds.
+    #[serde(default = "default_usage_flush")]
+    pub usage_flush_interval_ms: u64,
+}
+
+fn default_retirement_window() -> u64 {
+    24 * 3600
+}
+
+fn default_usage_flush() -> u64 {
+    1000
 }
 
 fn default_health_interval() -> u64 {

@@ -9,38 +9,90 @@
 //! reloaded from the store on first use instead of failing.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::backend::{Backends, VersionRef};
 use crate::envelope::is_valid_key_name;
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
-use crate::store::{KeyMode, KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
+use crate::store::{KeyMode, KeyRecord, KeyStore, StoreError, UsageRecord, VersionRecord, VersionState};
+
+/// A version unwrapped within this many seconds is not retired without
+/// `force` (the default of `retirement_window_seconds`).
+pub const DEFAULT_RETIREMENT_WINDOW_SECS: i64 = 24 * 3600;
 
 /// How often a change that lost a concurrent race is retried before the
 /// caller gets `ABORTED`.
 const UPDATE_ATTEMPTS: usize = 5;
 
-/// A key as cached: its record and per-version wrap counters.
+/// Per-version counters of a cached key.
+#[derive(Debug, Default)]
+struct VersionCounters {
+    /// Wraps by this broker since it started.
+    wraps: AtomicU64,
+    /// Unwraps not yet written to the store.
+    pending_unwraps: AtomicU64,
+    /// Unwraps written to the store since the record was loaded.
+    flushed_unwraps: AtomicU64,
+    /// Latest unwrap seen by this broker, Unix seconds.
+    last_unwrap: AtomicI64,
+}
+
+/// A key as cached: its record and per-version counters.
 #[derive(Debug)]
 pub struct CachedKey {
     /// The stored record.
     pub record: KeyRecord,
-    wraps: Vec<AtomicU64>,
+    counters: Vec<VersionCounters>,
 }
 
 impl CachedKey {
     fn new(record: KeyRecord, previous: Option<&CachedKey>) -> Self {
-        let wraps = record
+        let counters = record
             .versions
             .iter()
             .enumerate()
             .map(|(i, _)| {
-                AtomicU64::new(previous.and_then(|p| p.wraps.get(i)).map_or(0, |w| w.load(Ordering::Relaxed)))
+                let old = previous.and_then(|p| p.counters.get(i));
+                let load = |f: fn(&VersionCounters) -> &AtomicU64| old.map_or(0, |c| f(c).load(Ordering::Relaxed));
+                VersionCounters {
+                    wraps: AtomicU64::new(load(|c| &c.wraps)),
+                    // Unflushed unwraps carry over; flushed ones are in the new record.
+                    pending_unwraps: AtomicU64::new(load(|c| &c.pending_unwraps)),
+                    flushed_unwraps: AtomicU64::new(0),
+                    last_unwrap: AtomicI64::new(old.map_or(0, |c| c.last_unwrap.load(Ordering::Relaxed))),
+                }
             })
             .collect();
-        Self { record, wraps }
+        Self { record, counters }
+    }
+
+    fn counters(&self, version: u32) -> Option<&VersionCounters> {
+        version.checked_sub(1).and_then(|i| self.counters.get(i as usize))
+    }
+
+    /// Counts an unwrap under `version` at `now` (Unix seconds).
+    pub fn count_unwrap(&self, version: u32, now: i64) {
+        if let Some(c) = self.counters(version) {
+            c.pending_unwraps.fetch_add(1, Ordering::Relaxed);
+            c.last_unwrap.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Unwraps under `version`, across every broker sharing the table (as of
+    /// their last flush) plus this broker's unflushed ones.
+    pub fn unwrap_count(&self, version: u32) -> u64 {
+        let stored = self.record.version(version).map_or(0, |v| v.unwrap_count);
+        self.counters(version).map_or(stored, |c| {
+            stored + c.flushed_unwraps.load(Ordering::Relaxed) + c.pending_unwraps.load(Ordering::Relaxed)
+        })
+    }
+
+    /// Latest unwrap under `version`, Unix seconds (0 = never).
+    pub fn last_unwrap(&self, version: u32) -> i64 {
+        let stored = self.record.version(version).map_or(0, |v| v.last_unwrap_at);
+        self.counters(version).map_or(stored, |c| stored.max(c.last_unwrap.load(Ordering::Relaxed)))
     }
 
     /// The current version's record.
@@ -55,14 +107,14 @@ impl CachedKey {
 
     /// Counts a wrap under `version`.
     pub fn count_wrap(&self, version: u32) {
-        if let Some(counter) = version.checked_sub(1).and_then(|i| self.wraps.get(i as usize)) {
-            counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = self.counters(version) {
+            c.wraps.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Wraps counted under `version` by this broker since it started.
     pub fn wrap_count(&self, version: u32) -> u64 {
-        version.checked_sub(1).and_then(|i| self.wraps.get(i as usize)).map_or(0, |c| c.load(Ordering::Relaxed))
+        self.counters(version).map_or(0, |c| c.wraps.load(Ordering::Relaxed))
     }
 
     /// The record of `version` if it may unwrap: it exists, is neither
@@ -138,9 +190,11 @@ pub struct Keyring {
     backends: Backends,
     default_backend: String,
     cache: RwLock<HashMap<String, Arc<CachedKey>>>,
+    retirement_window_secs: std::sync::atomic::AtomicI64,
 }
 
-fn now() -> i64 {
+/// Unix seconds now.
+pub fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
@@ -162,7 +216,87 @@ impl Keyring {
     /// A keyring over `store`, creating keys in `default_backend` unless told
     /// otherwise.
     pub fn new(store: Arc<dyn KeyStore>, backends: Backends, default_backend: String) -> Self {
-        Self { store, backends, default_backend, cache: RwLock::new(HashMap::new()) }
+        Self {
+            store,
+            backends,
+            default_backend,
+            cache: RwLock::new(HashMap::new()),
+            retirement_window_secs: AtomicI64::new(DEFAULT_RETIREMENT_WINDOW_SECS),
+        }
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// Sets how recently a version may have been unwrapped and still be
+    /// retired without `force`.
+    pub fn set_retirement_window(&self, seconds: i64) {
+        self.retirement_window_secs.store(seconds, Ordering::Relaxed);
+    }
+
+    /// Writes this broker's unflushed unwrap counts to the store.
+    pub async fn flush_usage(&self) -> ServiceResult<()> {
+        let keys: Vec<Arc<CachedKey>> = self.read_cache().values().cloned().collect();
+        let mut usage = Vec::new();
+        let mut taken = Vec::new();
+        for key in &keys {
+            for (i, c) in key.counters.iter().enumerate() {
+                let n = c.pending_unwraps.swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    let version = i as u32 + 1;
+                    usage.push(UsageRecord {
+                        key: key.record.name.clone(),
+                        version,
+                        unwraps: n,
+                        last_unwrap_at: c.last_unwrap.load(Ordering::Relaxed),
+                    });
+                    taken.push((key.clone(), i, n));
+                }
+            }
+        }
+        match self.store.record_usage(&usage).await {
+            Ok(()) => {
+                for (key, i, n) in taken {
+                    key.counters[i].flushed_unwraps.fetch_add(n, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(err) => {
+                // Keep the counts for the next flush.
+                for (key, i, n) in taken {
+                    key.counters[i].pending_unwraps.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Refuses to retire `versions` of `record` when one was unwrapped within
+    /// the retirement window: the data under it is not all rewrapped yet.
+    fn check_retirement(
+        &self,
+        record: &KeyRecord,
+        versions: impl Iterator<Item = u32>,
+        what: &str,
+    ) -> ServiceResult<()> {
+        let window = self.retirement_window_secs.load(Ordering::Relaxed);
+        let cached = self.read_cache().get(&record.name).cloned();
+        let t = now();
+        for version in versions {
+            let stored = record.version(version).map_or(0, |v| v.last_unwrap_at);
+            let last = cached.as_ref().map_or(stored, |c| stored.max(c.last_unwrap(version)));
+            if last > 0 && t - last < window {
+                return Err(ServiceError::precondition(format!(
+                    "version {version} of key {:?} was unwrapped {}s ago (within the retirement window of {window}s): \
+                     rewrap the data first, or {what} with force",
+                    record.name,
+                    (t - last).max(0)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The configured backends.
@@ -287,6 +421,8 @@ impl Keyring {
                 backend: backend_name,
                 backend_ref: reference,
                 mode: spec.mode,
+                unwrap_count: 0,
+                last_unwrap_at: 0,
                 created_at: t,
                 updated_at: t,
             }],
@@ -339,6 +475,8 @@ impl Keyring {
                 backend: backend_name.clone(),
                 backend_ref: reference,
                 mode: record.mode,
+                unwrap_count: 0,
+                last_unwrap_at: 0,
                 created_at: t,
                 updated_at: t,
             });
@@ -385,13 +523,19 @@ impl Keyring {
     }
 
     /// Sets `min_decryption_version` (1..=current).
-    pub async fn set_min_decryption_version(&self, name: &str, min: u32) -> ServiceResult<Arc<CachedKey>> {
+    pub async fn set_min_decryption_version(&self, name: &str, min: u32, force: bool) -> ServiceResult<Arc<CachedKey>> {
+        if !force {
+            self.flush_usage().await?;
+        }
         self.modify(name, |record| {
             if min == 0 || min > record.current_version {
                 return Err(ServiceError::invalid(format!(
                     "min_decryption_version {min} of key {name:?} must be between 1 and the current version {}",
                     record.current_version
                 )));
+            }
+            if !force && min > record.min_decryption_version {
+                self.check_retirement(record, record.min_decryption_version..min, "raise min_decryption_version")?;
             }
             record.min_decryption_version = min;
             Ok(())
@@ -400,7 +544,16 @@ impl Keyring {
     }
 
     /// Disables, enables or destroys a non-current version.
-    pub async fn change_version(&self, name: &str, version: u32, op: VersionChange) -> ServiceResult<Arc<CachedKey>> {
+    pub async fn change_version(
+        &self,
+        name: &str,
+        version: u32,
+        op: VersionChange,
+        force: bool,
+    ) -> ServiceResult<Arc<CachedKey>> {
+        if op == VersionChange::Destroy && !force {
+            self.flush_usage().await?;
+        }
         // The material reference is erased from the table by a destroy:
         // keep it to erase the material in its backend afterwards.
         let before = match op {
@@ -410,6 +563,7 @@ impl Keyring {
         let key = self
             .modify(name, |record| {
                 let deletion_allowed = record.deletion_allowed;
+                let record_snapshot = record.clone();
                 let current = record.current_version;
                 let v = record.version_mut(version).ok_or_else(|| {
                     ServiceError::new(ErrorCode::NotFound, format!("key {name:?} has no version {version}"))
@@ -436,7 +590,12 @@ impl Keyring {
                     (VersionChange::Destroy, _) if !deletion_allowed => Err(ServiceError::precondition(format!(
                         "key {name:?} does not allow deletion (set deletion_allowed with UpdateKeyPolicy first)"
                     ))),
+                    (VersionChange::Destroy, VersionState::Destroyed) => Ok(()),
                     (VersionChange::Destroy, _) => {
+                        if !force {
+                            let snapshot = record_snapshot.clone();
+                            self.check_retirement(&snapshot, std::iter::once(version), "destroy it")?;
+                        }
                         v.state = VersionState::Destroyed;
                         v.backend_ref = Default::default();
                         Ok(())
@@ -462,6 +621,47 @@ impl Keyring {
             }
         }
         Ok(key)
+    }
+
+    /// Moves version `version` of `name` from backend `from` to `to` (new
+    /// material reference `reference`), if it is still in `from`.
+    pub async fn switch_version_backend(
+        &self,
+        name: &str,
+        version: u32,
+        from: &str,
+        to: &str,
+        reference: crate::backend::BackendRef,
+    ) -> ServiceResult<Arc<CachedKey>> {
+        self.modify(name, |record| {
+            if let Some(v) = record.version_mut(version)
+                && v.backend == from
+            {
+                v.backend = to.to_owned();
+                v.backend_ref = reference.clone();
+                v.mode = KeyMode::Direct;
+                v.updated_at = now();
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sets the backend (and optionally the mode) of a key's future versions.
+    pub async fn set_key_backend(
+        &self,
+        name: &str,
+        backend: &str,
+        mode: Option<KeyMode>,
+    ) -> ServiceResult<Arc<CachedKey>> {
+        self.modify(name, |record| {
+            record.backend = backend.to_owned();
+            if let Some(mode) = mode {
+                record.mode = mode;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Changes the deletion flag, labels or rotation policy.

@@ -16,6 +16,7 @@ pub mod envelope;
 pub mod error;
 pub mod keyring;
 pub mod listener;
+pub mod migration;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -26,6 +26,7 @@ use crate::config::{BackendConfig, Config, ConfigError, Environment, StoreConfig
 use crate::error::ServiceError;
 use crate::keyring::{Keyring, NewKey};
 use crate::listener::{Incoming, bind_unix};
+use crate::migration::Migrator;
 use crate::service::key_admin::KeyAdminService;
 use crate::service::key_broker::KeyBrokerService;
 use crate::store::sqlite::SqliteStore;
@@ -294,6 +295,14 @@ pub async fn run(
         }
     }
 
+    keyring.set_retirement_window(i64::try_from(config.retirement_window_seconds).unwrap_or(i64::MAX));
+    spawn_usage_flusher(keyring.clone(), Duration::from_millis(config.usage_flush_interval_ms.max(10)));
+    let migrator = Migrator::new(keyring.clone());
+    let resumed =
+        migrator.resume_unfinished().await.map_err(|e| StartError::Other(format!("resuming migrations: {e}")))?;
+    if resumed > 0 {
+        tracing::info!(jobs = resumed, "resumed unfinished migration jobs");
+    }
     let board = Arc::new(HealthBoard::default());
     let broker = Arc::new(Broker::new(keyring.clone(), config.limits.clone()));
     let max_message = config.limits.max_message_bytes;
@@ -304,7 +313,7 @@ pub async fn run(
         require(Plane::Data),
     );
     let admin_plane = InterceptedService::new(
-        KeyAdminServer::new(KeyAdminService::new(keyring.clone(), board.clone()))
+        KeyAdminServer::new(KeyAdminService::new(keyring.clone(), board.clone(), migrator))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         require(Plane::Admin),
@@ -371,8 +380,25 @@ pub async fn run(
             tracing::warn!(grace_seconds = grace.as_secs(), "grace period over; closing remaining connections");
         }
     }
+    if let Err(err) = keyring.flush_usage().await {
+        tracing::warn!(%err, "could not write the last unwrap counts");
+    }
     tracing::info!("keybroker stopped");
     Ok(())
+}
+
+/// Writes unwrap counts to the store every `interval`.
+fn spawn_usage_flusher(keyring: Arc<Keyring>, interval: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(err) = keyring.flush_usage().await {
+                tracing::warn!(%err, "writing unwrap counts failed; will retry");
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {

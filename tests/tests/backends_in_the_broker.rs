@@ -148,7 +148,7 @@ async fn one_broker_serves_local_aws_kms_and_pkcs11_keys_and_versions_move_betwe
 
     // A disabled version on a remote backend is refused by keybroker itself
     // (moto would still decrypt with a disabled KMS key).
-    admin.disable_key_version(pb::KeyVersionRequest { key: "roaming".into(), version: 2 }).await.unwrap();
+    admin.disable_key_version(pb::KeyVersionRequest { key: "roaming".into(), version: 2, force: false }).await.unwrap();
     let err = unwrap(&broker, "roaming", &v2.ciphertext).await.unwrap_err();
     assert!(err.code() == Code::FailedPrecondition && err.message().contains("disabled"), "{err:?}");
 

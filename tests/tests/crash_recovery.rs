@@ -34,7 +34,10 @@ async fn kill_9_and_restart_keeps_every_key_version_and_ciphertext() {
             }
             expected_keys.push((name, k + 1));
         }
-        admin.disable_key_version(pb::KeyVersionRequest { key: "svc-4".into(), version: 2 }).await.unwrap();
+        admin
+            .disable_key_version(pb::KeyVersionRequest { key: "svc-4".into(), version: 2, force: false })
+            .await
+            .unwrap();
     }
     let pid = broker.pid();
     broker.kill9();

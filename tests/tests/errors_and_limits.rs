@@ -89,10 +89,16 @@ async fn admin_plane_errors_have_the_right_codes() {
     assert_eq!(err.code(), Code::InvalidArgument);
 
     let err = admin.migrate(pb::MigrateRequest::default()).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("migration"), "{}", err.message());
-    let err = admin.get_migration(pb::GetMigrationRequest::default()).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("from_backend"), "{}", err.message());
+    let same = pb::MigrateRequest { from_backend: "local".into(), to_backend: "local".into(), ..Default::default() };
+    assert_eq!(admin.migrate(same).await.unwrap_err().code(), Code::InvalidArgument);
+    let unknown =
+        pb::MigrateRequest { from_backend: "local".into(), to_backend: "nowhere".into(), ..Default::default() };
+    let err = admin.migrate(unknown).await.unwrap_err();
+    assert!(err.code() == Code::InvalidArgument && err.message().contains("nowhere"), "{err:?}");
+    let err = admin.get_migration(pb::GetMigrationRequest { job_id: "no-such-job".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ mod crash_recovery;
 mod errors_and_limits;
 mod generated_code_is_fresh;
 mod grpcurl_reflection;
+mod live_migration;
 mod mtls_identity;
 mod polyglot_clients;
 mod readme_config_examples;

@@ -87,13 +87,14 @@ async fn min_decryption_version_disable_and_destroy_refuse_unwrap_naming_the_ver
         admin.rotate(pb::RotateRequest { key: "demo".into(), ..Default::default() }).await.unwrap();
         cts.push(wrap(&mut app, v).await.ciphertext);
     }
-    let version_req = |version| pb::KeyVersionRequest { key: "demo".into(), version };
+    let version_req = |version| pb::KeyVersionRequest { key: "demo".into(), version, force: false };
 
     // min_decryption_version = 2: v1 refused, v2 opens.
     admin
         .set_min_decryption_version(pb::SetMinDecryptionVersionRequest {
             key: "demo".into(),
             min_decryption_version: 2,
+            force: false,
         })
         .await
         .unwrap();
@@ -109,6 +110,7 @@ async fn min_decryption_version_disable_and_destroy_refuse_unwrap_naming_the_ver
         .set_min_decryption_version(pb::SetMinDecryptionVersionRequest {
             key: "demo".into(),
             min_decryption_version: 9,
+            force: false,
         })
         .await
         .unwrap_err();
@@ -141,7 +143,13 @@ async fn min_decryption_version_disable_and_destroy_refuse_unwrap_naming_the_ver
         })
         .await
         .unwrap();
-    let key = admin.destroy_key_version(version_req(3)).await.unwrap().into_inner();
+    // v3 was just unwrapped: destroying it now is refused (its data is not
+    // rewrapped), unless forced.
+    let err = admin.destroy_key_version(version_req(3)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("version 3") && err.message().contains("retirement window"), "{}", err.message());
+    let key =
+        admin.destroy_key_version(pb::KeyVersionRequest { force: true, ..version_req(3) }).await.unwrap().into_inner();
     assert_eq!(key.versions[2].state, pb::VersionState::Destroyed as i32);
     let err = unwrap(&mut app, &cts[2]).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);

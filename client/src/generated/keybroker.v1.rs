@@ -60,6 +60,14 @@ pub struct KeyVersion {
     pub backend_key_id: ::prost::alloc::string::String,
     #[prost(enumeration = "KeyMode", tag = "8")]
     pub mode: i32,
+    /// Unwraps under this version (all brokers sharing the table; flushed
+    /// about every second).
+    #[prost(uint64, tag = "9")]
+    pub unwrap_count: u64,
+    /// Last unwrap under this version, Unix seconds; 0 if never. This is the
+    /// proof that a rewrap pass is complete before a version is retired.
+    #[prost(int64, tag = "10")]
+    pub last_unwrap_unix_seconds: i64,
 }
 /// When a key rotates on its own. Zero means "no limit".
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1182,6 +1190,10 @@ pub struct SetMinDecryptionVersionRequest {
     pub key: ::prost::alloc::string::String,
     #[prost(uint32, tag = "2")]
     pub min_decryption_version: u32,
+    /// Retire versions even if they were unwrapped within the retirement
+    /// window (by default that is refused: the data is not rewrapped yet).
+    #[prost(bool, tag = "3")]
+    pub force: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct KeyVersionRequest {
@@ -1189,6 +1201,10 @@ pub struct KeyVersionRequest {
     pub key: ::prost::alloc::string::String,
     #[prost(uint32, tag = "2")]
     pub version: u32,
+    /// DestroyKeyVersion only: destroy even if the version was unwrapped
+    /// within the retirement window.
+    #[prost(bool, tag = "3")]
+    pub force: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct UpdateKeyPolicyRequest {
@@ -1225,6 +1241,9 @@ pub struct MigrateRequest {
     /// Stream the plan and change nothing.
     #[prost(bool, tag = "6")]
     pub dry_run: bool,
+    /// Pace the job (0 = as fast as the backends allow), to spare a KMS's quota.
+    #[prost(uint32, tag = "7")]
+    pub max_keys_per_second: u32,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListBackendsRequest {}
@@ -1254,10 +1273,21 @@ pub struct MigrateProgress {
     pub keys_failed: u32,
     #[prost(string, tag = "7")]
     pub current_key: ::prost::alloc::string::String,
+    /// Per-key outcomes: every key in a dry run (the plan); otherwise the keys
+    /// that failed or were skipped.
     #[prost(message, repeated, tag = "8")]
     pub results: ::prost::alloc::vec::Vec<MigrationKeyResult>,
     #[prost(bool, tag = "9")]
     pub dry_run: bool,
+    #[prost(string, tag = "10")]
+    pub pattern: ::prost::alloc::string::String,
+    #[prost(string, tag = "11")]
+    pub from_backend: ::prost::alloc::string::String,
+    #[prost(string, tag = "12")]
+    pub to_backend: ::prost::alloc::string::String,
+    /// Why the job failed as a whole (phase FAILED).
+    #[prost(string, tag = "13")]
+    pub error: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct MigrationKeyResult {

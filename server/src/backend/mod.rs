@@ -215,6 +215,11 @@ pub trait KeyBackend: Send + Sync + 'static {
     /// Whether [`KeyBackend::export`] can succeed.
     fn exportable(&self) -> bool;
 
+    /// Whether [`KeyBackend::import`] can succeed.
+    fn importable(&self) -> bool {
+        self.exportable()
+    }
+
     /// What the backend has done.
     fn stats(&self) -> &BackendStats;
 

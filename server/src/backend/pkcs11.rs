@@ -305,6 +305,10 @@ impl KeyBackend for Pkcs11Backend {
         false
     }
 
+    fn importable(&self) -> bool {
+        true
+    }
+
     fn stats(&self) -> &BackendStats {
         &self.stats
     }
@@ -411,7 +415,13 @@ impl KeyBackend for Pkcs11Backend {
         let label = object_label(key, version);
         let template_label = label.clone();
         let value = Zeroizing::new(material.to_vec());
-        self.run(move |_, session| {
+        self.run(move |token, session| {
+            // Importing again (a resumed migration) replaces the object, so
+            // a label never names two keys.
+            if let Some(old) = Self::find(token, session, template_label.as_bytes())? {
+                session.destroy_object(old).map_err(|e| OpError::Ck("C_DestroyObject", e))?;
+                lock(&token.handles).remove(template_label.as_bytes());
+            }
             let mut template = Self::key_template(&template_label);
             template.push(Attribute::Value(value.to_vec()));
             session.create_object(&template).map_err(|e| OpError::Ck("C_CreateObject", e))

@@ -15,6 +15,7 @@ use super::{Audit, key_message, respond};
 use crate::backend::health::HealthBoard;
 use crate::error::{ServiceError, ServiceResult};
 use crate::keyring::{CachedKey, Keyring, NewKey, PolicyChange, VersionChange};
+use crate::migration::Migrator;
 use crate::store::KeyMode;
 
 /// Keys per ListKeys page when the caller does not say.
@@ -26,12 +27,14 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 pub struct KeyAdminService {
     keyring: Arc<Keyring>,
     board: Arc<HealthBoard>,
+    migrator: Arc<Migrator>,
 }
 
 impl KeyAdminService {
-    /// A service over `keyring`, reporting backend health from `board`.
-    pub fn new(keyring: Arc<Keyring>, board: Arc<HealthBoard>) -> Self {
-        Self { keyring, board }
+    /// A service over `keyring`, reporting backend health from `board` and
+    /// running migrations with `migrator`.
+    pub fn new(keyring: Arc<Keyring>, board: Arc<HealthBoard>, migrator: Arc<Migrator>) -> Self {
+        Self { keyring, board, migrator }
     }
 
     fn message(&self, key: &CachedKey) -> pb::Key {
@@ -58,12 +61,6 @@ fn decode_page_token(token: &str) -> ServiceResult<String> {
         .and_then(|bytes| String::from_utf8(bytes).ok())
         .filter(|name| crate::envelope::is_valid_key_name(name))
         .ok_or_else(|| ServiceError::invalid("invalid page_token: pass next_page_token of the previous page"))
-}
-
-fn unimplemented(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} is not available in this build: live migration between backends is not built yet"
-    ))
 }
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrateProgress, Status>> + Send + 'static>>;
@@ -141,7 +138,7 @@ impl KeyAdmin for KeyAdminService {
         let req = request.into_inner();
         let result = self
             .keyring
-            .set_min_decryption_version(&req.key, req.min_decryption_version)
+            .set_min_decryption_version(&req.key, req.min_decryption_version, req.force)
             .await
             .map(|k| self.message(&k));
         audit.finish(&req.key, req.min_decryption_version, &result);
@@ -198,25 +195,39 @@ impl KeyAdmin for KeyAdminService {
 
     type MigrateStream = ProgressStream;
 
-    async fn migrate(&self, _request: Request<pb::MigrateRequest>) -> Result<Response<Self::MigrateStream>, Status> {
-        Err(unimplemented("Migrate"))
+    async fn migrate(&self, request: Request<pb::MigrateRequest>) -> Result<Response<Self::MigrateStream>, Status> {
+        let audit = Audit::start("Migrate", &request);
+        let req = request.into_inner();
+        let result = self.migrator.start(req.clone()).await;
+        let job_key = format!("{} -> {} ({})", req.from_backend, req.to_backend, req.pattern);
+        audit.finish(&job_key, 0, &result);
+        Ok(Response::new(progress_stream(result?)))
     }
 
     async fn get_migration(
         &self,
-        _request: Request<pb::GetMigrationRequest>,
+        request: Request<pb::GetMigrationRequest>,
     ) -> Result<Response<pb::MigrateProgress>, Status> {
-        Err(unimplemented("GetMigration"))
+        respond(self.migrator.status(&request.get_ref().job_id).await)
     }
 
     type WatchMigrationStream = ProgressStream;
 
     async fn watch_migration(
         &self,
-        _request: Request<pb::GetMigrationRequest>,
+        request: Request<pb::GetMigrationRequest>,
     ) -> Result<Response<Self::WatchMigrationStream>, Status> {
-        Err(unimplemented("WatchMigration"))
+        let rx = self.migrator.attach_or_run(&request.get_ref().job_id).await.map_err(Status::from)?;
+        Ok(Response::new(progress_stream(rx)))
     }
+}
+
+/// Streams every change of a job's progress until the job ends (the
+/// sender drops); the first message is the state at attach time, with the
+/// job id.
+fn progress_stream(rx: tokio::sync::watch::Receiver<pb::MigrateProgress>) -> ProgressStream {
+    use tokio_stream::StreamExt;
+    Box::pin(tokio_stream::wrappers::WatchStream::new(rx).map(Ok))
 }
 
 impl KeyAdminService {
@@ -228,7 +239,7 @@ impl KeyAdminService {
     ) -> Result<Response<pb::Key>, Status> {
         let audit = Audit::start(rpc, &request);
         let req = request.into_inner();
-        let result = self.keyring.change_version(&req.key, req.version, op).await.map(|k| self.message(&k));
+        let result = self.keyring.change_version(&req.key, req.version, op, req.force).await.map(|k| self.message(&k));
         audit.finish(&req.key, req.version, &result);
         respond(result)
     }

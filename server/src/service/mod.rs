@@ -41,6 +41,8 @@ pub fn key_message(key: &CachedKey, backends: &Backends, board: &HealthBoard) ->
                 backend_healthy: board.healthy(&v.backend),
                 backend_key_id: key_id(v),
                 mode: key_mode(v.mode) as i32,
+                unwrap_count: key.unwrap_count(v.version),
+                last_unwrap_unix_seconds: key.last_unwrap(v.version),
             })
             .collect(),
         deletion_allowed: r.deletion_allowed,

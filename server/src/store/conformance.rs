@@ -11,6 +11,8 @@ fn version(v: u32, state: VersionState) -> VersionRecord {
         backend: "local".into(),
         backend_ref: BackendRef(vec![v as u8; 61]),
         mode: if v.is_multiple_of(2) { KeyMode::Hierarchy } else { KeyMode::Direct },
+        unwrap_count: 0,
+        last_unwrap_at: 0,
         created_at: 1_700_000_000 + i64::from(v),
         updated_at: 1_700_000_000 + i64::from(v),
     }

@@ -90,6 +90,11 @@ pub struct VersionRecord {
     pub backend_ref: BackendRef,
     /// Direct or hierarchy.
     pub mode: KeyMode,
+    /// Unwraps recorded by [`KeyStore::record_usage`] (never written by
+    /// `create` or `update`).
+    pub unwrap_count: u64,
+    /// Last recorded unwrap, Unix seconds (0 = never).
+    pub last_unwrap_at: i64,
     /// Creation time, Unix seconds.
     pub created_at: i64,
     /// Last change, Unix seconds.
@@ -139,6 +144,131 @@ impl KeyRecord {
         let index = usize::try_from(version).ok()?.checked_sub(1)?;
         self.versions.get_mut(index).filter(|v| v.version == version)
     }
+}
+
+/// Unwraps to add to a version's usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// Key name.
+    pub key: String,
+    /// Version.
+    pub version: u32,
+    /// Unwraps since the last flush.
+    pub unwraps: u64,
+    /// Time of the latest of them, Unix seconds.
+    pub last_unwrap_at: i64,
+}
+
+/// What a migration does when the target already holds the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictMode {
+    /// Fail the key.
+    Fail,
+    /// Overwrite.
+    Force,
+    /// Take only what the target lacks.
+    Merge,
+}
+
+/// A migration job's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobPhase {
+    /// Working out which keys to move.
+    Planning,
+    /// Moving keys.
+    Copying,
+    /// Finished (keys may have failed individually).
+    Done,
+    /// Stopped as a whole.
+    Failed,
+}
+
+/// The outcome of one key in a migration job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemStatus {
+    /// Not started.
+    Pending,
+    /// Started; a crash here resumes the key where it stopped.
+    InProgress,
+    /// Moved.
+    Done,
+    /// Nothing to do (already in the target, or a dry run).
+    Skipped,
+    /// Could not be moved; see the error.
+    Failed,
+}
+
+macro_rules! text_enum {
+    ($ty:ty { $($variant:path => $text:literal),* $(,)? }) => {
+        impl $ty {
+            /// The name stored in the table.
+            pub fn as_str(self) -> &'static str {
+                match self { $($variant => $text),* }
+            }
+
+            /// Parses a stored name.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some($variant),)* _ => None }
+            }
+        }
+    };
+}
+
+text_enum!(ConflictMode { ConflictMode::Fail => "fail", ConflictMode::Force => "force", ConflictMode::Merge => "merge" });
+text_enum!(JobPhase {
+    JobPhase::Planning => "planning",
+    JobPhase::Copying => "copying",
+    JobPhase::Done => "done",
+    JobPhase::Failed => "failed",
+});
+text_enum!(ItemStatus {
+    ItemStatus::Pending => "pending",
+    ItemStatus::InProgress => "in_progress",
+    ItemStatus::Done => "done",
+    ItemStatus::Skipped => "skipped",
+    ItemStatus::Failed => "failed",
+});
+
+/// A migration job as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    /// Job id.
+    pub id: String,
+    /// Glob of the keys to move.
+    pub pattern: String,
+    /// Source backend.
+    pub from_backend: String,
+    /// Target backend.
+    pub to_backend: String,
+    /// Conflict rule.
+    pub conflict: ConflictMode,
+    /// Plan only.
+    pub dry_run: bool,
+    /// Pace (0 = unpaced).
+    pub max_keys_per_second: u32,
+    /// Phase.
+    pub phase: JobPhase,
+    /// Why the whole job failed.
+    pub error: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
+/// One key of a migration job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobItem {
+    /// Key name.
+    pub key: String,
+    /// Outcome so far.
+    pub status: ItemStatus,
+    /// What was (or would be) done.
+    pub action: String,
+    /// gRPC code of the failure (0 = none).
+    pub error_code: i32,
+    /// Why it failed.
+    pub error: String,
 }
 
 /// Why a store operation failed.
@@ -204,4 +334,28 @@ pub trait KeyStore: Send + Sync + 'static {
     /// when the key is gone and `Conflict` when another writer changed it
     /// first. Returns the stored record.
     async fn update(&self, key: &KeyRecord) -> Result<KeyRecord, StoreError>;
+
+    /// Deletes a key and its versions (offline migration and restore with
+    /// `--force`). Returns `NotFound` when it does not exist.
+    async fn delete(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Adds unwrap counts and raises last-unwrap times; versions that no
+    /// longer exist are ignored. Does not touch revisions.
+    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<(), StoreError>;
+
+    /// Stores a new migration job and its keys (all pending). Returns
+    /// `AlreadyExists` when the id is taken.
+    async fn create_job(&self, job: &JobRecord, keys: &[String]) -> Result<(), StoreError>;
+
+    /// A job and its keys in name order; `Ok(None)` when unknown.
+    async fn get_job(&self, id: &str) -> Result<Option<(JobRecord, Vec<JobItem>)>, StoreError>;
+
+    /// Sets a job's phase and error.
+    async fn set_job_phase(&self, id: &str, phase: JobPhase, error: &str) -> Result<(), StoreError>;
+
+    /// Records the outcome of one key of a job.
+    async fn set_job_item(&self, id: &str, item: &JobItem) -> Result<(), StoreError>;
+
+    /// Ids of jobs neither done nor failed, oldest first (resumed at start).
+    async fn unfinished_jobs(&self) -> Result<Vec<String>, StoreError>;
 }

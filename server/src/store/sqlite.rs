@@ -12,7 +12,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::{KeyMode, KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
+use super::{
+    ConflictMode, ItemStatus, JobItem, JobPhase, JobRecord, KeyMode, KeyRecord, KeyStore, StoreError, UsageRecord,
+    VersionRecord, VersionState,
+};
 use crate::backend::BackendRef;
 
 /// A version table in one SQLite file.
@@ -23,6 +26,12 @@ pub struct SqliteStore {
 
 fn unavailable(err: sqlx::Error) -> StoreError {
     StoreError::Unavailable(err.to_string())
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn to_i64(value: u64) -> i64 {
@@ -73,7 +82,7 @@ impl SqliteStore {
         name: &str,
     ) -> Result<Vec<VersionRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT version, state, backend, backend_ref, mode, created_at, updated_at \
+            "SELECT version, state, backend, backend_ref, mode, unwrap_count, last_unwrap_at, created_at, updated_at \
              FROM key_versions WHERE key_name = ? ORDER BY version",
         )
         .bind(name)
@@ -118,6 +127,8 @@ fn version_from_row(name: &str, row: &SqliteRow) -> Result<VersionRecord, StoreE
         backend: row.try_get("backend").map_err(get_err)?,
         backend_ref: BackendRef(row.try_get("backend_ref").map_err(get_err)?),
         mode: KeyMode::parse(&mode).ok_or_else(|| corrupt(format!("mode {mode:?}")))?,
+        unwrap_count: u64::try_from(row.try_get::<i64, _>("unwrap_count").map_err(get_err)?).unwrap_or(0),
+        last_unwrap_at: row.try_get("last_unwrap_at").map_err(get_err)?,
         created_at: row.try_get("created_at").map_err(get_err)?,
         updated_at: row.try_get("updated_at").map_err(get_err)?,
     })
@@ -177,8 +188,8 @@ impl KeyStore for SqliteStore {
             .await
             .map_err(unavailable)?;
         let rows = sqlx::query(
-            "SELECT key_name, version, state, backend, backend_ref, mode, created_at, updated_at \
-             FROM key_versions ORDER BY key_name, version",
+            "SELECT key_name, version, state, backend, backend_ref, mode, unwrap_count, last_unwrap_at, created_at, \
+             updated_at FROM key_versions ORDER BY key_name, version",
         )
         .fetch_all(&mut *tx)
         .await
@@ -279,7 +290,9 @@ impl KeyStore for SqliteStore {
         let stored = self.versions_of(&mut tx, &key.name).await?;
         for v in &key.versions {
             match stored.iter().find(|s| s.version == v.version) {
-                Some(s) if s == v => {}
+                Some(s)
+                    if (&s.state, &s.backend, &s.backend_ref, s.mode)
+                        == (&v.state, &v.backend, &v.backend_ref, v.mode) => {}
                 Some(_) => {
                     sqlx::query(
                         "UPDATE key_versions SET state = ?, backend = ?, backend_ref = ?, mode = ?, updated_at = ? \
@@ -303,6 +316,167 @@ impl KeyStore for SqliteStore {
         let mut stored = key.clone();
         stored.revision += 1;
         Ok(stored)
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let deleted =
+            sqlx::query("DELETE FROM keys WHERE name = ?").bind(name).execute(&self.pool).await.map_err(unavailable)?;
+        if deleted.rows_affected() == 0 {
+            return Err(StoreError::NotFound(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<(), StoreError> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for u in usage {
+            sqlx::query(
+                "UPDATE key_versions SET unwrap_count = unwrap_count + ?, last_unwrap_at = MAX(last_unwrap_at, ?) \
+                 WHERE key_name = ? AND version = ?",
+            )
+            .bind(to_i64(u.unwraps))
+            .bind(u.last_unwrap_at)
+            .bind(&u.key)
+            .bind(i64::from(u.version))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn create_job(&self, job: &JobRecord, keys: &[String]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query(
+            "INSERT INTO migration_jobs (job_id, pattern, from_backend, to_backend, conflict, dry_run, \
+             max_keys_per_second, phase, error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&job.id)
+        .bind(&job.pattern)
+        .bind(&job.from_backend)
+        .bind(&job.to_backend)
+        .bind(job.conflict.as_str())
+        .bind(job.dry_run)
+        .bind(i64::from(job.max_keys_per_second))
+        .bind(job.phase.as_str())
+        .bind(&job.error)
+        .bind(job.created_at)
+        .bind(job.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists(job.id.clone()),
+            _ => unavailable(e),
+        })?;
+        for key in keys {
+            sqlx::query(
+                "INSERT INTO migration_items (job_id, key_name, status, updated_at) VALUES (?, ?, 'pending', ?)",
+            )
+            .bind(&job.id)
+            .bind(key)
+            .bind(job.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn get_job(&self, id: &str) -> Result<Option<(JobRecord, Vec<JobItem>)>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let Some(row) = sqlx::query(
+            "SELECT job_id, pattern, from_backend, to_backend, conflict, dry_run, max_keys_per_second, phase, error, \
+             created_at, updated_at FROM migration_jobs WHERE job_id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        let items = sqlx::query(
+            "SELECT key_name, status, action, error_code, error FROM migration_items WHERE job_id = ? ORDER BY key_name",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        let corrupt = |reason: String| StoreError::Corrupt { key: format!("migration job {id}"), reason };
+        let get = |e: sqlx::Error| corrupt(e.to_string());
+        let conflict: String = row.try_get("conflict").map_err(get)?;
+        let phase: String = row.try_get("phase").map_err(get)?;
+        let job = JobRecord {
+            id: row.try_get("job_id").map_err(get)?,
+            pattern: row.try_get("pattern").map_err(get)?,
+            from_backend: row.try_get("from_backend").map_err(get)?,
+            to_backend: row.try_get("to_backend").map_err(get)?,
+            conflict: ConflictMode::parse(&conflict).ok_or_else(|| corrupt(format!("conflict {conflict:?}")))?,
+            dry_run: row.try_get("dry_run").map_err(get)?,
+            max_keys_per_second: u32::try_from(row.try_get::<i64, _>("max_keys_per_second").map_err(get)?).unwrap_or(0),
+            phase: JobPhase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase:?}")))?,
+            error: row.try_get("error").map_err(get)?,
+            created_at: row.try_get("created_at").map_err(get)?,
+            updated_at: row.try_get("updated_at").map_err(get)?,
+        };
+        let items = items
+            .iter()
+            .map(|r| {
+                let status: String = r.try_get("status").map_err(get)?;
+                Ok(JobItem {
+                    key: r.try_get("key_name").map_err(get)?,
+                    status: ItemStatus::parse(&status).ok_or_else(|| corrupt(format!("status {status:?}")))?,
+                    action: r.try_get("action").map_err(get)?,
+                    error_code: i32::try_from(r.try_get::<i64, _>("error_code").map_err(get)?).unwrap_or(0),
+                    error: r.try_get("error").map_err(get)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Some((job, items)))
+    }
+
+    async fn set_job_phase(&self, id: &str, phase: JobPhase, error: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE migration_jobs SET phase = ?, error = ?, updated_at = ? WHERE job_id = ?")
+            .bind(phase.as_str())
+            .bind(error)
+            .bind(now_secs())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn set_job_item(&self, id: &str, item: &JobItem) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE migration_items SET status = ?, action = ?, error_code = ?, error = ?, updated_at = ? \
+             WHERE job_id = ? AND key_name = ?",
+        )
+        .bind(item.status.as_str())
+        .bind(&item.action)
+        .bind(i64::from(item.error_code))
+        .bind(&item.error)
+        .bind(now_secs())
+        .bind(id)
+        .bind(&item.key)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn unfinished_jobs(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT job_id FROM migration_jobs WHERE phase NOT IN ('done', 'failed') ORDER BY created_at, job_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(|r| r.try_get("job_id").map_err(unavailable)).collect()
     }
 }
 

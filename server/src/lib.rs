@@ -17,6 +17,7 @@ pub mod error;
 pub mod keyring;
 pub mod listener;
 pub mod migration;
+pub mod rewrap;
 pub mod server;
 pub mod service;
 pub mod store;

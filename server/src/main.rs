@@ -46,6 +46,39 @@ enum Command {
         #[arg(long, env = ENV_CONFIG)]
         config: Option<PathBuf>,
     },
+    /// Rewrap every sidecar file under DIR whose DEK is below its key's
+    /// current version (resumable; see the README).
+    Rewrap {
+        /// Directory of sidecar files.
+        dir: PathBuf,
+        /// Broker address.
+        #[arg(long, default_value = "https://127.0.0.1:50051")]
+        url: String,
+        /// Use the application identity of a `keybroker dev` data directory.
+        #[arg(long)]
+        dev_dir: Option<PathBuf>,
+        /// CA certificate (PEM) of the broker.
+        #[arg(long, required_unless_present = "dev_dir")]
+        ca: Option<PathBuf>,
+        /// Client certificate (PEM).
+        #[arg(long, required_unless_present = "dev_dir")]
+        cert: Option<PathBuf>,
+        /// Client private key (PEM).
+        #[arg(long, required_unless_present = "dev_dir")]
+        key: Option<PathBuf>,
+        /// Sidecar files end with this.
+        #[arg(long, default_value = ".sidecar.json")]
+        suffix: String,
+        /// Sidecars per BatchRewrap call.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Attempts for a sidecar that failed with UNAVAILABLE.
+        #[arg(long, default_value_t = 6)]
+        attempts: u32,
+        /// Stop after this many files (0 = all); a rerun continues.
+        #[arg(long, default_value_t = 0)]
+        max_files: usize,
+    },
     /// Create a key in a remote backend (an AWS KMS key, an HSM object with
     /// the given label) and print its id, e.g. for root_key.sealed_by_key.
     CreateRemoteKey {
@@ -96,6 +129,29 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
             init_logging(&config.log)?;
             let path = server::seal_root_key(&config, &env).await?;
             println!("sealed a new root key into {}", path.display());
+            return Ok(());
+        }
+        Command::Rewrap { dir, url, dev_dir, ca, cert, key, suffix, batch, attempts, max_files } => {
+            let (ca, cert, key) = match (dev_dir, ca, cert, key) {
+                (Some(d), ..) => (d.join("tls/ca.pem"), d.join("tls/client.pem"), d.join("tls/client.key")),
+                (None, Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+                _ => anyhow::bail!("give --dev-dir, or --ca, --cert and --key"),
+            };
+            let identity = keybroker_client::TlsIdentity::from_files(ca, cert, key)?;
+            let client = keybroker_client::Client::mtls(url, identity).connect_lazy()?;
+            let options = keybroker_server::rewrap::RewrapOptions {
+                dir,
+                suffix,
+                batch,
+                attempts,
+                max_files,
+                progress: std::io::stderr().is_terminal(),
+            };
+            let summary = keybroker_server::rewrap::rewrap_dir(&client, &options).await.map_err(anyhow::Error::msg)?;
+            print!("{summary}");
+            if !summary.failed.is_empty() {
+                anyhow::bail!("{} sidecars were not rewrapped (rerun to retry them)", summary.failed.len());
+            }
             return Ok(());
         }
         Command::CreateRemoteKey { config, backend, label } => {

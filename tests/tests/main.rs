@@ -16,6 +16,8 @@ mod mtls_identity;
 mod polyglot_clients;
 mod readme_config_examples;
 mod readme_walkthrough;
+mod retiring_versions;
+mod rewrap_pass;
 mod rotation_and_lifecycle;
 mod serve_configuration;
 mod tampering_is_rejected;

@@ -1,0 +1,89 @@
+//! `keybroker rewrap`: walks sidecar files, rewraps those below the current
+//! version, rewrites each atomically, resumes from its checkpoint, and ends
+//! with a summary that names failures.
+
+use std::process::Command;
+
+use keybroker_client::blob::{BlobEncryptor, Sidecar, read_sidecar};
+use keybroker_client::{Client, Context};
+use keybroker_tests::{Broker, keybroker_bin, pb, tempdir};
+
+fn rewrap(broker: &Broker, dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
+    let out = Command::new(keybroker_bin())
+        .args(["rewrap", dir.to_str().unwrap(), "--url", &broker.url(), "--dev-dir", broker.data_dir.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_rewrap_pass_moves_every_sidecar_to_the_current_version_and_resumes() {
+    let dir = tempdir();
+    let broker = Broker::start_dev(&dir.path().join("kb"));
+    let client = Client::mtls(broker.url(), broker.identity("client")).connect().await.unwrap();
+    let data = dir.path().join("blobs");
+    let mut blobs = Vec::new();
+    for i in 0..200 {
+        let folder = data.join(format!("shard-{}", i % 7));
+        std::fs::create_dir_all(&folder).unwrap();
+        let context = Context::from([("blob".to_owned(), format!("b{i}"))]);
+        let sealer = BlobEncryptor::new(client.clone(), "demo").with_context(context);
+        let blob = sealer.seal(format!("payload {i}").as_bytes()).await.unwrap();
+        let sidecar_path = folder.join(format!("b{i}.sidecar.json"));
+        std::fs::write(&sidecar_path, read_sidecar(&blob).await.unwrap().to_json()).unwrap();
+        blobs.push((sidecar_path, blob));
+    }
+    std::fs::write(data.join("zz-broken.sidecar.json"), "{not json").unwrap();
+    broker.admin().await.rotate(pb::RotateRequest { key: "demo".into(), ..Default::default() }).await.unwrap();
+
+    // A first run stops after 50 files; the checkpoint remembers them.
+    let (ok, out, err) = rewrap(&broker, &data, &["--max-files", "50", "--batch", "16"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("rewrapped: 50,"), "{out}");
+    // The rest: 150 rewrapped, 50 from the checkpoint, the broken one fails.
+    let (ok, out, err) = rewrap(&broker, &data, &["--batch", "64"]);
+    assert!(!ok, "a failed sidecar must fail the run: {out}{err}");
+    assert!(
+        out.contains("rewrapped: 150,") && out.contains("done by an earlier run: 50,") && out.contains("failed: 1"),
+        "{out}"
+    );
+    assert!(out.contains("zz-broken.sidecar.json") && out.contains("unreadable sidecar"), "{out}");
+
+    // Every sidecar is at v2 and still opens its blob's DEK.
+    for (path, blob) in &blobs {
+        let sidecar = Sidecar::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!((sidecar.key.as_str(), sidecar.version), ("demo", 2), "{}", path.display());
+        let old = read_sidecar(blob).await.unwrap();
+        let new_dek = client.unwrap(&sidecar.wrapped_dek, &sidecar.context).await.unwrap();
+        let old_dek = client.unwrap(&old.wrapped_dek, &old.context).await.unwrap();
+        assert_eq!(new_dek.plaintext, old_dek.plaintext);
+        assert_eq!(new_dek.version, 2);
+    }
+    assert!(!walk_names(&data).iter().any(|n| n.ends_with(".tmp")), "a temporary file was left behind");
+
+    // After a rotation the checkpoint still counts finished files as done
+    // (it records what each run did); a new pass uses a fresh checkpoint.
+    std::fs::remove_file(data.join(".keybroker-rewrap.checkpoint")).unwrap();
+    std::fs::remove_file(data.join("zz-broken.sidecar.json")).unwrap();
+    let (ok, out, err) = rewrap(&broker, &data, &[]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("rewrapped: 0, already current: 200,"), "{out}");
+}
+
+fn walk_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            names.extend(walk_names(&path));
+        } else {
+            names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    names
+}

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod backup;
 pub mod broker;
 pub mod config;
 pub mod dev;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod keyring;
 pub mod listener;
 pub mod migration;
+pub mod offline;
 pub mod rewrap;
 pub mod server;
 pub mod service;

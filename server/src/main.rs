@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keybroker_server::config::{Config, ENV_CONFIG, Environment};
-use keybroker_server::{dev, server};
+use keybroker_server::store::ConflictMode;
+use keybroker_server::{backup, dev, offline, server};
 use tracing_subscriber::EnvFilter;
 
 /// keybroker: a gRPC key broker for envelope encryption.
@@ -79,6 +80,67 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         max_files: usize,
     },
+    /// Copy keys from one broker's configuration to another's, offline
+    /// (names, versions, states and policy preserved; each key verified).
+    Migrate {
+        /// Configuration of the source broker.
+        #[arg(long)]
+        from: PathBuf,
+        /// Configuration of the target broker.
+        #[arg(long)]
+        to: PathBuf,
+        /// Glob of the keys to copy.
+        #[arg(default_value = "*")]
+        pattern: String,
+        /// Overwrite keys the target has.
+        #[arg(long, conflicts_with = "merge")]
+        force: bool,
+        /// Take only the versions the target lacks.
+        #[arg(long)]
+        merge: bool,
+        /// Print the plan, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write an encrypted bundle of the version table and the exportable key
+    /// material; prints its SHA-256.
+    Backup {
+        /// Configuration of the broker to back up.
+        #[arg(long, env = ENV_CONFIG)]
+        config: Option<PathBuf>,
+        /// Bundle file to create (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// File whose first line is the passphrase (Argon2id).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// File holding the base64 of a 32-byte key.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Restore a bundle written by `backup`, after checking its SHA-256.
+    Restore {
+        /// The bundle.
+        bundle: PathBuf,
+        /// Configuration of the broker to restore into.
+        #[arg(long, env = ENV_CONFIG)]
+        config: Option<PathBuf>,
+        /// The SHA-256 `backup` printed.
+        #[arg(long)]
+        sha256: String,
+        /// File whose first line is the passphrase.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// File holding the base64 of a 32-byte key.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Overwrite keys the target has.
+        #[arg(long, conflicts_with = "merge")]
+        force: bool,
+        /// Take only the versions the target lacks.
+        #[arg(long)]
+        merge: bool,
+    },
     /// Create a key in a remote backend (an AWS KMS key, an HSM object with
     /// the given label) and print its id, e.g. for root_key.sealed_by_key.
     CreateRemoteKey {
@@ -92,6 +154,18 @@ enum Command {
         #[arg(long, default_value = "keybroker-root-key")]
         label: String,
     },
+}
+
+fn conflict(force: bool, merge: bool) -> ConflictMode {
+    match (force, merge) {
+        (true, _) => ConflictMode::Force,
+        (_, true) => ConflictMode::Merge,
+        _ => ConflictMode::Fail,
+    }
+}
+
+fn config_path(config: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    config.ok_or_else(|| anyhow::anyhow!("give --config (or set {ENV_CONFIG})"))
 }
 
 fn init_logging(filter: &str) -> anyhow::Result<()> {
@@ -129,6 +203,46 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
             init_logging(&config.log)?;
             let path = server::seal_root_key(&config, &env).await?;
             println!("sealed a new root key into {}", path.display());
+            return Ok(());
+        }
+        Command::Migrate { from, to, pattern, force, merge, dry_run } => {
+            init_logging("warn")?;
+            let from = offline::Side::open(&from, &env).await?;
+            let to = offline::Side::open(&to, &env).await?;
+            let summary =
+                offline::migrate(&from, &to, &pattern, conflict(force, merge), dry_run, &mut std::io::stdout())
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+            if !summary.failed.is_empty() {
+                anyhow::bail!("{} keys were not copied", summary.failed.len());
+            }
+            return Ok(());
+        }
+        Command::Backup { config, out, passphrase_file, key_file } => {
+            init_logging("warn")?;
+            let key = backup::BundleKey::from_files(passphrase_file.as_deref(), key_file.as_deref())
+                .map_err(anyhow::Error::msg)?;
+            let side = offline::Side::open(&config_path(config)?, &env).await?;
+            let report = backup::backup(&side, &out, &key).await.map_err(anyhow::Error::msg)?;
+            println!(
+                "backup written to {}: {} keys, {} versions with material, {} references to a KMS or HSM",
+                out.display(),
+                report.keys,
+                report.with_material,
+                report.references
+            );
+            println!("sha256 {}", report.sha256);
+            return Ok(());
+        }
+        Command::Restore { bundle, config, sha256, passphrase_file, key_file, force, merge } => {
+            init_logging("warn")?;
+            let key = backup::BundleKey::from_files(passphrase_file.as_deref(), key_file.as_deref())
+                .map_err(anyhow::Error::msg)?;
+            let side = offline::Side::open(&config_path(config)?, &env).await?;
+            let report = backup::restore(&side, &bundle, &sha256, &key, conflict(force, merge))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("restored {} keys ({} already complete)", report.restored, report.skipped);
             return Ok(());
         }
         Command::Rewrap { dir, url, dev_dir, ca, cert, key, suffix, batch, attempts, max_files } => {

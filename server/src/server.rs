@@ -177,7 +177,7 @@ async fn load_root_key(config: &Config, env: &Environment, backends: &Backends) 
     }
 }
 
-async fn build_backends(config: &Config, env: &Environment) -> Result<Backends, StartError> {
+pub(crate) async fn build_backends(config: &Config, env: &Environment) -> Result<Backends, StartError> {
     let mut backends = build_remote_backends(config, env).await?;
     let locals: Vec<&String> =
         config.backends.iter().filter(|(_, b)| matches!(b, BackendConfig::Local {})).map(|(n, _)| n).collect();
@@ -237,7 +237,7 @@ pub async fn create_remote_key(
     Ok(remote.backend_key_id(&reference))
 }
 
-async fn open_store(config: &Config) -> Result<Arc<dyn KeyStore>, StartError> {
+pub(crate) async fn open_store(config: &Config) -> Result<Arc<dyn KeyStore>, StartError> {
     match &config.store {
         StoreConfig::Sqlite { path } => Ok(Arc::new(SqliteStore::open(path).await?)),
     }

@@ -13,6 +13,7 @@ mod generated_code_is_fresh;
 mod grpcurl_reflection;
 mod live_migration;
 mod mtls_identity;
+mod offline_tools;
 mod polyglot_clients;
 mod readme_config_examples;
 mod readme_walkthrough;

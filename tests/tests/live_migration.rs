@@ -187,11 +187,13 @@ async fn conflicts_fail_by_default_merge_and_force_proceed_and_a_dry_run_changes
     let env = env(&hsm);
     let broker = Broker::serve(&config, &dev, &as_refs(&env));
     let mut admin = broker.admin().await;
-    for key in ["plain", "split"] {
+    for key in ["plain", "split", "forced"] {
         admin.create_key(pb::CreateKeyRequest { key: key.into(), ..Default::default() }).await.unwrap();
     }
-    // "split" already has a version in the target.
-    admin.rotate(pb::RotateRequest { key: "split".into(), backend: "hsm".into(), ..Default::default() }).await.unwrap();
+    // "split" and "forced" already have a version in the target.
+    for key in ["split", "forced"] {
+        admin.rotate(pb::RotateRequest { key: key.into(), backend: "hsm".into(), ..Default::default() }).await.unwrap();
+    }
 
     let dry =
         migrate(&broker, pb::MigrateRequest { dry_run: true, ..request("local", "hsm", "*") }).await.pop().unwrap();
@@ -219,6 +221,17 @@ async fn conflicts_fail_by_default_merge_and_force_proceed_and_a_dry_run_changes
     assert_eq!((merged.keys_done, merged.keys_failed), (1, 0), "{merged:?}");
     let split = admin.get_key(pb::GetKeyRequest { key: "split".into() }).await.unwrap().into_inner();
     assert!(split.versions.iter().all(|v| v.backend == "hsm"), "{split:?}");
+    let forced = migrate(
+        &broker,
+        pb::MigrateRequest { conflict: pb::ConflictMode::Force as i32, ..request("local", "hsm", "forced") },
+    )
+    .await
+    .pop()
+    .unwrap();
+    assert_eq!((forced.keys_done, forced.keys_failed), (1, 0), "{forced:?}");
+    let forced = admin.get_key(pb::GetKeyRequest { key: "forced".into() }).await.unwrap().into_inner();
+    assert_eq!((forced.backend.as_str(), forced.versions.len()), ("hsm", 2), "{forced:?}");
+    assert!(forced.versions.iter().all(|v| v.backend == "hsm"), "{forced:?}");
 
     // The same job id with other parameters is refused; with the same ones it
     // attaches to the finished job.

@@ -1,0 +1,82 @@
+//! The limit: a bare tonic server over the same mTLS setup as keybroker
+//! (the dev PKI, client certificates required) that answers Wrap with a
+//! fixed 60-byte ciphertext and Unwrap with 32 bytes: no auth, no store, no
+//! crypto. It implements keybroker's own `KeyBroker` service so the load
+//! generator drives both with the same client and messages.
+//!
+//! usage: kb-echo-server DEV_DIR [LISTEN]   (prints "listening on ADDR")
+
+use std::io::Write;
+
+use keybroker_client::pb;
+use keybroker_client::pb::key_broker_server::{KeyBroker, KeyBrokerServer};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+struct Echo;
+
+fn unsupported() -> Status {
+    Status::unimplemented("the echo server answers Wrap and Unwrap only")
+}
+
+#[tonic::async_trait]
+impl KeyBroker for Echo {
+    async fn wrap(&self, request: Request<pb::WrapRequest>) -> Result<Response<pb::WrapResponse>, Status> {
+        let key = request.into_inner().key;
+        Ok(Response::new(pb::WrapResponse { ciphertext: vec![0x42; 60], key, version: 1 }))
+    }
+    async fn unwrap(&self, _request: Request<pb::UnwrapRequest>) -> Result<Response<pb::UnwrapResponse>, Status> {
+        Ok(Response::new(pb::UnwrapResponse {
+            plaintext: vec![7; 32],
+            key: "demo".into(),
+            version: 1,
+            rewrap_advised: false,
+        }))
+    }
+    async fn generate_data_key(
+        &self,
+        _r: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        Err(unsupported())
+    }
+    async fn rewrap(&self, _r: Request<pb::RewrapRequest>) -> Result<Response<pb::RewrapResponse>, Status> {
+        Err(unsupported())
+    }
+    async fn batch_wrap(&self, _r: Request<pb::BatchWrapRequest>) -> Result<Response<pb::BatchWrapResponse>, Status> {
+        Err(unsupported())
+    }
+    async fn batch_unwrap(
+        &self,
+        _r: Request<pb::BatchUnwrapRequest>,
+    ) -> Result<Response<pb::BatchUnwrapResponse>, Status> {
+        Err(unsupported())
+    }
+    async fn batch_rewrap(
+        &self,
+        _r: Request<pb::BatchRewrapRequest>,
+    ) -> Result<Response<pb::BatchRewrapResponse>, Status> {
+        Err(unsupported())
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut args = std::env::args().skip(1);
+    let dir =
+        std::path::PathBuf::from(args.next().ok_or_else(|| anyhow::anyhow!("usage: kb-echo-server DEV_DIR [LISTEN]"))?);
+    let listen: std::net::SocketAddr = args.next().unwrap_or_else(|| "127.0.0.1:0".into()).parse()?;
+    let read = |f: &str| std::fs::read(dir.join("tls").join(f));
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read("server.pem")?, read("server.key")?))
+        .client_ca_root(Certificate::from_pem(read("ca.pem")?));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    Server::builder()
+        .tls_config(tls)?
+        .add_service(KeyBrokerServer::new(Echo))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)))
+        .await?;
+    Ok(())
+}

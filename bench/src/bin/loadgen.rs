@@ -1,0 +1,299 @@
+//! kb-loadgen: drives a keybroker (or the echo reference server) with one
+//! RPC at a fixed number of requests in flight over a fixed number of mTLS
+//! connections, and prints requests/s, DEKs/s, latency percentiles, the
+//! server's CPU time per request (from /proc/PID/stat) and its peak RSS, as
+//! a table and as JSON.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use keybroker_bench::{cpu_seconds, rss_kib};
+use keybroker_client::pb::key_broker_client::KeyBrokerClient;
+use keybroker_client::{TlsIdentity, connect, pb};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Rpc {
+    Wrap,
+    Unwrap,
+    GenerateDataKey,
+    BatchWrap,
+    BatchUnwrap,
+    Rewrap,
+    BatchRewrap,
+}
+
+/// Load generator for keybroker.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Broker URL.
+    #[arg(long, default_value = "https://127.0.0.1:50051")]
+    url: String,
+    /// `keybroker dev` data directory (its tls/ identities are used).
+    #[arg(long, default_value = "./keybroker-dev")]
+    dev_dir: std::path::PathBuf,
+    /// Key to use.
+    #[arg(long, default_value = "demo")]
+    key: String,
+    /// RPC to drive.
+    #[arg(long, value_enum, default_value = "wrap")]
+    rpc: Rpc,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// mTLS connections they share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Seconds measured (after one second of warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Plaintext (DEK) bytes.
+    #[arg(long, default_value_t = 32)]
+    payload: usize,
+    /// Items per batch request.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Server process id, for CPU time and RSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Label of this run in the output.
+    #[arg(long, default_value = "keybroker")]
+    label: String,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Instead of a load: open this many connections, make one call on
+    /// each, hold them idle, and report the server's RSS per connection.
+    #[arg(long)]
+    hold_connections: Option<usize>,
+}
+
+/// The idle-connection memory measurement.
+async fn hold(args: &Args, identity: &TlsIdentity, n: usize) -> anyhow::Result<()> {
+    let pid = args.server_pid.ok_or_else(|| anyhow::anyhow!("--hold-connections needs --server-pid"))?;
+    let before = rss_kib(pid).map(|r| r.0).unwrap_or(0);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let channel = connect(&args.url, identity).await?;
+        let mut client = KeyBrokerClient::new(channel.clone());
+        client.wrap(pb::WrapRequest { key: args.key.clone(), plaintext: vec![7; 32], ..Default::default() }).await?;
+        held.push(channel);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid).map(|r| r.0).unwrap_or(0);
+    let per = (after.saturating_sub(before)) as f64 / n as f64;
+    println!(
+        "{:<12} {n} idle connections: server RSS {before} KiB -> {after} KiB, {per:.1} KiB per connection",
+        args.label
+    );
+    let json = serde_json::json!({
+        "label": args.label, "rpc": "idle-connections", "connections": n,
+        "server_rss_before_kib": before, "server_rss_after_kib": after, "kib_per_connection": per,
+    });
+    if let Some(path) = &args.json {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        writeln!(file, "{json}")?;
+    } else {
+        println!("{json}");
+    }
+    drop(held);
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    label: String,
+    rpc: Rpc,
+    concurrency: usize,
+    connections: usize,
+    payload: usize,
+    batch: usize,
+    seconds: f64,
+    requests: u64,
+    errors: u64,
+    requests_per_second: f64,
+    deks_per_second: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    server_cpu_us_per_request: Option<f64>,
+    server_cpu_us_per_dek: Option<f64>,
+    server_rss_kib: Option<u64>,
+    server_peak_rss_kib: Option<u64>,
+}
+
+async fn one_request(
+    client: &mut KeyBrokerClient<Channel>,
+    rpc: Rpc,
+    args: &Args,
+    ciphertext: &[u8],
+) -> Result<(), tonic::Status> {
+    let wrap = || pb::WrapRequest { key: args.key.clone(), plaintext: vec![7; args.payload], ..Default::default() };
+    let unwrap = || pb::UnwrapRequest { ciphertext: ciphertext.to_vec(), ..Default::default() };
+    let rewrap = || pb::RewrapRequest { ciphertext: ciphertext.to_vec(), ..Default::default() };
+    match rpc {
+        Rpc::Wrap => client.wrap(wrap()).await.map(|_| ()),
+        Rpc::Unwrap => client.unwrap(unwrap()).await.map(|_| ()),
+        Rpc::GenerateDataKey => client
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key: args.key.clone(),
+                length: args.payload as u32,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        Rpc::Rewrap => client.rewrap(rewrap()).await.map(|_| ()),
+        Rpc::BatchWrap => {
+            let r = client.batch_wrap(pb::BatchWrapRequest { items: vec![wrap(); args.batch] }).await?;
+            check_batch(
+                r.into_inner().results.iter().map(|r| matches!(r.result, Some(pb::batch_wrap_result::Result::Ok(_)))),
+            )
+        }
+        Rpc::BatchUnwrap => {
+            let r = client.batch_unwrap(pb::BatchUnwrapRequest { items: vec![unwrap(); args.batch] }).await?;
+            check_batch(
+                r.into_inner().results.iter().map(|r| matches!(r.result, Some(pb::batch_unwrap_result::Result::Ok(_)))),
+            )
+        }
+        Rpc::BatchRewrap => {
+            let r = client.batch_rewrap(pb::BatchRewrapRequest { items: vec![rewrap(); args.batch] }).await?;
+            check_batch(
+                r.into_inner().results.iter().map(|r| matches!(r.result, Some(pb::batch_rewrap_result::Result::Ok(_)))),
+            )
+        }
+    }
+}
+
+fn check_batch(mut ok: impl Iterator<Item = bool>) -> Result<(), tonic::Status> {
+    if ok.all(|b| b) { Ok(()) } else { Err(tonic::Status::internal("a batch item failed")) }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let args = Arc::new(Args::parse());
+    let tls = args.dev_dir.join("tls");
+    let identity = TlsIdentity::from_files(tls.join("ca.pem"), tls.join("client.pem"), tls.join("client.key"))?;
+    if let Some(n) = args.hold_connections {
+        return hold(&args, &identity, n).await;
+    }
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        channels.push(connect(&args.url, &identity).await?);
+    }
+    // A ciphertext to unwrap / rewrap.
+    let ciphertext = if matches!(args.rpc, Rpc::Unwrap | Rpc::BatchUnwrap | Rpc::Rewrap | Rpc::BatchRewrap) {
+        let mut c = KeyBrokerClient::new(channels[0].clone());
+        c.wrap(pb::WrapRequest { key: args.key.clone(), plaintext: vec![7; args.payload], ..Default::default() })
+            .await?
+            .into_inner()
+            .ciphertext
+    } else {
+        Vec::new()
+    };
+    let ciphertext = Arc::new(ciphertext);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..args.concurrency.max(1) {
+        let mut client = KeyBrokerClient::new(channels[i % channels.len()].clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let (args, ciphertext, measuring, stop) = (args.clone(), ciphertext.clone(), measuring.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut histogram) = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3) else {
+                return (Histogram::<u64>::new(1).unwrap_or_else(|_| unreachable!("1 significant digit is valid")), 0);
+            };
+            let mut errors = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let result = one_request(&mut client, args.rpc, &args, &ciphertext).await;
+                if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                    match result {
+                        Ok(()) => {
+                            let _ = histogram.record(started.elapsed().as_micros().max(1) as u64);
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+            }
+            (histogram, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu_before = args.server_pid.and_then(cpu_seconds);
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_after = args.server_pid.and_then(cpu_seconds);
+    let rss = args.server_pid.and_then(rss_kib);
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await?;
+        histogram.add(&h)?;
+        errors += e;
+    }
+    let requests = histogram.len();
+    let per_request = match args.rpc {
+        Rpc::BatchWrap | Rpc::BatchUnwrap | Rpc::BatchRewrap => args.batch as f64,
+        _ => 1.0,
+    };
+    let cpu = match (cpu_before, cpu_after) {
+        (Some(b), Some(a)) if requests > 0 => Some((a - b) * 1e6 / requests as f64),
+        _ => None,
+    };
+    let report = Report {
+        label: args.label.clone(),
+        rpc: args.rpc,
+        concurrency: args.concurrency,
+        connections: args.connections,
+        payload: args.payload,
+        batch: if per_request > 1.0 { args.batch } else { 1 },
+        seconds,
+        requests,
+        errors,
+        requests_per_second: requests as f64 / seconds,
+        deks_per_second: requests as f64 * per_request / seconds,
+        p50_us: histogram.value_at_quantile(0.50),
+        p99_us: histogram.value_at_quantile(0.99),
+        p999_us: histogram.value_at_quantile(0.999),
+        server_cpu_us_per_request: cpu,
+        server_cpu_us_per_dek: cpu.map(|c| c / per_request),
+        server_rss_kib: rss.map(|r| r.0),
+        server_peak_rss_kib: rss.map(|r| r.1),
+    };
+    println!(
+        "{:<12} {:<18} conc {:>4} conn {:>2}  {:>10.0} req/s {:>12.0} DEK/s  p50 {:>6} us  p99 {:>6} us  p99.9 {:>6} us  cpu/req {:>7} us  rss {:>7} KiB  errors {}",
+        report.label,
+        format!("{:?}", report.rpc),
+        report.concurrency,
+        report.connections,
+        report.requests_per_second,
+        report.deks_per_second,
+        report.p50_us,
+        report.p99_us,
+        report.p999_us,
+        report.server_cpu_us_per_request.map_or("-".into(), |c| format!("{c:.1}")),
+        report.server_peak_rss_kib.map_or("-".into(), |r| r.to_string()),
+        report.errors,
+    );
+    let json = serde_json::to_string(&report)?;
+    if args.json.is_none() {
+        println!("{json}");
+    }
+    if let Some(path) = &args.json {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        writeln!(file, "{json}")?;
+    }
+    Ok(())
+}

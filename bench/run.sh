@@ -64,6 +64,9 @@ for round in $(seq 1 "$ROUNDS"); do
   load keybroker "$KB_PID" "$KB" wrap --concurrency 1 --connections 1
   load echo "$ECHO_PID" "$ECHO" wrap --concurrency 1 --connections 1
 done
+# Latency below saturation, for both servers.
+load keybroker "$KB_PID" "$KB" wrap --concurrency 16
+load echo "$ECHO_PID" "$ECHO" wrap --concurrency 16
 load keybroker "$KB_PID" "$KB" generate-data-key --concurrency "$CONC"
 load keybroker "$KB_PID" "$KB" rewrap --concurrency "$CONC"
 load keybroker "$KB_PID" "$KB" batch-wrap --concurrency 4 --batch 1000

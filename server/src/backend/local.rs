@@ -26,13 +26,15 @@ const SEAL_FORMAT: u8 = 1;
 const SEALED_LEN: usize = 1 + GCM_NONCE_LEN + KEK_LEN + GCM_TAG_LEN;
 const SEAL_DOMAIN: &[u8] = b"keybroker.local.kek.v1\0";
 
-type CacheKey = (String, u32);
+/// Opened KEKs by key name, then version: looked up with a borrowed name,
+/// so the hot path allocates nothing.
+type CipherCache = HashMap<String, HashMap<u32, Arc<Aes256Gcm>>>;
 
 /// The local backend.
 pub struct LocalBackend {
     name: String,
     root: RootKey,
-    ciphers: RwLock<HashMap<CacheKey, Arc<Aes256Gcm>>>,
+    ciphers: RwLock<CipherCache>,
     stats: BackendStats,
 }
 
@@ -102,22 +104,22 @@ impl LocalBackend {
     }
 
     fn cipher(&self, v: VersionRef<'_>) -> Result<Arc<Aes256Gcm>, BackendError> {
-        if let Some(cipher) = self.read_cache().get(&(v.key.to_owned(), v.version)) {
+        if let Some(cipher) = self.read_cache().get(v.key).and_then(|versions| versions.get(&v.version)) {
             return Ok(cipher.clone());
         }
         let kek = self.unseal(v)?;
         let cipher = Arc::new(Aes256Gcm::new(&(*kek).into()));
-        self.write_cache().insert((v.key.to_owned(), v.version), cipher.clone());
+        self.write_cache().entry(v.key.to_owned()).or_default().insert(v.version, cipher.clone());
         Ok(cipher)
     }
 
-    fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<CacheKey, Arc<Aes256Gcm>>> {
+    fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, CipherCache> {
         // A panic while holding the lock cannot leave the map half-updated
         // (inserts and removes are single calls), so a poisoned lock is safe.
         self.ciphers.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write_cache(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<CacheKey, Arc<Aes256Gcm>>> {
+    fn write_cache(&self) -> std::sync::RwLockWriteGuard<'_, CipherCache> {
         self.ciphers.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
@@ -198,7 +200,9 @@ impl KeyBackend for LocalBackend {
     }
 
     async fn destroy_version(&self, version: VersionRef<'_>) -> Result<(), BackendError> {
-        self.write_cache().remove(&(version.key.to_owned(), version.version));
+        if let Some(versions) = self.write_cache().get_mut(version.key) {
+            versions.remove(&version.version);
+        }
         Ok(())
     }
 

@@ -134,7 +134,7 @@ if missed:
               f"{fmt(wrap_us * 1000 if wrap_us else None)} ns in process (criterion below); the rest is decoding 1000 "
               f"WrapRequests and encoding 1000 WrapResponses per call (one allocation per plaintext, ciphertext and "
               f"key name) and the per-item key lookup. The cipher cache lookup was made allocation-free after a "
-              f"first profile; across runs on this machine the figure moves by about ±6% around the target "
+              f"first profile; on this machine the figure moves by several percent from run to run. "
               f"What would lift it: reusing request buffers (prost "
               f"`Bytes` fields) and a batch path that resolves the key version once per batch.")
         elif "p99" not in m:

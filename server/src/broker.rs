@@ -20,6 +20,13 @@ pub const RESERVED_CONTEXT_PREFIX: &str = "keybroker:";
 /// A DEK's length when GenerateDataKey is asked for length 0.
 pub const DEFAULT_DEK_LEN: usize = 32;
 
+/// Whether opening a ciphertext counts as a use of its key version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Usage {
+    Counted,
+    NotCounted,
+}
+
 /// A ciphertext and the key version that made it.
 #[derive(Debug, Clone)]
 pub struct Wrapped {
@@ -126,6 +133,18 @@ impl Broker {
     /// Unwraps a ciphertext, routing by the (key, version) of its header
     /// through the version table.
     pub async fn unwrap(&self, ciphertext: &[u8], context: &BTreeMap<String, String>) -> ServiceResult<Unwrapped> {
+        self.open(ciphertext, context, Usage::Counted).await
+    }
+
+    /// Opens a ciphertext. `usage` says whether this is a use of the version
+    /// (an application reading its data) or a move off it (Rewrap): only uses
+    /// keep a version from being retired.
+    async fn open(
+        &self,
+        ciphertext: &[u8],
+        context: &BTreeMap<String, String>,
+        usage: Usage,
+    ) -> ServiceResult<Unwrapped> {
         self.check_context(context)?;
         let env = envelope::parse(ciphertext).map_err(|e| ServiceError::invalid(e.to_string()))?;
         let cached = self.keyring.key_for_version(env.key, env.version).await?;
@@ -142,7 +161,9 @@ impl Broker {
         }
         let version = VersionRef { key: env.key, version: env.version, reference: &record.backend_ref };
         let plaintext = backend.unwrap(version, env.payload, Aad { header: env.header, context }).await?;
-        cached.count_unwrap(env.version, crate::keyring::now());
+        if usage == Usage::Counted {
+            cached.count_unwrap(env.version, crate::keyring::now());
+        }
         Ok(Unwrapped {
             plaintext,
             key: env.key.to_owned(),
@@ -179,7 +200,9 @@ impl Broker {
         context: &BTreeMap<String, String>,
         target_key: &str,
     ) -> ServiceResult<Wrapped> {
-        let unwrapped = self.unwrap(ciphertext, context).await?;
+        // A rewrap moves data off its version: not a use that should keep the
+        // version from being retired once the rewrap pass is done.
+        let unwrapped = self.open(ciphertext, context, Usage::NotCounted).await?;
         let target = if target_key.is_empty() { unwrapped.key.as_str() } else { target_key };
         self.wrap(target, &unwrapped.plaintext, context).await
     }

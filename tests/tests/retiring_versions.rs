@@ -71,3 +71,39 @@ async fn used_versions_are_not_retired_without_force_and_usage_is_shown() {
     assert_eq!(forced.min_decryption_version, 2);
     admin.destroy_key_version(destroy(true)).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_completed_rewrap_pass_lets_the_old_version_retire_without_force() {
+    let dir = tempdir();
+    let dev = dev_pki(dir.path());
+    let config = config_with_backends(dir.path(), &dev, "local", "");
+    let env = [("KEYBROKER_RETIREMENT_WINDOW_SECONDS", "3600"), ("KEYBROKER_USAGE_FLUSH_INTERVAL_MS", "100")];
+    let broker = Broker::serve(&config, &dev, &env);
+    let (mut admin, mut app) = (broker.admin().await, broker.app().await);
+    admin.create_key(pb::CreateKeyRequest { key: "moving".into(), ..Default::default() }).await.unwrap();
+    let old = app
+        .wrap(pb::WrapRequest { key: "moving".into(), plaintext: vec![3; 32], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    admin.rotate(pb::RotateRequest { key: "moving".into(), ..Default::default() }).await.unwrap();
+    // The rewrap pass moves the data to v2; it is not a use of v1.
+    let new = app.rewrap(pb::RewrapRequest { ciphertext: old, ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(new.version, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let key = admin.get_key(pb::GetKeyRequest { key: "moving".into() }).await.unwrap().into_inner();
+    assert_eq!((key.versions[0].unwrap_count, key.versions[0].last_unwrap_unix_seconds), (0, 0), "{key:?}");
+    let raised = admin
+        .set_min_decryption_version(pb::SetMinDecryptionVersionRequest {
+            key: "moving".into(),
+            min_decryption_version: 2,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(raised.min_decryption_version, 2);
+    // The rewrapped data still opens, and that read counts against v2.
+    app.unwrap(pb::UnwrapRequest { ciphertext: new.ciphertext, ..Default::default() }).await.unwrap();
+}

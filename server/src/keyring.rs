@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::backend::{Backends, VersionRef};
+use crate::backend::root_key::ROOT_KEY_NAME;
+use crate::backend::{BackendRef, Backends, KeyBackend, VersionRef};
 use crate::envelope::is_valid_key_name;
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
 use crate::store::{KeyMode, KeyRecord, KeyStore, StoreError, UsageRecord, VersionRecord, VersionState};
@@ -391,16 +392,23 @@ impl Keyring {
     /// Creates a key with version 1 in its backend.
     pub async fn create(&self, spec: NewKey) -> ServiceResult<Arc<CachedKey>> {
         check_key_name(&spec.name)?;
+        if spec.name == ROOT_KEY_NAME {
+            return Err(ServiceError::invalid(format!(
+                "key name {ROOT_KEY_NAME:?} is reserved for the key that seals the root key"
+            )));
+        }
         let backend_name = if spec.backend.is_empty() { self.default_backend.clone() } else { spec.backend };
         let backend = self.backend_for(&backend_name, spec.mode)?;
         if self.store.get(&spec.name).await?.is_some() {
             return Err(StoreError::AlreadyExists(spec.name).into());
         }
-        let reference = if spec.backend_key_id.is_empty() {
+        let created = spec.backend_key_id.is_empty();
+        let reference = if created {
             backend.create_version(&spec.name, 1).await?
         } else {
             backend.attach(&spec.name, 1, &spec.backend_key_id).await?
         };
+        let discard = (created).then(|| (backend.clone(), reference.clone()));
         let t = now();
         let record = KeyRecord {
             name: spec.name,
@@ -427,7 +435,12 @@ impl Keyring {
                 updated_at: t,
             }],
         };
-        self.store.create(&record).await?;
+        if let Err(err) = self.store.create(&record).await {
+            if let Some((backend, reference)) = discard {
+                discard_material(backend.as_ref(), &record.name, 1, &reference).await;
+            }
+            return Err(err.into());
+        }
         Ok(self.install(record))
     }
 
@@ -458,10 +471,23 @@ impl Keyring {
                 .ok_or_else(|| ServiceError::precondition(format!("key {name:?} has run out of version numbers")))?;
             let backend_name = backend.filter(|b| !b.is_empty()).unwrap_or(&record.backend).to_owned();
             let target = self.backend_for(&backend_name, record.mode)?;
-            let reference = match backend_key_id.filter(|id| !id.is_empty()) {
-                Some(id) => target.attach(name, next, id).await?,
-                None => target.create_version(name, next).await?,
+            let attached = backend_key_id.filter(|id| !id.is_empty());
+            let made = match attached {
+                Some(id) => target.attach(name, next, id).await,
+                None => target.create_version(name, next).await,
             };
+            let reference = match made {
+                Ok(reference) => reference,
+                // Another replica may be creating the same version on a
+                // shared HSM: once it has committed, the next attempt
+                // creates the version after it.
+                Err(err) if self.moved_on(name, current).await => {
+                    tracing::info!(key = %name, version = next, %err, "lost a rotation race; retrying");
+                    continue;
+                }
+                Err(err) => return Err(err.into()),
+            };
+            let discard = attached.is_none().then(|| reference.clone());
             let t = now();
             if let Some(old) = record.version_mut(current)
                 && old.state == VersionState::Active
@@ -483,7 +509,15 @@ impl Keyring {
             record.current_version = next;
             record.backend = backend_name;
             record.updated_at = t;
-            match self.store.update(&record).await {
+            let stored = self.store.update(&record).await;
+            if stored.is_err()
+                && let Some(reference) = &discard
+            {
+                // The version was not recorded: its new material must not
+                // outlive the lost race.
+                discard_material(target.as_ref(), name, next, reference).await;
+            }
+            match stored {
                 Ok(stored) => return Ok(self.install(stored)),
                 Err(StoreError::Conflict(_)) if expected_current.is_none() => continue,
                 Err(StoreError::Conflict(_)) => {
@@ -496,6 +530,39 @@ impl Keyring {
             }
         }
         Err(ServiceError::new(ErrorCode::Aborted, format!("key {name:?} keeps changing concurrently; retry")))
+    }
+
+    /// Whether `name` is no longer at version `current` in the store.
+    async fn moved_on(&self, name: &str, current: u32) -> bool {
+        matches!(self.store.get(name).await, Ok(Some(record)) if record.current_version != current)
+    }
+
+    /// Where else the material of `version` (held by `backend` as
+    /// `backend_key_id`) is in use: another version or key attached to the
+    /// same KMS key or HSM object. Destroying the version must not erase it.
+    async fn other_users(
+        &self,
+        name: &str,
+        version: u32,
+        backend: &str,
+        backend_key_id: &str,
+    ) -> ServiceResult<Vec<String>> {
+        let mut users = Vec::new();
+        for record in self.store.load_all().await? {
+            for v in &record.versions {
+                if (record.name.as_str(), v.version) == (name, version)
+                    || v.backend != backend
+                    || v.state == VersionState::Destroyed
+                {
+                    continue;
+                }
+                let Ok(b) = self.backends.get_mode(&v.backend, v.mode) else { continue };
+                if b.backend_key_id(&v.backend_ref) == backend_key_id {
+                    users.push(format!("{} v{}", record.name, v.version));
+                }
+            }
+        }
+        Ok(users)
     }
 
     /// Reads `name` fresh, applies `change`, and stores it, retrying when a
@@ -608,7 +675,23 @@ impl Keyring {
             // material itself is best effort, and logged when it fails.
             let erased = match self.backends.get_mode(&old.backend, old.mode) {
                 Ok(backend) => {
-                    backend.destroy_version(VersionRef { key: name, version, reference: &old.backend_ref }).await
+                    let id = backend.backend_key_id(&old.backend_ref);
+                    let users = if id.is_empty() {
+                        Vec::new()
+                    } else {
+                        // When the table cannot say, keep the material: a
+                        // key left behind costs less than one erased in use.
+                        self.other_users(name, version, &old.backend, &id)
+                            .await
+                            .unwrap_or_else(|err| vec![format!("unknown ({err})")])
+                    };
+                    if users.is_empty() {
+                        backend.destroy_version(VersionRef { key: name, version, reference: &old.backend_ref }).await
+                    } else {
+                        tracing::info!(key = %name, version, backend = %old.backend, users = %users.join(", "),
+                            "version destroyed in the table; its backend material is kept: other versions use it");
+                        Ok(())
+                    }
                 }
                 Err(err) => Err(crate::backend::BackendError::Unavailable {
                     backend: old.backend.clone(),
@@ -680,5 +763,14 @@ impl Keyring {
             Ok(())
         })
         .await
+    }
+}
+
+/// Erases material made for a version that was never recorded (a lost race
+/// or a failed store write); logged when it cannot be erased.
+async fn discard_material(backend: &dyn KeyBackend, key: &str, version: u32, reference: &BackendRef) {
+    if let Err(err) = backend.destroy_version(VersionRef { key, version, reference }).await {
+        tracing::warn!(key, version, backend = backend.name(), %err,
+            "material made for a version that was not recorded could not be erased");
     }
 }

@@ -151,7 +151,7 @@ enum Command {
         #[arg(long)]
         backend: String,
         /// Label (HSM object label prefix; KMS key description).
-        #[arg(long, default_value = "keybroker-root-key")]
+        #[arg(long, default_value = keybroker_server::backend::root_key::ROOT_KEY_NAME)]
         label: String,
     },
 }

@@ -10,7 +10,7 @@
 //! (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`) are retried with backoff; a summary
 //! ends the run (rewrapped, already current, failed with reasons).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -80,9 +80,17 @@ impl std::fmt::Display for RewrapSummary {
     }
 }
 
+/// One line of the checkpoint: a sidecar this pass rewrote, and the key
+/// and version it rewrote it to. A checkpoint belongs to a pass, that is to
+/// a (key, target version): a line only lets a resumed pass skip a file
+/// whose sidecar still names that key and version and whose key is still at
+/// that version. The sidecar's own version stays the truth; a pass after a
+/// rotation rewraps everything below the new current version.
 #[derive(Serialize, Deserialize)]
 struct CheckpointLine {
     path: String,
+    #[serde(default)]
+    key: String,
     result: String,
     version: u32,
 }
@@ -119,76 +127,56 @@ fn retryable(code: i32) -> bool {
     code == tonic::Code::Unavailable as i32 || code == tonic::Code::ResourceExhausted as i32
 }
 
-/// Runs a rewrap pass over `options.dir` with `client`.
-pub async fn rewrap_dir(client: &Client, options: &RewrapOptions) -> Result<RewrapSummary, String> {
-    let mut files = Vec::new();
-    walk(&options.dir, &options.suffix, &mut files).map_err(|e| format!("{}: {e}", options.dir.display()))?;
-    files.sort();
-    let checkpoint_path = options.dir.join(CHECKPOINT_FILE);
-    let finished: HashSet<String> = std::fs::read_to_string(&checkpoint_path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<CheckpointLine>(l).ok())
-        .map(|l| l.path)
-        .collect();
-    let mut checkpoint = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&checkpoint_path)
-        .map_err(|e| format!("{}: {e}", checkpoint_path.display()))?;
-    let relative = |p: &Path| p.strip_prefix(&options.dir).unwrap_or(p).display().to_string();
+/// What the pass knows of each file it walks.
+struct Pass<'a> {
+    options: &'a RewrapOptions,
+    client: &'a Client,
+    /// Rewritten in an earlier run: relative path -> (key, version).
+    checkpoint: HashMap<String, (String, u32)>,
+    journal: std::fs::File,
+    /// The current version of each key, learnt from the broker's answers in
+    /// this run (never from the checkpoint, which may predate a rotation).
+    current: HashMap<String, u32>,
+    summary: RewrapSummary,
+    bar: indicatif::ProgressBar,
+}
 
-    let mut summary = RewrapSummary::default();
-    let mut todo = Vec::new();
-    for path in files {
-        if finished.contains(&relative(&path)) {
-            summary.from_checkpoint += 1;
+impl Pass<'_> {
+    fn relative(&self, path: &Path) -> String {
+        path.strip_prefix(&self.options.dir).unwrap_or(path).display().to_string()
+    }
+
+    fn record(&mut self, path: &Path, key: &str, result: &str, version: u32) {
+        let line =
+            CheckpointLine { path: self.relative(path), key: key.to_owned(), result: result.to_owned(), version };
+        let _ = writeln!(self.journal, "{}", serde_json::to_string(&line).unwrap_or_default());
+    }
+
+    /// Counts a sidecar found at its key's current version: done by an
+    /// earlier run of this pass when the checkpoint says so, else current.
+    fn count_current(&mut self, path: &Path, sidecar: &Sidecar) {
+        let relative = self.relative(path);
+        if self.checkpoint.get(&relative).is_some_and(|(k, v)| *k == sidecar.key && *v == sidecar.version) {
+            self.summary.from_checkpoint += 1;
         } else {
-            todo.push(path);
+            self.summary.current += 1;
+            self.record(path, &sidecar.key, "current", sidecar.version);
         }
+        self.bar.inc(1);
     }
-    if options.max_files > 0 {
-        todo.truncate(options.max_files);
-    }
-    let bar = if options.progress {
-        let bar = indicatif::ProgressBar::new(todo.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sidecars  {per_sec}  ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
 
-    // The current version of each key, learnt from the broker's answers:
-    // sidecars already there are counted without a call.
-    let mut current: HashMap<String, u32> = HashMap::new();
-    let record = |checkpoint: &mut std::fs::File, path: &Path, result: &str, version: u32| {
-        let line = CheckpointLine { path: relative(path), result: result.to_owned(), version };
-        let _ = writeln!(checkpoint, "{}", serde_json::to_string(&line).unwrap_or_default());
-    };
-    for chunk in todo.chunks(options.batch.max(1)) {
-        let mut pending: Vec<(PathBuf, Sidecar)> = Vec::new();
-        for path in chunk {
-            match std::fs::read_to_string(path)
-                .map_err(|e| e.to_string())
-                .and_then(|t| Sidecar::from_json(&t).map_err(|e| e.to_string()))
-            {
-                Ok(sidecar) if current.get(&sidecar.key).is_some_and(|v| *v <= sidecar.version) => {
-                    summary.current += 1;
-                    record(&mut checkpoint, path, "current", sidecar.version);
-                    bar.inc(1);
-                }
-                Ok(sidecar) => pending.push((path.clone(), sidecar)),
-                Err(why) => {
-                    summary.failed.push((path.clone(), format!("unreadable sidecar: {why}")));
-                    bar.inc(1);
-                }
-            }
-        }
+    fn fail(&mut self, path: PathBuf, why: String) {
+        self.summary.failed.push((path, why));
+        self.bar.inc(1);
+    }
+
+    fn is_current(&self, sidecar: &Sidecar) -> bool {
+        self.current.get(&sidecar.key).is_some_and(|v| *v <= sidecar.version)
+    }
+
+    /// Rewraps `pending` with BatchRewrap, retrying what failed with a
+    /// retryable code, and rewrites each sidecar that moved.
+    async fn rewrap(&mut self, mut pending: Vec<(PathBuf, Sidecar)>) {
         let mut attempt = 0;
         while !pending.is_empty() {
             attempt += 1;
@@ -200,55 +188,55 @@ pub async fn rewrap_dir(client: &Client, options: &RewrapOptions) -> Result<Rewr
                     target_key: String::new(),
                 })
                 .collect();
-            let results = match client.data_plane().batch_rewrap(pb::BatchRewrapRequest { items }).await {
+            let results = match self.client.data_plane().batch_rewrap(pb::BatchRewrapRequest { items }).await {
                 Ok(r) => r.into_inner().results,
-                Err(status) if status.code() == tonic::Code::Unavailable && attempt < options.attempts => {
+                Err(status) if retryable(status.code() as i32) && attempt < self.options.attempts => {
                     tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
                     continue;
                 }
                 Err(status) => {
                     for (path, _) in pending.drain(..) {
-                        summary.failed.push((path, format!("{:?}: {}", status.code(), status.message())));
-                        bar.inc(1);
+                        self.fail(path, format!("{:?}: {}", status.code(), status.message()));
                     }
-                    break;
+                    return;
                 }
             };
+            if results.len() != pending.len() {
+                for (path, _) in pending.drain(..) {
+                    self.fail(path, "the broker answered a different number of items".to_owned());
+                }
+                return;
+            }
             let mut retry = Vec::new();
             for ((path, sidecar), result) in pending.drain(..).zip(results) {
                 match result.result {
                     Some(pb::batch_rewrap_result::Result::Ok(new)) => {
-                        current.insert(new.key.clone(), new.version);
+                        self.current.insert(new.key.clone(), new.version);
                         if new.key == sidecar.key && new.version <= sidecar.version {
-                            summary.current += 1;
-                            record(&mut checkpoint, &path, "current", sidecar.version);
-                        } else {
-                            let updated =
-                                Sidecar { key: new.key, version: new.version, wrapped_dek: new.ciphertext, ..sidecar };
-                            match write_atomically(&path, updated.to_json().as_bytes()) {
-                                Ok(()) => {
-                                    summary.rewrapped += 1;
-                                    record(&mut checkpoint, &path, "rewrapped", updated.version);
-                                }
-                                Err(e) => summary.failed.push((path, format!("writing the sidecar: {e}"))),
-                            }
+                            self.count_current(&path, &sidecar);
+                            continue;
                         }
-                        bar.inc(1);
+                        let updated =
+                            Sidecar { key: new.key, version: new.version, wrapped_dek: new.ciphertext, ..sidecar };
+                        match write_atomically(&path, updated.to_json().as_bytes()) {
+                            Ok(()) => {
+                                self.summary.rewrapped += 1;
+                                self.record(&path, &updated.key, "rewrapped", updated.version);
+                                self.bar.inc(1);
+                            }
+                            Err(e) => self.fail(path, format!("writing the sidecar: {e}")),
+                        }
                     }
                     Some(pb::batch_rewrap_result::Result::Error(e))
-                        if retryable(e.code) && attempt < options.attempts =>
+                        if retryable(e.code) && attempt < self.options.attempts =>
                     {
                         retry.push((path, sidecar));
                     }
                     Some(pb::batch_rewrap_result::Result::Error(e)) => {
                         let code = tonic::Code::from_i32(e.code);
-                        summary.failed.push((path, format!("{code:?}: {}", e.message)));
-                        bar.inc(1);
+                        self.fail(path, format!("{code:?}: {}", e.message));
                     }
-                    None => {
-                        summary.failed.push((path, "empty result from the broker".to_owned()));
-                        bar.inc(1);
-                    }
+                    None => self.fail(path, "empty result from the broker".to_owned()),
                 }
             }
             if !retry.is_empty() {
@@ -256,8 +244,90 @@ pub async fn rewrap_dir(client: &Client, options: &RewrapOptions) -> Result<Rewr
             }
             pending = retry;
         }
-        let _ = checkpoint.sync_data();
     }
-    bar.finish_and_clear();
-    Ok(summary)
+
+    /// Handles one chunk of files. A key whose current version this run has
+    /// not learnt yet is probed with one of its sidecars first, so files
+    /// already at the current version cost no call.
+    async fn chunk(&mut self, chunk: &[PathBuf], budget: &mut usize) {
+        let mut unknown: Vec<(PathBuf, Sidecar)> = Vec::new();
+        for path in chunk {
+            match std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| Sidecar::from_json(&t).map_err(|e| e.to_string()))
+            {
+                Ok(sidecar) => unknown.push((path.clone(), sidecar)),
+                Err(why) => self.fail(path.clone(), format!("unreadable sidecar: {why}")),
+            }
+        }
+        let mut probes = Vec::new();
+        let mut rest = Vec::new();
+        for item in unknown {
+            let probing = probes.iter().any(|(_, s): &(PathBuf, Sidecar)| s.key == item.1.key);
+            if self.current.contains_key(&item.1.key) || probing {
+                rest.push(item);
+            } else {
+                probes.push(item);
+            }
+        }
+        if !probes.is_empty() {
+            *budget = budget.saturating_sub(probes.len());
+            self.rewrap(probes).await;
+        }
+        let mut pending = Vec::new();
+        for (path, sidecar) in rest {
+            if self.is_current(&sidecar) {
+                self.count_current(&path, &sidecar);
+            } else if *budget > 0 {
+                *budget -= 1;
+                pending.push((path, sidecar));
+            }
+        }
+        self.rewrap(pending).await;
+        let _ = self.journal.sync_data();
+    }
+}
+
+/// Runs a rewrap pass over `options.dir` with `client`.
+pub async fn rewrap_dir(client: &Client, options: &RewrapOptions) -> Result<RewrapSummary, String> {
+    let mut files = Vec::new();
+    walk(&options.dir, &options.suffix, &mut files).map_err(|e| format!("{}: {e}", options.dir.display()))?;
+    files.sort();
+    let checkpoint_path = options.dir.join(CHECKPOINT_FILE);
+    let checkpoint: HashMap<String, (String, u32)> = std::fs::read_to_string(&checkpoint_path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<CheckpointLine>(l).ok())
+        .map(|l| (l.path, (l.key, l.version)))
+        .collect();
+    let journal = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&checkpoint_path)
+        .map_err(|e| format!("{}: {e}", checkpoint_path.display()))?;
+    let bar = if options.progress {
+        let bar = indicatif::ProgressBar::new(files.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sidecars  {per_sec}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut pass =
+        Pass { options, client, checkpoint, journal, current: HashMap::new(), summary: RewrapSummary::default(), bar };
+    // `max_files` bounds the sidecars sent to the broker, not the ones
+    // found already current: a rerun continues where this one stopped.
+    let mut budget = if options.max_files == 0 { usize::MAX } else { options.max_files };
+    for chunk in files.chunks(options.batch.max(1)) {
+        if budget == 0 {
+            break;
+        }
+        pass.chunk(chunk, &mut budget).await;
+    }
+    pass.bar.finish_and_clear();
+    Ok(pass.summary)
 }

@@ -147,7 +147,7 @@ async fn root_key_sealer(
     };
     let backend = backends.get(by).map_err(|e| StartError::Other(e.to_string()))?.clone();
     let reference = backend
-        .attach("keybroker-root-key", 1, key)
+        .attach(crate::backend::root_key::ROOT_KEY_NAME, 1, key)
         .await
         .map_err(|e| StartError::Other(format!("invalid setting `root_key.sealed_by_key`: {e}")))?;
     Ok(Some((backend, reference)))
@@ -164,7 +164,7 @@ async fn load_root_key(config: &Config, env: &Environment, backends: &Backends) 
             StartError::Other(format!("invalid setting `root_key.sealed_file`: {}: {e}", sealed_file.display()))
         })?;
         let context = Default::default();
-        let version = VersionRef { key: "keybroker-root-key", version: 1, reference: &reference };
+        let version = VersionRef { key: crate::backend::root_key::ROOT_KEY_NAME, version: 1, reference: &reference };
         let key = backend
             .unwrap(version, &sealed, Aad { header: ROOT_KEY_SEAL_HEADER, context: &context })
             .await
@@ -205,7 +205,7 @@ pub async fn seal_root_key(config: &Config, env: &Environment) -> Result<std::pa
     let mut key = zeroize::Zeroizing::new([0u8; 32]);
     rand::Rng::fill_bytes(&mut rand::rng(), key.as_mut_slice());
     let context = Default::default();
-    let version = VersionRef { key: "keybroker-root-key", version: 1, reference: &reference };
+    let version = VersionRef { key: crate::backend::root_key::ROOT_KEY_NAME, version: 1, reference: &reference };
     let mut sealed = Vec::new();
     backend
         .wrap(version, key.as_slice(), Aad { header: ROOT_KEY_SEAL_HEADER, context: &context }, &mut sealed)
@@ -233,7 +233,7 @@ pub async fn create_remote_key(
     let backends = build_remote_backends(config, env).await?;
     let remote = backends.get(backend).map_err(|e| StartError::Other(e.to_string()))?;
     crate::keyring::check_key_name(label).map_err(|e| StartError::Other(e.to_string()))?;
-    let reference = remote.create_version(label, 1).await.map_err(|e| StartError::Other(e.to_string()))?;
+    let reference = remote.create_root_key(label).await.map_err(|e| StartError::Other(e.to_string()))?;
     Ok(remote.backend_key_id(&reference))
 }
 

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 mod backend_conformance;
+mod backend_material_identity;
 mod backends_in_the_broker;
 mod blob_encryption;
 mod client_examples;

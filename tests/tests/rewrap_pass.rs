@@ -66,13 +66,23 @@ async fn the_rewrap_pass_moves_every_sidecar_to_the_current_version_and_resumes(
     }
     assert!(!walk_names(&data).iter().any(|n| n.ends_with(".tmp")), "a temporary file was left behind");
 
-    // After a rotation the checkpoint still counts finished files as done
-    // (it records what each run did); a new pass uses a fresh checkpoint.
-    std::fs::remove_file(data.join(".keybroker-rewrap.checkpoint")).unwrap();
+    // A second rotation: the checkpoint of the first pass must not make
+    // the next pass skip anything (it used to report "done by an earlier
+    // run: 200" and leave every sidecar on v2).
     std::fs::remove_file(data.join("zz-broken.sidecar.json")).unwrap();
+    broker.admin().await.rotate(pb::RotateRequest { key: "demo".into(), ..Default::default() }).await.unwrap();
+    let (ok, out, err) = rewrap(&broker, &data, &["--batch", "32"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("rewrapped: 200, already current: 0, done by an earlier run: 0,"), "{out}");
+    for (path, _) in &blobs {
+        let sidecar = Sidecar::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(sidecar.version, 3, "{}", path.display());
+    }
+    // Rerunning the finished pass rewraps nothing: one probe per key, and
+    // every file is known from the checkpoint of this pass.
     let (ok, out, err) = rewrap(&broker, &data, &[]);
     assert!(ok, "{out}{err}");
-    assert!(out.contains("rewrapped: 0, already current: 200,"), "{out}");
+    assert!(out.contains("rewrapped: 0, already current: 0, done by an earlier run: 200,"), "{out}");
 }
 
 fn walk_names(dir: &std::path::Path) -> Vec<String> {

@@ -227,6 +227,12 @@ pub trait KeyBackend: Send + Sync + 'static {
     /// Returns `Unavailable` when the backend cannot be reached.
     async fn create_version(&self, key: &str, version: u32) -> Result<BackendRef, BackendError>;
 
+    /// Creates the key that seals the root key (`create-remote-key`), named
+    /// for people by `label`, apart from every data key's material.
+    async fn create_root_key(&self, label: &str) -> Result<BackendRef, BackendError> {
+        self.create_version(label, 1).await
+    }
+
     /// Uses material the operator brings (a KMS key ARN, an HSM object
     /// label) as a version. Returns `Refused` when it does not exist or is
     /// unusable, `Unsupported` for the local backend.

@@ -1,8 +1,14 @@
 //! The `pkcs11` backend: any PKCS#11 HSM through `cryptoki`. Each key version
 //! is a token object: a sensitive, non-extractable AES-256 key labelled
-//! `keybroker:<key>:v<version>`. Wrap and Unwrap are CKM_AES_GCM inside the
-//! HSM (96-bit random nonce, 128-bit tag; payload = nonce || ciphertext ||
-//! tag, the same layout as the local backend).
+//! `keybroker:<key>:v<version>` for people, and found by a random 16-byte
+//! CKA_ID that its backend reference records (`id:<hex>`): labels are not
+//! unique on a token, IDs this backend makes are. It never creates an object
+//! whose label exists already, never finds a version by a label that two
+//! objects share, and the root key's sealing object lives under its own
+//! label prefix (`keybroker-root:`), apart from every data key. Wrap and
+//! Unwrap are CKM_AES_GCM inside the HSM (96-bit random nonce, 128-bit tag;
+//! payload = nonce || ciphertext || tag, the same layout as the local
+//! backend).
 //!
 //! PKCS#11 calls block, so they run on tokio's blocking pool, each bounded
 //! by `timeout_ms`. Sessions are pooled (up to `sessions` at once), so
@@ -12,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,8 +34,19 @@ use cryptoki::types::AuthPin;
 use rand::Rng;
 use zeroize::Zeroizing;
 
+use super::local::open_payload;
 use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef, with_timeout};
 use crate::envelope::{Algorithm, GCM_NONCE_LEN, GCM_TAG_LEN};
+
+/// Bytes of the random CKA_ID given to every object this backend makes.
+const OBJECT_ID_LEN: usize = 16;
+/// What a backend reference to an object's CKA_ID starts with.
+const ID_PREFIX: &str = "id:";
+/// Label prefix of the root key's sealing object (`create-remote-key`),
+/// apart from the `keybroker:` labels of data keys.
+pub const ROOT_LABEL_PREFIX: &str = "keybroker-root:";
+/// Additional data of the round trip that checks imported material.
+const IMPORT_CHECK_AAD: &[u8] = b"keybroker.pkcs11.import-check.v1";
 
 /// Settings of a `pkcs11` backend.
 #[derive(Clone)]
@@ -71,7 +89,11 @@ struct Token {
     ctx: Pkcs11,
     slot: Slot,
     idle: Mutex<Vec<Session>>,
-    open: tokio::sync::Semaphore,
+    /// Permits of sessions in use. A permit travels with the blocking call
+    /// and is released when the call returns, not when its caller gives up
+    /// waiting: a hung HSM cannot make the broker open sessions without bound.
+    open: Arc<tokio::sync::Semaphore>,
+    /// Object handles by backend reference.
     handles: Mutex<HashMap<Vec<u8>, ObjectHandle>>,
 }
 
@@ -83,6 +105,7 @@ pub struct Pkcs11Backend {
     /// When the last connection attempt failed, and why.
     last_failure: Mutex<Option<(Instant, String)>>,
     stats: BackendStats,
+    sessions_opened: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Pkcs11Backend {
@@ -119,6 +142,52 @@ pub fn object_label(key: &str, version: u32) -> String {
     format!("keybroker:{key}:v{version}")
 }
 
+/// How a backend reference names its object.
+enum Locator {
+    /// By CKA_ID: every object this backend made since IDs were introduced.
+    Id(Vec<u8>),
+    /// By label: references stored before, and operators' `attach` input.
+    Label(Vec<u8>),
+}
+
+impl Locator {
+    fn parse(reference: &[u8]) -> Self {
+        match std::str::from_utf8(reference).ok().and_then(|s| s.strip_prefix(ID_PREFIX)) {
+            Some(hex_id) => match hex::decode(hex_id) {
+                Ok(id) if !id.is_empty() => Locator::Id(id),
+                _ => Locator::Label(reference.to_vec()),
+            },
+            None => Locator::Label(reference.to_vec()),
+        }
+    }
+
+    fn template(&self) -> Vec<Attribute> {
+        let which = match self {
+            Locator::Id(id) => Attribute::Id(id.clone()),
+            Locator::Label(label) => Attribute::Label(label.clone()),
+        };
+        vec![Attribute::Class(ObjectClass::SECRET_KEY), which]
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Locator::Id(id) => format!("{ID_PREFIX}{}", hex::encode(id)),
+            Locator::Label(label) => format!("label {:?}", String::from_utf8_lossy(label)),
+        }
+    }
+}
+
+/// The reference of an object with CKA_ID `id`.
+fn id_reference(id: &[u8]) -> BackendRef {
+    BackendRef(format!("{ID_PREFIX}{}", hex::encode(id)).into_bytes())
+}
+
+fn random_id() -> [u8; OBJECT_ID_LEN] {
+    let mut id = [0u8; OBJECT_ID_LEN];
+    rand::rng().fill_bytes(&mut id);
+    id
+}
+
 impl Pkcs11Backend {
     /// A backend called `name`. It connects lazily: a missing token makes
     /// its keys `UNAVAILABLE`, not the broker fail to start.
@@ -129,7 +198,13 @@ impl Pkcs11Backend {
             token: Mutex::new(None),
             last_failure: Mutex::new(None),
             stats: BackendStats::default(),
+            sessions_opened: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Sessions opened on the token since this backend was made.
+    pub fn sessions_opened(&self) -> u64 {
+        self.sessions_opened.load(Ordering::Relaxed)
     }
 
     fn unavailable(&self, reason: impl Into<String>) -> BackendError {
@@ -175,6 +250,7 @@ impl Pkcs11Backend {
                 None => self.unavailable(format!("no token in slot {:?}", s.slot)),
             })?;
         let session = ctx.open_rw_session(slot).map_err(|e| self.unavailable(format!("opening a session: {e}")))?;
+        self.sessions_opened.fetch_add(1, Ordering::Relaxed);
         match session.login(UserType::User, Some(&AuthPin::from(s.pin.as_str().to_owned()))) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => return Err(self.unavailable("login refused: wrong PIN")),
@@ -184,7 +260,7 @@ impl Pkcs11Backend {
             ctx,
             slot,
             idle: Mutex::new(vec![session]),
-            open: tokio::sync::Semaphore::new(s.sessions.max(1)),
+            open: Arc::new(tokio::sync::Semaphore::new(s.sessions.max(1))),
             handles: Mutex::new(HashMap::new()),
         });
         *lock(&self.token) = Some(token.clone());
@@ -211,12 +287,20 @@ impl Pkcs11Backend {
         self.stats.count_remote_call();
         let call = async {
             let token = self.connect()?;
-            let _permit = token.open.acquire().await.map_err(|_| self.unavailable("session pool closed"))?;
+            let permit =
+                token.open.clone().acquire_owned().await.map_err(|_| self.unavailable("session pool closed"))?;
             let worker = token.clone();
+            let opened = self.sessions_opened.clone();
             let result = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
                 let session = match lock(&worker.idle).pop() {
                     Some(session) => session,
-                    None => worker.ctx.open_rw_session(worker.slot).map_err(|e| OpError::Ck("C_OpenSession", e))?,
+                    None => {
+                        let session =
+                            worker.ctx.open_rw_session(worker.slot).map_err(|e| OpError::Ck("C_OpenSession", e))?;
+                        opened.fetch_add(1, Ordering::Relaxed);
+                        session
+                    }
                 };
                 let result = op(&worker, &session);
                 lock(&worker.idle).push(session);
@@ -237,17 +321,31 @@ impl Pkcs11Backend {
         with_timeout(&self.name, self.settings.timeout, call).await
     }
 
-    fn find(token: &Token, session: &Session, label: &[u8]) -> Result<Option<ObjectHandle>, OpError> {
-        if let Some(handle) = lock(&token.handles).get(label) {
+    /// The one object `reference` names, `None` when there is none. Two
+    /// objects under one reference (a label shared by several objects) is
+    /// an error: using or destroying either could be the wrong one.
+    fn find(
+        token: &Token,
+        session: &Session,
+        backend: &str,
+        reference: &[u8],
+    ) -> Result<Option<ObjectHandle>, OpError> {
+        if let Some(handle) = lock(&token.handles).get(reference) {
             return Ok(Some(*handle));
         }
-        let found = session
-            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.to_vec())])
-            .map_err(|e| OpError::Ck("C_FindObjects", e))?;
-        if let Some(handle) = found.first() {
-            lock(&token.handles).insert(label.to_vec(), *handle);
+        let locator = Locator::parse(reference);
+        let found = session.find_objects(&locator.template()).map_err(|e| OpError::Ck("C_FindObjects", e))?;
+        match found.as_slice() {
+            [] => Ok(None),
+            [handle] => {
+                lock(&token.handles).insert(reference.to_vec(), *handle);
+                Ok(Some(*handle))
+            }
+            more => Err(OpError::Backend(BackendError::Refused {
+                backend: backend.to_owned(),
+                reason: format!("{} HSM objects match {}: refusing to pick one", more.len(), locator.describe()),
+            })),
         }
-        Ok(found.first().copied())
     }
 
     fn find_version(
@@ -256,19 +354,88 @@ impl Pkcs11Backend {
         backend: &str,
         key: &str,
         version: u32,
-        label: &[u8],
+        reference: &[u8],
     ) -> Result<ObjectHandle, OpError> {
-        Self::find(token, session, label)?.ok_or_else(|| {
+        Self::find(token, session, backend, reference)?.ok_or_else(|| {
+            tracing::warn!(backend, key, version, object = %Locator::parse(reference).describe(),
+                "the HSM object of a key version is missing");
             OpError::Backend(BackendError::Material {
                 backend: backend.to_owned(),
                 key: key.to_owned(),
                 version,
-                reason: format!("its HSM object {:?} is missing", String::from_utf8_lossy(label)),
+                reason: "its HSM object is missing".to_owned(),
             })
         })
     }
 
-    fn key_template(label: &str) -> Vec<Attribute> {
+    /// Refuses to create a second object labelled `label`.
+    fn refuse_existing_label(session: &Session, backend: &str, label: &str) -> Result<(), OpError> {
+        let found = session
+            .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+            .map_err(|e| OpError::Ck("C_FindObjects", e))?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        Err(OpError::Backend(BackendError::Refused {
+            backend: backend.to_owned(),
+            reason: format!(
+                "an HSM object labelled {label:?} exists already (left by a lost race, a crash or another broker \
+                 on this token): not creating a second one; remove it after checking no key version uses it"
+            ),
+        }))
+    }
+
+    /// Generates a new AES-256 key object labelled `label` with a fresh
+    /// CKA_ID, and returns its reference.
+    async fn generate(&self, label: String) -> Result<BackendRef, BackendError> {
+        let id = random_id();
+        let backend = self.name.clone();
+        self.run(move |_, session| {
+            Self::refuse_existing_label(session, &backend, &label)?;
+            let mut template = Self::key_template(&label, &id);
+            template.push(Attribute::ValueLen(32u64.into()));
+            session.generate_key(&Mechanism::AesKeyGen, &template).map_err(|e| OpError::Ck("C_GenerateKey", e))
+        })
+        .await?;
+        Ok(id_reference(&id))
+    }
+
+    /// Whether the object `handle` holds `material`: it encrypts a random
+    /// probe inside the HSM and the probe must open here under `material`.
+    fn holds(session: &Session, handle: ObjectHandle, material: &[u8]) -> Result<bool, OpError> {
+        use aes_gcm::KeyInit;
+        let Ok(cipher) = aes_gcm::Aes256Gcm::new_from_slice(material) else {
+            return Ok(false);
+        };
+        let mut probe = Zeroizing::new([0u8; 32]);
+        rand::rng().fill_bytes(probe.as_mut_slice());
+        let mut nonce = [0u8; GCM_NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let mut iv = nonce;
+        let sealed = session
+            .encrypt(&Mechanism::AesGcm(gcm_params(&mut iv, IMPORT_CHECK_AAD)?), handle, probe.as_slice())
+            .map_err(|e| OpError::Ck("C_Encrypt", e))?;
+        let mut payload = nonce.to_vec();
+        payload.extend_from_slice(&sealed);
+        Ok(open_payload(&cipher, &payload, IMPORT_CHECK_AAD)
+            .is_some_and(|opened| opened.as_slice() == probe.as_slice()))
+    }
+
+    /// The CKA_ID of `handle` (empty when it has none).
+    fn object_id(session: &Session, handle: ObjectHandle) -> Result<Vec<u8>, OpError> {
+        let attributes = session
+            .get_attributes(handle, &[cryptoki::object::AttributeType::Id])
+            .map_err(|e| OpError::Ck("C_GetAttributeValue", e))?;
+        Ok(attributes
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Id(id) => Some(id),
+                _ => None,
+            })
+            .unwrap_or_default())
+    }
+
+    fn key_template(label: &str, id: &[u8]) -> Vec<Attribute> {
         vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(KeyType::AES),
@@ -279,6 +446,7 @@ impl Pkcs11Backend {
             Attribute::Encrypt(true),
             Attribute::Decrypt(true),
             Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.to_vec()),
         ]
     }
 }
@@ -314,31 +482,58 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     async fn create_version(&self, key: &str, version: u32) -> Result<BackendRef, BackendError> {
-        let label = object_label(key, version);
-        let template_label = label.clone();
-        self.run(move |_, session| {
-            let mut template = Self::key_template(&template_label);
-            template.push(Attribute::ValueLen(32u64.into()));
-            session.generate_key(&Mechanism::AesKeyGen, &template).map_err(|e| OpError::Ck("C_GenerateKey", e))
-        })
-        .await?;
-        Ok(BackendRef(label.into_bytes()))
+        self.generate(object_label(key, version)).await
+    }
+
+    async fn create_root_key(&self, label: &str) -> Result<BackendRef, BackendError> {
+        self.generate(format!("{ROOT_LABEL_PREFIX}{label}")).await
     }
 
     async fn attach(&self, _key: &str, _version: u32, backend_key_id: &str) -> Result<BackendRef, BackendError> {
-        let label = backend_key_id.as_bytes().to_vec();
-        let found = self.run(move |token, session| Self::find(token, session, &label)).await?;
-        match found {
-            Some(_) => Ok(BackendRef(backend_key_id.as_bytes().to_vec())),
-            None => Err(BackendError::Refused {
-                backend: self.name.clone(),
-                reason: format!("no secret key labelled {backend_key_id:?} on the token"),
-            }),
-        }
+        let given = backend_key_id.as_bytes().to_vec();
+        let backend = self.name.clone();
+        let id = self
+            .run(move |token, session| {
+                let handle = Self::find(token, session, &backend, &given)?.ok_or_else(|| {
+                    OpError::Backend(BackendError::Refused {
+                        backend: backend.clone(),
+                        reason: format!("no secret key {} on the token", Locator::parse(&given).describe()),
+                    })
+                })?;
+                let id = Self::object_id(session, handle)?;
+                let sharing = if id.is_empty() {
+                    0
+                } else {
+                    session
+                        .find_objects(&Locator::Id(id.clone()).template())
+                        .map_err(|e| OpError::Ck("C_FindObjects", e))?
+                        .len()
+                };
+                if sharing != 1 {
+                    return Err(OpError::Backend(BackendError::Refused {
+                        backend: backend.clone(),
+                        reason: format!(
+                            "the secret key {} has {}: give it a CKA_ID no other key has, then attach it",
+                            Locator::parse(&given).describe(),
+                            if id.is_empty() {
+                                "no CKA_ID".to_owned()
+                            } else {
+                                format!("a CKA_ID {sharing} keys share")
+                            }
+                        ),
+                    }));
+                }
+                Ok(id)
+            })
+            .await?;
+        Ok(id_reference(&id))
     }
 
     fn backend_key_id(&self, reference: &BackendRef) -> String {
-        String::from_utf8_lossy(&reference.0).into_owned()
+        match Locator::parse(&reference.0) {
+            Locator::Id(_) => String::from_utf8_lossy(&reference.0).into_owned(),
+            Locator::Label(label) => String::from_utf8_lossy(&label).into_owned(),
+        }
     }
 
     async fn wrap(
@@ -348,13 +543,13 @@ impl KeyBackend for Pkcs11Backend {
         aad: Aad<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
-        let (label, key, v, backend) =
+        let (reference, key, v, backend) =
             (version.reference.0.clone(), version.key.to_owned(), version.version, self.name.clone());
         let aad = aad.bytes();
         let plaintext = Zeroizing::new(plaintext.to_vec());
         let payload = self
             .run(move |token, session| {
-                let handle = Self::find_version(token, session, &backend, &key, v, &label)?;
+                let handle = Self::find_version(token, session, &backend, &key, v, &reference)?;
                 let mut nonce = [0u8; GCM_NONCE_LEN];
                 rand::rng().fill_bytes(&mut nonce);
                 let mut iv = nonce;
@@ -379,12 +574,12 @@ impl KeyBackend for Pkcs11Backend {
         if payload.len() < GCM_NONCE_LEN + GCM_TAG_LEN {
             return Err(BackendError::AuthenticationFailed { key: version.key.to_owned(), version: version.version });
         }
-        let (label, key, v, backend) =
+        let (reference, key, v, backend) =
             (version.reference.0.clone(), version.key.to_owned(), version.version, self.name.clone());
         let aad = aad.bytes();
         let payload = payload.to_vec();
         self.run(move |token, session| {
-            let handle = Self::find_version(token, session, &backend, &key, v, &label)?;
+            let handle = Self::find_version(token, session, &backend, &key, v, &reference)?;
             let (nonce, sealed) = payload.split_at(GCM_NONCE_LEN);
             let mut iv = nonce.to_vec();
             match session.decrypt(&Mechanism::AesGcm(gcm_params(&mut iv, &aad)?), handle, sealed) {
@@ -413,31 +608,62 @@ impl KeyBackend for Pkcs11Backend {
             });
         }
         let label = object_label(key, version);
-        let template_label = label.clone();
         let value = Zeroizing::new(material.to_vec());
-        self.run(move |token, session| {
-            // Importing again (a resumed migration) replaces the object, so
-            // a label never names two keys.
-            if let Some(old) = Self::find(token, session, template_label.as_bytes())? {
-                session.destroy_object(old).map_err(|e| OpError::Ck("C_DestroyObject", e))?;
-                lock(&token.handles).remove(template_label.as_bytes());
-            }
-            let mut template = Self::key_template(&template_label);
-            template.push(Attribute::Value(value.to_vec()));
-            session.create_object(&template).map_err(|e| OpError::Ck("C_CreateObject", e))
-        })
-        .await?;
-        Ok(BackendRef(label.into_bytes()))
+        let backend = self.name.clone();
+        let id = self
+            .run(move |_, session| {
+                // Importing again (a resumed migration) reuses an object
+                // that holds the same material, and replaces nothing: an
+                // object labelled so with other material is refused.
+                let existing = session
+                    .find_objects(&[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::Label(label.clone().into_bytes()),
+                    ])
+                    .map_err(|e| OpError::Ck("C_FindObjects", e))?;
+                for handle in &existing {
+                    let id = Self::object_id(session, *handle)?;
+                    if !id.is_empty() && Self::holds(session, *handle, &value)? {
+                        return Ok(id);
+                    }
+                }
+                if !existing.is_empty() {
+                    return Err(OpError::Backend(BackendError::Refused {
+                        backend: backend.clone(),
+                        reason: format!(
+                            "an HSM object labelled {label:?} exists already with other material: not replacing it"
+                        ),
+                    }));
+                }
+                let id = random_id();
+                let mut template = Self::key_template(&label, &id);
+                template.push(Attribute::Value(value.to_vec()));
+                let handle = session.create_object(&template).map_err(|e| OpError::Ck("C_CreateObject", e))?;
+                // The new object counts only once it is proven to hold the
+                // material; otherwise it goes, and nothing else changed.
+                if Self::holds(session, handle, &value)? {
+                    Ok(id.to_vec())
+                } else {
+                    let _ = session.destroy_object(handle);
+                    Err(OpError::Backend(BackendError::BadImport {
+                        backend: backend.clone(),
+                        reason: "the imported object does not round-trip the material".to_owned(),
+                    }))
+                }
+            })
+            .await?;
+        Ok(id_reference(&id))
     }
 
     async fn destroy_version(&self, version: VersionRef<'_>) -> Result<(), BackendError> {
-        let label = version.reference.0.clone();
-        if label.is_empty() {
+        let reference = version.reference.0.clone();
+        if reference.is_empty() {
             return Ok(());
         }
+        let backend = self.name.clone();
         self.run(move |token, session| {
-            let handle = Self::find(token, session, &label)?;
-            lock(&token.handles).remove(&label);
+            let handle = Self::find(token, session, &backend, &reference)?;
+            lock(&token.handles).remove(&reference);
             match handle {
                 Some(handle) => session.destroy_object(handle).map_err(|e| OpError::Ck("C_DestroyObject", e)),
                 None => Ok(()),

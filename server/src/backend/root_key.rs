@@ -11,6 +11,10 @@ use base64::Engine;
 use rand::Rng;
 use zeroize::Zeroizing;
 
+/// The name the root key's sealing key goes by in a remote backend; no
+/// data key may take it.
+pub const ROOT_KEY_NAME: &str = "keybroker-root-key";
+
 /// Length of a root key in bytes.
 pub const ROOT_KEY_LEN: usize = 32;
 

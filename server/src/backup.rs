@@ -39,12 +39,18 @@ use std::sync::Arc;
 use crate::backend::local::LocalBackend;
 use crate::backend::root_key::RootKey;
 use crate::backend::{Backends, VersionRef};
-use crate::offline::{Side, copy_key};
+use crate::offline::{Side, commit, plan_copy};
 use crate::store::{ConflictMode, KeyMode, KeyRecord, VersionRecord, VersionState};
 
 const MAGIC: &[u8; 6] = b"KBBAK1";
 const HEADER_LEN: usize = 47;
 const FORMAT: &str = "keybroker-backup-v1";
+/// Argon2id cost of a passphrase bundle: memory (KiB), passes, lanes. The
+/// second recommended option of RFC 9106 (and OWASP's): 64 MiB, t = 3,
+/// p = 4. A bundle holds every exportable KEK, so it gets at least that;
+/// the parameters are in the authenticated header, so later bundles may
+/// raise them and old ones still open.
+pub const ARGON2_PARAMS: (u32, u32, u32) = (64 * 1024, 3, 4);
 
 /// The secret a bundle is sealed under.
 pub enum BundleKey {
@@ -139,6 +145,15 @@ struct BundledVersion {
     reference: Option<String>,
 }
 
+impl Drop for BundledVersion {
+    fn drop(&mut self) {
+        // The base64 of a KEK is the KEK.
+        if let Some(material) = &mut self.material {
+            zeroize::Zeroize::zeroize(material);
+        }
+    }
+}
+
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -211,8 +226,7 @@ pub async fn backup(side: &Side, out: &Path, key: &BundleKey) -> Result<BackupRe
     let mut nonce = [0u8; 12];
     rand::rng().fill_bytes(&mut salt);
     rand::rng().fill_bytes(&mut nonce);
-    let params = argon2::Params::DEFAULT_M_COST;
-    let params = (params, argon2::Params::DEFAULT_T_COST, argon2::Params::DEFAULT_P_COST);
+    let params = ARGON2_PARAMS;
     let mut bundle = Vec::with_capacity(HEADER_LEN + body.len() + 16);
     bundle.extend_from_slice(MAGIC);
     bundle.push(key.source_id());
@@ -354,12 +368,13 @@ pub async fn restore(
         prepared.push((record, materials));
     }
     // Then write. Bundled material is imported into an ephemeral local
-    // backend (random in-memory root key) that plays the source: copy_key
+    // backend (random in-memory root key) that plays the source: plan_copy
     // exports it, imports it into the target, and verifies both hold the
     // same key. References resolve in the target's backends of the same name.
     let mut ephemeral_root = Zeroizing::new([0u8; 32]);
     rand::rng().fill_bytes(ephemeral_root.as_mut_slice());
     let mut report = RestoreReport::default();
+    let mut plans = Vec::new();
     for (mut record, materials) in prepared {
         let mut source = Backends::default();
         let names: BTreeSet<String> = record.versions.iter().map(|v| v.backend.clone()).collect();
@@ -382,14 +397,16 @@ pub async fn restore(
                 v.mode = KeyMode::Direct;
             }
         }
-        let action = copy_key(&record, &source, side, conflict, false)
+        let plan = plan_copy(&record, &source, side, conflict, false)
             .await
-            .map_err(|e| format!("restoring key {:?}: {e}", record.name))?;
-        if action.starts_with("skipped") {
+            .map_err(|e| format!("restoring key {:?}: {e}; nothing restored", record.name))?;
+        if plan.write.is_none() {
             report.skipped += 1;
         } else {
             report.restored += 1;
         }
+        plans.push(plan);
     }
+    commit(side, &plans).await?;
     Ok(report)
 }

@@ -336,11 +336,11 @@ impl Migrator {
                 &format!("copy versions {on_source:?} to {:?} under the same numbers, verify, switch", job.to_backend);
         } else {
             plan += &format!(
-                "create version {} in {:?}; versions {on_source:?} stay readable in {:?} ({} material is not exportable)",
+                "create version {} in {:?}; versions {on_source:?} stay readable in {:?} ({})",
                 record.current_version + 1,
                 job.to_backend,
                 job.from_backend,
-                source.kind()
+                why_not_copied(source.as_ref(), target.as_ref())
             );
         }
         Ok(plan)
@@ -437,4 +437,16 @@ pub async fn verify_copy(
         }
     }
     Ok(())
+}
+
+/// Why versions cannot be copied from `source` to `target`: the source
+/// keeps its material inside, the target cannot take material, or both.
+fn why_not_copied(source: &dyn crate::backend::KeyBackend, target: &dyn crate::backend::KeyBackend) -> String {
+    match (source.exportable(), target.importable()) {
+        (false, false) => {
+            format!("{} material is not exportable, and {} cannot import material", source.kind(), target.kind())
+        }
+        (false, true) => format!("{} material is not exportable", source.kind()),
+        _ => format!("{} cannot import material", target.kind()),
+    }
 }

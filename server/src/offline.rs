@@ -17,10 +17,10 @@ use std::sync::Arc;
 
 use crate::backend::{Backends, KeyBackend, VersionRef};
 use crate::config::{Config, Environment};
-use crate::error::{ServiceError, ServiceResult};
+use crate::error::{ErrorCode, ServiceError, ServiceResult};
 use crate::migration::verify_copy;
 use crate::server::{StartError, build_backends, open_store};
-use crate::store::{ConflictMode, KeyMode, KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
+use crate::store::{ConflictMode, KeyMode, KeyRecord, KeyReplacement, KeyStore, VersionRecord, VersionState};
 
 /// One broker's configuration, opened: its backends and its store.
 pub struct Side {
@@ -84,77 +84,146 @@ async fn carry_version(key: &str, v: &VersionRecord, from: &Backends, to: &Side)
     Ok(v.clone())
 }
 
-/// Copies `record` (from the side whose backends are `from`) into `to`,
-/// under `conflict`. Returns what was done.
-pub async fn copy_key(
+/// What copying one key into a target would do.
+#[derive(Debug)]
+pub struct CopyPlan {
+    /// What was (or, in a dry run, would be) done, or why nothing was.
+    pub action: String,
+    /// The key as the target must store it; `None` when nothing is written.
+    pub write: Option<KeyReplacement>,
+}
+
+impl CopyPlan {
+    fn skip(why: impl Into<String>) -> Self {
+        Self { action: format!("skipped: {}", why.into()), write: None }
+    }
+}
+
+/// Checks, for `--merge`, that every version both sides have holds the same
+/// material (a round trip between the two backends). `Ok(Some(why))` when
+/// the key must be skipped.
+async fn same_material(
+    record: &KeyRecord,
+    from: &Backends,
+    target: &KeyRecord,
+    to: &Side,
+) -> ServiceResult<Option<String>> {
+    let mut compared = 0;
+    for v in record.versions.iter().filter(|v| v.version <= target.current_version) {
+        let Some(t) = target.version(v.version) else { continue };
+        match (v.state == VersionState::Destroyed, t.state == VersionState::Destroyed) {
+            (true, true) => continue,
+            (true, false) | (false, true) => {
+                return Ok(Some(format!(
+                    "version {} is destroyed on one side only, so the keys cannot be proven the same",
+                    v.version
+                )));
+            }
+            (false, false) => {}
+        }
+        let source = from.get_mode(&v.backend, v.mode)?;
+        let Ok(there) = to.backends.get_mode(&t.backend, t.mode) else {
+            return Ok(Some(format!(
+                "the target's backend {:?} of version {} is not configured",
+                t.backend, v.version
+            )));
+        };
+        let here = VersionRef { key: &record.name, version: v.version, reference: &v.backend_ref };
+        let theirs = VersionRef { key: &record.name, version: v.version, reference: &t.backend_ref };
+        match verify_copy(source.as_ref(), here, there.as_ref(), theirs).await {
+            Ok(()) => compared += 1,
+            Err(err) if err.code() == ErrorCode::Unavailable => return Err(err),
+            Err(_) => {
+                return Ok(Some(format!(
+                    "version {} holds different material in the target: a different key of the same name",
+                    v.version
+                )));
+            }
+        }
+    }
+    Ok((compared == 0).then(|| "no live version on both sides to prove the keys are the same".to_owned()))
+}
+
+/// Works out what copying `record` (from the side whose backends are
+/// `from`) into `to` under `conflict` writes, carrying the material of every
+/// version it adds into the target's backends. Writes nothing to the
+/// target's store: the caller writes every key's plan in one transaction.
+pub async fn plan_copy(
     record: &KeyRecord,
     from: &Backends,
     to: &Side,
     conflict: ConflictMode,
     dry_run: bool,
-) -> ServiceResult<String> {
+) -> ServiceResult<CopyPlan> {
     let existing = to.store.get(&record.name).await?;
     let first_new = match (&existing, conflict) {
         (None, _) => 1,
         (Some(_), ConflictMode::Fail) => {
             return Err(ServiceError::new(
-                crate::error::ErrorCode::AlreadyExists,
+                ErrorCode::AlreadyExists,
                 format!("key {:?} exists in the target (use --force to overwrite or --merge)", record.name),
             ));
         }
         (Some(_), ConflictMode::Force) => 1,
-        (Some(t), ConflictMode::Merge) => t.current_version + 1,
+        (Some(t), ConflictMode::Merge) => {
+            if let Some(why) = same_material(record, from, t, to).await? {
+                return Ok(CopyPlan::skip(why));
+            }
+            t.current_version + 1
+        }
     };
     let wanted: Vec<&VersionRecord> = record.versions.iter().filter(|v| v.version >= first_new).collect();
     if wanted.is_empty() {
-        return Ok("skipped: the target has every version".to_owned());
+        return Ok(CopyPlan::skip("the target has every version"));
     }
     let numbers: Vec<u32> = wanted.iter().map(|v| v.version).collect();
     if dry_run {
-        return Ok(format!("would copy versions {numbers:?}"));
+        return Ok(CopyPlan { action: format!("would copy versions {numbers:?}"), write: None });
     }
     let mut carried = Vec::new();
     for v in &wanted {
         carried.push(carry_version(&record.name, v, from, to).await?);
     }
-    match (existing, conflict) {
+    let write = match (existing, conflict) {
         (Some(mut target), ConflictMode::Merge) => {
+            let expected = target.revision;
             target.versions.extend(carried);
             target.current_version = record.current_version;
-            if let Some(current) = target.versions.iter_mut().find(|v| v.version == record.current_version) {
-                current.state = VersionState::Active;
-            }
-            for v in target.versions.iter_mut().filter(|v| v.version < record.current_version) {
-                if v.state == VersionState::Active {
+            for v in target.versions.iter_mut() {
+                if v.version == record.current_version {
+                    v.state = VersionState::Active;
+                } else if v.state == VersionState::Active {
                     v.state = VersionState::DecryptOnly;
                 }
             }
             target.backend = to.target_backend(&record.backend)?.0;
-            to.store.update(&target).await?;
+            target.updated_at = crate::keyring::now();
+            KeyReplacement { record: target, expected_revision: Some(expected) }
         }
-        (existing, _) => {
-            if existing.is_some() {
-                to.store.delete(&record.name).await?;
-            }
-            let new = KeyRecord {
+        (existing, _) => KeyReplacement {
+            record: KeyRecord {
                 backend: to.target_backend(&record.backend)?.0,
                 versions: carried,
                 revision: 1,
                 ..record.clone()
-            };
-            match to.store.create(&new).await {
-                Ok(()) => {}
-                Err(StoreError::AlreadyExists(_)) => {
-                    return Err(ServiceError::new(
-                        crate::error::ErrorCode::Aborted,
-                        format!("key {:?} was created concurrently", record.name),
-                    ));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+            },
+            expected_revision: existing.map(|t| t.revision),
+        },
+    };
+    Ok(CopyPlan { action: format!("copied versions {numbers:?}, verified"), write: Some(write) })
+}
+
+/// Writes the plans' keys into `to` in one transaction: all of them or,
+/// on any failure, none.
+pub async fn commit(to: &Side, plans: &[CopyPlan]) -> Result<(), String> {
+    let writes: Vec<KeyReplacement> = plans.iter().filter_map(|p| p.write.clone()).collect();
+    if writes.is_empty() {
+        return Ok(());
     }
-    Ok(format!("copied versions {numbers:?}, verified"))
+    to.store
+        .replace_keys(&writes)
+        .await
+        .map_err(|e| format!("writing the target's version table failed ({e}); nothing was written"))
 }
 
 /// Totals of an offline migration.
@@ -162,8 +231,8 @@ pub async fn copy_key(
 pub struct OfflineSummary {
     /// Keys copied.
     pub copied: usize,
-    /// Keys with nothing to copy.
-    pub skipped: usize,
+    /// Keys left as they are in the target, with the reason.
+    pub skipped: Vec<(String, String)>,
     /// Keys that failed, with the reason.
     pub failed: Vec<(String, String)>,
 }
@@ -190,31 +259,41 @@ pub async fn migrate(
         .collect();
     let mut summary = OfflineSummary::default();
     let total = keys.len();
+    let mut plans = Vec::new();
+    let mut lines = Vec::new();
     for (i, key) in keys.iter().enumerate() {
-        let result = copy_key(key, &from.backends, to, conflict, dry_run).await;
-        let line = match &result {
-            Ok(action) if action.starts_with("skipped") => {
-                summary.skipped += 1;
-                action.clone()
-            }
-            Ok(action) => {
-                summary.copied += 1;
-                action.clone()
+        let line = match plan_copy(key, &from.backends, to, conflict, dry_run).await {
+            Ok(plan) => {
+                if plan.action.starts_with("skipped") {
+                    summary.skipped.push((key.name.clone(), plan.action.clone()));
+                } else {
+                    summary.copied += 1;
+                }
+                let line = plan.action.clone();
+                plans.push(plan);
+                line
             }
             Err(e) => {
                 summary.failed.push((key.name.clone(), e.message().to_owned()));
                 format!("FAILED: {}", e.message())
             }
         };
-        let _ = writeln!(out, "[{}/{total}] {}: {line}", i + 1, key.name);
+        lines.push(format!("[{}/{total}] {}: {line}", i + 1, key.name));
+    }
+    commit(to, &plans).await?;
+    for line in lines {
+        let _ = writeln!(out, "{line}");
     }
     let _ = writeln!(
         out,
         "{}{} copied, {} skipped, {} failed",
         if dry_run { "dry run: " } else { "" },
         summary.copied,
-        summary.skipped,
+        summary.skipped.len(),
         summary.failed.len()
     );
+    for (key, why) in &summary.skipped {
+        let _ = writeln!(out, "  skipped {key}: {}", why.trim_start_matches("skipped: "));
+    }
     Ok(summary)
 }

@@ -109,7 +109,7 @@ async fn one_broker_serves_local_aws_kms_and_pkcs11_keys_and_versions_move_betwe
     );
 
     for (key, backend, id_prefix) in
-        [("k-local", "local", ""), ("k-aws", "aws", "arn:aws:kms:"), ("k-hsm", "hsm", "keybroker:k-hsm:v1")]
+        [("k-local", "local", ""), ("k-aws", "aws", "arn:aws:kms:"), ("k-hsm", "hsm", "id:")]
     {
         let created = create(&broker, key, backend, pb::KeyMode::Direct).await;
         assert_eq!(created.backend, backend);

@@ -39,6 +39,31 @@ fn side(root: &Path, name: &str) -> Side {
     Side { dev, config }
 }
 
+/// Runs SQL on a side's version table with Python's sqlite3 (another
+/// process, as an operator or a failing disk would).
+fn sql(side: &Side, statement: &str) -> String {
+    let db = side.config.parent().unwrap().join("keybroker.sqlite");
+    let script = format!(
+        "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nrows = c.execute(sys.argv[2]).fetchall()\nc.commit()\n\
+         print(rows)"
+    );
+    let out = Command::new("python3").args(["-c", &script, db.to_str().unwrap(), statement]).output().unwrap();
+    assert!(out.status.success(), "sqlite3: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Makes every insert of key `name` into the side's table fail, as a full
+/// disk or a lost connection part-way through would.
+fn fail_inserts_of(side: &Side, name: &str) {
+    sql(
+        side,
+        &format!(
+            "CREATE TRIGGER fail_{name} BEFORE INSERT ON keys WHEN NEW.name = '{name}' \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+        ),
+    );
+}
+
 fn serve(side: &Side, hsm: &SoftHsm) -> Broker {
     let conf = hsm.env().1;
     Broker::serve(&side.config, &side.dev, &[("KB_TEST_HSM_PIN", SOFTHSM_PIN), ("SOFTHSM2_CONF", &conf)])
@@ -89,7 +114,8 @@ async fn check_copy(broker: &Broker, made: &[(String, u32, Vec<u8>, Vec<u8>)]) {
     assert!(alpha.deletion_allowed);
     assert_eq!(alpha.labels.get("team").map(String::as_str), Some("alpha-team"));
     let beta = admin.get_key(pb::GetKeyRequest { key: "beta".into() }).await.unwrap().into_inner();
-    assert_eq!((beta.backend.as_str(), beta.versions[0].backend_key_id.as_str()), ("hsm", "keybroker:beta:v1"));
+    assert_eq!(beta.backend, "hsm");
+    assert!(beta.versions[0].backend_key_id.starts_with("id:"), "{:?}", beta.versions[0]);
     for (key, version, ct, pt) in made {
         let result = app.unwrap(pb::UnwrapRequest { ciphertext: ct.clone(), ..Default::default() }).await;
         if key == "alpha" && *version == 1 {
@@ -121,9 +147,41 @@ async fn offline_migrate_copies_keys_to_another_broker_with_names_versions_and_p
     let (ok, out, err) = run(&["migrate", "--from", from, "--to", to, "--merge"], &hsm);
     assert!(ok && out.contains("0 copied, 3 skipped, 0 failed"), "{out}{err}");
 
+    // A --force whose write fails part-way (the last key, gamma) writes
+    // nothing: no key is left deleted or half replaced.
+    let before = sql(&b, "SELECT name, revision FROM keys ORDER BY name");
+    fail_inserts_of(&b, "gamma");
+    let (ok, out, err) = run(&["migrate", "--from", from, "--to", to, "--force"], &hsm);
+    assert!(!ok && err.contains("nothing was written"), "{out}{err}");
+    assert_eq!(sql(&b, "SELECT name, revision FROM keys ORDER BY name"), before, "a failed --force changed the target");
+    sql(&b, "DROP TRIGGER fail_gamma");
+
     // The second broker (another root key) opens what the first one made.
-    let broker = serve(&b, &hsm);
+    let mut broker = serve(&b, &hsm);
     check_copy(&broker, &made).await;
+    broker.admin().await.create_key(pb::CreateKeyRequest { key: "delta".into(), ..Default::default() }).await.unwrap();
+    broker.terminate().await;
+
+    // --merge follows kes: a key with the same material gets only the
+    // versions the target lacks; a same-named key with other material is
+    // skipped, and the summary says why.
+    let mut broker = serve(&a, &hsm);
+    let mut admin = broker.admin().await;
+    admin.rotate(pb::RotateRequest { key: "alpha".into(), ..Default::default() }).await.unwrap();
+    admin.create_key(pb::CreateKeyRequest { key: "delta".into(), ..Default::default() }).await.unwrap();
+    admin.rotate(pb::RotateRequest { key: "delta".into(), ..Default::default() }).await.unwrap();
+    broker.terminate().await;
+    let (ok, out, err) = run(&["migrate", "--from", from, "--to", to, "--merge"], &hsm);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("alpha: copied versions [4], verified"), "{out}");
+    assert!(out.contains("delta: skipped: version 1 holds different material"), "{out}");
+    assert!(out.contains("1 copied, 3 skipped, 0 failed") && out.contains("  skipped delta: version 1"), "{out}");
+    let broker = serve(&b, &hsm);
+    let mut admin = broker.admin().await;
+    let delta = admin.get_key(pb::GetKeyRequest { key: "delta".into() }).await.unwrap().into_inner();
+    assert_eq!(delta.current_version, 1, "the target's own delta changed hands");
+    let alpha = admin.get_key(pb::GetKeyRequest { key: "alpha".into() }).await.unwrap().into_inner();
+    assert_eq!(alpha.current_version, 4);
 }
 
 #[tokio::test]
@@ -147,6 +205,9 @@ async fn backup_and_restore_round_trip_and_a_damaged_bundle_restores_nothing() {
     let sha = out.lines().find_map(|l| l.strip_prefix("sha256 ")).unwrap().to_owned();
     assert_eq!(sha.len(), 64);
     let raw = std::fs::read(&bundle).unwrap();
+    // Argon2id at RFC 9106's second recommendation, in the authenticated header.
+    let word = |at: usize| u32::from_be_bytes(raw[at..at + 4].try_into().unwrap());
+    assert_eq!((word(23), word(27), word(31)), (64 * 1024, 3, 4), "Argon2id memory KiB, passes, lanes");
     assert!(!raw.windows(5).any(|w| w == b"alpha"), "key names are readable in the bundle");
 
     let restore = |path: &Path, sha: &str, extra: &[&str]| {
@@ -197,6 +258,14 @@ async fn backup_and_restore_round_trip_and_a_damaged_bundle_restores_nothing() {
     assert!(!ok && err.contains("exists in the target"), "{err}");
     let (ok, out, err) = restore(&bundle, &sha, &["--merge"]);
     assert!(ok && out.contains("restored 0 keys (3 already complete)"), "{out}{err}");
+    // A --force restore whose write fails part-way restores nothing and
+    // deletes nothing (it used to delete gamma, then fail to re-create it).
+    let before = sql(&c, "SELECT name, revision FROM keys ORDER BY name");
+    fail_inserts_of(&c, "gamma");
+    let (ok, out, err) = restore(&bundle, &sha, &["--force"]);
+    assert!(!ok && err.contains("nothing was written"), "{out}{err}");
+    assert_eq!(sql(&c, "SELECT name, revision FROM keys ORDER BY name"), before);
+    sql(&c, "DROP TRIGGER fail_gamma");
 
     let broker = serve(&c, &hsm);
     check_copy(&broker, &made).await;

@@ -1,7 +1,7 @@
 //! One conformance suite for every [`KeyStore`]: each store's tests call
 //! [`run_all`] with a fresh, empty store (as kes and quickwit do).
 
-use super::{KeyMode, KeyRecord, KeyStore, StoreError, VersionRecord, VersionState};
+use super::{KeyMode, KeyRecord, KeyReplacement, KeyStore, StoreError, VersionRecord, VersionState};
 use crate::backend::BackendRef;
 
 fn version(v: u32, state: VersionState) -> VersionRecord {
@@ -42,6 +42,41 @@ pub async fn run_all(store: &dyn KeyStore) {
     update_checks_revision_and_adds_versions(store).await;
     update_of_missing_key_is_not_found(store).await;
     load_all_is_in_name_order(store).await;
+    replace_keys_is_all_or_nothing(store).await;
+}
+
+async fn replace_keys_is_all_or_nothing(store: &dyn KeyStore) {
+    let mut old = key("r-old");
+    old.versions[0].unwrap_count = 5;
+    store.create(&old).await.unwrap();
+    let stored = store.get("r-old").await.unwrap().unwrap();
+    let mut replaced = stored.clone();
+    replaced.labels = [("team".to_string(), "payments".to_string())].into();
+    replaced.versions[0].state = VersionState::DecryptOnly;
+    replaced.versions.push(version(2, VersionState::Active));
+    replaced.current_version = 2;
+    let write = |record: &KeyRecord, expected| KeyReplacement { record: record.clone(), expected_revision: expected };
+    let taken = key("a");
+    let failing = [
+        write(&replaced, Some(stored.revision)),
+        write(&key("r-new"), None),
+        // Fails last: a key expected to be new exists.
+        write(&taken, None),
+    ];
+    assert!(matches!(store.replace_keys(&failing).await, Err(StoreError::AlreadyExists(n)) if n == "a"));
+    assert_eq!(store.get("r-old").await.unwrap(), Some(stored.clone()), "a failed replace changed a key");
+    assert!(store.get("r-new").await.unwrap().is_none(), "a failed replace created a key");
+    let stale = [write(&replaced, Some(stored.revision + 7))];
+    assert!(matches!(store.replace_keys(&stale).await, Err(StoreError::Conflict(_))));
+    let missing = [write(&key("r-missing"), Some(1))];
+    assert!(matches!(store.replace_keys(&missing).await, Err(StoreError::NotFound(_))));
+
+    store.replace_keys(&[write(&replaced, Some(stored.revision)), write(&key("r-new"), None)]).await.unwrap();
+    let now = store.get("r-old").await.unwrap().unwrap();
+    assert_eq!((now.current_version, now.versions.len(), now.revision), (2, 2, stored.revision + 1));
+    assert_eq!(now.labels, replaced.labels);
+    assert_eq!(now.versions[0].unwrap_count, 5, "usage counts survive a replacement");
+    assert!(store.get("r-new").await.unwrap().is_some());
 }
 
 async fn create_get_and_duplicate(store: &dyn KeyStore) {

@@ -90,8 +90,9 @@ pub struct VersionRecord {
     pub backend_ref: BackendRef,
     /// Direct or hierarchy.
     pub mode: KeyMode,
-    /// Unwraps recorded by [`KeyStore::record_usage`] (never written by
-    /// `create` or `update`).
+    /// Unwraps recorded by [`KeyStore::record_usage`]; `create`, `update`
+    /// (for versions it adds) and `replace_keys` store the count they are
+    /// given, which is 0 for a new version.
     pub unwrap_count: u64,
     /// Last recorded unwrap, Unix seconds (0 = never).
     pub last_unwrap_at: i64,
@@ -157,6 +158,16 @@ pub struct UsageRecord {
     pub unwraps: u64,
     /// Time of the latest of them, Unix seconds.
     pub last_unwrap_at: i64,
+}
+
+/// One key written by [`KeyStore::replace_keys`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyReplacement {
+    /// The key as it must be stored, with every version.
+    pub record: KeyRecord,
+    /// `None`: the key must not exist yet. `Some(r)`: the stored key must
+    /// be at revision `r`, and is replaced whole.
+    pub expected_revision: Option<u64>,
 }
 
 /// What a migration does when the target already holds the key.
@@ -338,6 +349,12 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Deletes a key and its versions (offline migration and restore with
     /// `--force`). Returns `NotFound` when it does not exist.
     async fn delete(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Writes every key of `writes` in one transaction, all or nothing
+    /// (offline migration and restore). Returns `AlreadyExists` for a key
+    /// expected to be new, `NotFound` for one expected to exist, and
+    /// `Conflict` for one whose revision moved on; then nothing is written.
+    async fn replace_keys(&self, writes: &[KeyReplacement]) -> Result<(), StoreError>;
 
     /// Adds unwrap counts and raises last-unwrap times; versions that no
     /// longer exist are ignored. Does not touch revisions.

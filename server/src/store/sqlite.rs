@@ -13,10 +13,18 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    ConflictMode, ItemStatus, JobItem, JobPhase, JobRecord, KeyMode, KeyRecord, KeyStore, StoreError, UsageRecord,
-    VersionRecord, VersionState,
+    ConflictMode, ItemStatus, JobItem, JobPhase, JobRecord, KeyMode, KeyRecord, KeyReplacement, KeyStore, StoreError,
+    UsageRecord, VersionRecord, VersionState,
 };
 use crate::backend::BackendRef;
+
+/// Columns of `keys`, as a macro so queries stay string literals.
+macro_rules! key_columns {
+    () => {
+        "name, backend, current_version, min_decryption_version, deletion_allowed, labels, \
+         rotation_period_secs, max_wraps_per_version, created_at, updated_at, revision, mode"
+    };
+}
 
 /// A version table in one SQLite file.
 #[derive(Debug, Clone)]
@@ -92,10 +100,37 @@ impl SqliteStore {
         rows.iter().map(|row| version_from_row(name, row)).collect()
     }
 
+    async fn insert_key(tx: &mut Transaction<'_, Sqlite>, key: &KeyRecord) -> Result<(), StoreError> {
+        let labels = serde_json::to_string(&key.labels).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        sqlx::query(concat!("INSERT INTO keys (", key_columns!(), ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+            .bind(&key.name)
+            .bind(&key.backend)
+            .bind(i64::from(key.current_version))
+            .bind(i64::from(key.min_decryption_version))
+            .bind(key.deletion_allowed)
+            .bind(labels)
+            .bind(to_i64(key.rotation_period_secs))
+            .bind(to_i64(key.max_wraps_per_version))
+            .bind(key.created_at)
+            .bind(key.updated_at)
+            .bind(to_i64(key.revision))
+            .bind(key.mode.as_str())
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists(key.name.clone()),
+                _ => unavailable(e),
+            })?;
+        for v in &key.versions {
+            Self::insert_version(tx, &key.name, v).await?;
+        }
+        Ok(())
+    }
+
     async fn insert_version(tx: &mut Transaction<'_, Sqlite>, name: &str, v: &VersionRecord) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, mode, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, mode, created_at, updated_at, \
+             unwrap_count, last_unwrap_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(name)
         .bind(i64::from(v.version))
@@ -105,6 +140,8 @@ impl SqliteStore {
         .bind(v.mode.as_str())
         .bind(v.created_at)
         .bind(v.updated_at)
+        .bind(to_i64(v.unwrap_count))
+        .bind(v.last_unwrap_at)
         .execute(&mut **tx)
         .await
         .map_err(|e| match &e {
@@ -171,14 +208,6 @@ fn key_from_row(row: &SqliteRow, versions: Vec<VersionRecord>) -> Result<KeyReco
     Ok(record)
 }
 
-/// Columns of `keys`, as a macro so queries stay string literals.
-macro_rules! key_columns {
-    () => {
-        "name, backend, current_version, min_decryption_version, deletion_allowed, labels, \
-         rotation_period_secs, max_wraps_per_version, created_at, updated_at, revision, mode"
-    };
-}
-
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn load_all(&self) -> Result<Vec<KeyRecord>, StoreError> {
@@ -225,30 +254,40 @@ impl KeyStore for SqliteStore {
     }
 
     async fn create(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        let labels = serde_json::to_string(&key.labels).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query(concat!("INSERT INTO keys (", key_columns!(), ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
-            .bind(&key.name)
-            .bind(&key.backend)
-            .bind(i64::from(key.current_version))
-            .bind(i64::from(key.min_decryption_version))
-            .bind(key.deletion_allowed)
-            .bind(labels)
-            .bind(to_i64(key.rotation_period_secs))
-            .bind(to_i64(key.max_wraps_per_version))
-            .bind(key.created_at)
-            .bind(key.updated_at)
-            .bind(to_i64(key.revision))
-            .bind(key.mode.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists(key.name.clone()),
-                _ => unavailable(e),
-            })?;
-        for v in &key.versions {
-            Self::insert_version(&mut tx, &key.name, v).await?;
+        Self::insert_key(&mut tx, key).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn replace_keys(&self, writes: &[KeyReplacement]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for write in writes {
+            let name = &write.record.name;
+            let stored: Option<i64> = sqlx::query_scalar("SELECT revision FROM keys WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            match (stored, write.expected_revision) {
+                (None, None) => {}
+                (Some(_), None) => return Err(StoreError::AlreadyExists(name.clone())),
+                (None, Some(_)) => return Err(StoreError::NotFound(name.clone())),
+                (Some(stored), Some(expected)) if stored != to_i64(expected) => {
+                    return Err(StoreError::Conflict(name.clone()));
+                }
+                (Some(_), Some(_)) => {
+                    sqlx::query("DELETE FROM keys WHERE name = ?")
+                        .bind(name)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+            let mut record = write.record.clone();
+            record.revision = write.expected_revision.map_or(1, |r| r + 1);
+            Self::insert_key(&mut tx, &record).await?;
         }
+        // Dropping the transaction on any error above rolls everything back.
         tx.commit().await.map_err(unavailable)
     }
 

@@ -43,11 +43,9 @@ fn side(root: &Path, name: &str) -> Side {
 /// process, as an operator or a failing disk would).
 fn sql(side: &Side, statement: &str) -> String {
     let db = side.config.parent().unwrap().join("keybroker.sqlite");
-    let script = format!(
-        "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nrows = c.execute(sys.argv[2]).fetchall()\nc.commit()\n\
-         print(rows)"
-    );
-    let out = Command::new("python3").args(["-c", &script, db.to_str().unwrap(), statement]).output().unwrap();
+    let script = "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nrows = c.execute(sys.argv[2]).fetchall()\n\
+                  c.commit()\nprint(rows)";
+    let out = Command::new("python3").args(["-c", script, db.to_str().unwrap(), statement]).output().unwrap();
     assert!(out.status.success(), "sqlite3: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

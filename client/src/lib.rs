@@ -27,6 +27,7 @@ pub mod blob;
 mod cache;
 mod client;
 mod error;
+mod redact;
 mod tls;
 
 pub use cache::CachePolicy;

@@ -12,7 +12,9 @@ pub struct TlsIdentity {
     ca_pem: Vec<u8>,
     cert_pem: Vec<u8>,
     key_pem: zeroize::Zeroizing<Vec<u8>>,
-    domain: String,
+    /// The name the broker's certificate must carry; `None`: the host of
+    /// the URL the client dials.
+    domain: Option<String>,
 }
 
 impl std::fmt::Debug for TlsIdentity {
@@ -22,14 +24,15 @@ impl std::fmt::Debug for TlsIdentity {
 }
 
 impl TlsIdentity {
-    /// An identity from PEM bytes. The name checked against the broker's
-    /// certificate defaults to `localhost`; see [`TlsIdentity::with_domain`].
+    /// An identity from PEM bytes. The broker's certificate is checked
+    /// against the host of the URL dialed (a DNS name or an IP address);
+    /// see [`TlsIdentity::with_domain`] to check another name.
     pub fn from_pem(ca_pem: impl Into<Vec<u8>>, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
         Self {
             ca_pem: ca_pem.into(),
             cert_pem: cert_pem.into(),
             key_pem: zeroize::Zeroizing::new(key_pem.into()),
-            domain: "localhost".to_owned(),
+            domain: None,
         }
     }
 
@@ -40,17 +43,22 @@ impl TlsIdentity {
         Ok(Self::from_pem(read(ca.as_ref())?, read(cert.as_ref())?, read(key.as_ref())?))
     }
 
-    /// Checks the broker's certificate against `domain` instead of
-    /// `localhost`.
+    /// Checks the broker's certificate against `domain` instead of the
+    /// host of the URL (for a broker reached through an address its
+    /// certificate does not name, like a port-forward).
     pub fn with_domain(mut self, domain: impl Into<String>) -> Self {
-        self.domain = domain.into();
+        self.domain = Some(domain.into());
         self
     }
 
     pub(crate) fn tls_config(&self) -> ClientTlsConfig {
-        ClientTlsConfig::new()
+        let config = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .identity(Identity::from_pem(&self.cert_pem, self.key_pem.as_slice()))
-            .domain_name(self.domain.clone())
+            .identity(Identity::from_pem(&self.cert_pem, self.key_pem.as_slice()));
+        // Without a domain, tonic checks the certificate against the URI's host.
+        match &self.domain {
+            Some(domain) => config.domain_name(domain.clone()),
+            None => config,
+        }
     }
 }

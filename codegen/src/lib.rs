@@ -14,6 +14,12 @@ use prost::Message;
 pub const PROTO_FILES: &[&str] =
     &["keybroker/v1/types.proto", "keybroker/v1/key_broker.proto", "keybroker/v1/key_admin.proto"];
 
+/// Messages with a plaintext field: their generated Debug is skipped and
+/// the client crate implements one that redacts the plaintext (the batch
+/// messages hold these as items, so they are redacted too).
+pub const PLAINTEXT_MESSAGES: &[&str] =
+    &[".keybroker.v1.WrapRequest", ".keybroker.v1.UnwrapResponse", ".keybroker.v1.GenerateDataKeyResponse"];
+
 /// Where the generated Rust module goes, relative to the workspace root.
 pub const GENERATED_RS: &str = "client/src/generated/keybroker.v1.rs";
 /// Where the encoded `FileDescriptorSet` (served by reflection) goes.
@@ -44,6 +50,9 @@ pub fn generate(root: &Path) -> Result<Vec<GeneratedFile>> {
         .build_transport(true)
         .server_mod_attribute(".", "#[cfg(feature = \"server\")]")
         .btree_map(".")
+        // Messages that carry a plaintext DEK get a hand-written Debug that
+        // redacts it (client/src/redact.rs), so a `{:?}` never logs a key.
+        .skip_debug(PLAINTEXT_MESSAGES.iter().copied())
         .out_dir(out.path())
         .compile_fds(fds)
         .context("generating Rust code from the descriptor set")?;

@@ -125,7 +125,10 @@ impl Broker {
         let mut ciphertext = Vec::with_capacity(header.len() + plaintext.len() + 64);
         ciphertext.extend_from_slice(&header);
         let version = VersionRef { key, version: current.version, reference: &current.backend_ref };
-        backend.wrap(version, plaintext, Aad { header: &header, context }, &mut ciphertext).await?;
+        backend
+            .wrap(version, plaintext, Aad { header: &header, context }, &mut ciphertext)
+            .await
+            .map_err(|e| e.for_caller(key, current.version))?;
         cached.count_wrap(current.version);
         Ok(Wrapped { ciphertext, key: key.to_owned(), version: current.version })
     }
@@ -160,7 +163,10 @@ impl Broker {
             )));
         }
         let version = VersionRef { key: env.key, version: env.version, reference: &record.backend_ref };
-        let plaintext = backend.unwrap(version, env.payload, Aad { header: env.header, context }).await?;
+        let plaintext = backend
+            .unwrap(version, env.payload, Aad { header: env.header, context })
+            .await
+            .map_err(|e| e.for_caller(env.key, env.version))?;
         if usage == Usage::Counted {
             cached.count_unwrap(env.version, crate::keyring::now());
         }

@@ -322,7 +322,7 @@ pub enum ConfigError {
 /// The environment keybroker reads: the process's, or one a test builds.
 #[derive(Clone, Default)]
 pub struct Environment {
-    vars: BTreeMap<String, String>,
+    vars: BTreeMap<String, zeroize::Zeroizing<String>>,
     all: BTreeMap<String, zeroize::Zeroizing<String>>,
 }
 
@@ -348,23 +348,30 @@ impl Environment {
     {
         let all: BTreeMap<String, zeroize::Zeroizing<String>> =
             vars.into_iter().map(|(k, v)| (k.into(), zeroize::Zeroizing::new(v.into()))).collect();
-        let vars = all
-            .iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-            .map(|(k, v)| (k.clone(), v.as_str().to_owned()))
-            .collect();
+        let vars = all.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
         Self { vars, all }
     }
 
     /// The value of one variable.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.vars.get(name).map(String::as_str)
+        self.vars.get(name).map(|v| v.as_str())
     }
 
     /// Any variable of the environment this was read from (for settings
     /// that name a variable, like a pkcs11 backend's `pin_env`).
-    pub fn get_any(&self, name: &str) -> Option<String> {
-        self.all.get(name).map(|v| v.as_str().to_owned())
+    pub fn get_any(&self, name: &str) -> Option<Zeroizing<String>> {
+        self.all.get(name).cloned()
+    }
+
+    /// Reads the process environment, then erases `KEYBROKER_ROOT_KEY`
+    /// from it: the value is overwritten where the kernel shows it
+    /// (`/proc/PID/environ`) and the variable removed, so the root key
+    /// lives on only in this zeroized copy. Call it before any other thread
+    /// starts (first thing in `main`).
+    pub fn take_from_process() -> Self {
+        let env = Self::from_process();
+        scrub_process_variable(ENV_ROOT_KEY);
+        env
     }
 
     /// The root key secret from `KEYBROKER_ROOT_KEY`, if set.
@@ -374,6 +381,27 @@ impl Environment {
 
     fn settings(&self) -> impl Iterator<Item = (&str, &str)> {
         self.vars.iter().filter(|(k, _)| !NOT_SETTINGS.contains(&k.as_str())).map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// Overwrites the value of environment variable `name` in place with zeros
+/// and removes the variable.
+#[allow(unsafe_code)]
+fn scrub_process_variable(name: &str) {
+    let Ok(c_name) = std::ffi::CString::new(name) else { return };
+    // SAFETY: called while the process has one thread (the start of main),
+    // so nothing reads or changes the environment meanwhile. getenv returns
+    // a pointer into the environment block, valid and NUL-terminated until
+    // the environment changes; the value's bytes are overwritten in place
+    // (never past the NUL), which is what /proc/PID/environ shows, and only
+    // then is the variable removed.
+    unsafe {
+        let value = libc::getenv(c_name.as_ptr());
+        if !value.is_null() {
+            let len = libc::strlen(value);
+            std::ptr::write_bytes(value.cast::<u8>(), b'0', len);
+        }
+        std::env::remove_var(name);
     }
 }
 
@@ -529,6 +557,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 setting: "limits.max_batch_items",
                 message: "must be at least 1".to_owned(),
+            });
+        }
+        if self.health_check_interval_ms == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "health_check_interval_ms",
+                message: "must be at least 1 (0 would probe the backends in a busy loop)".to_owned(),
             });
         }
         Ok(())

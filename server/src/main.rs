@@ -188,8 +188,7 @@ fn announce(addr: SocketAddr, banner: Option<String>) {
     let _ = out.flush();
 }
 
-async fn start(cli: Cli) -> anyhow::Result<()> {
-    let env = Environment::from_process();
+async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
     let (config, options, data_dir) = match cli.command {
         Command::Dev { data_dir, listen } => {
             let path = dev::prepare(&data_dir, listen)?;
@@ -282,6 +281,8 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts: the root key leaves the process environment.
+    let env = Environment::take_from_process();
     // Two rustls crypto providers are linked (tonic's and sqlx's): pick one
     // before anything builds a TLS config, or rustls refuses to choose.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -292,7 +293,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(start(cli)) {
+    match runtime.block_on(start(cli, env)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("keybroker: {err:#}");

@@ -80,16 +80,15 @@ fn read_pin(
     env: &Environment,
 ) -> Result<zeroize::Zeroizing<String>, StartError> {
     if let Some(file) = pin_file {
-        let text = std::fs::read_to_string(file).map_err(|e| {
+        let text = crate::backend::root_key::read_private_file(file).map_err(|e| {
             StartError::Other(format!("invalid setting `backends.{name}.pin_file`: {}: {e}", file.display()))
         })?;
         return Ok(zeroize::Zeroizing::new(text.trim().to_owned()));
     }
     let var = pin_env.unwrap_or_default();
-    let value = env.get_any(var).ok_or_else(|| {
+    env.get_any(var).ok_or_else(|| {
         StartError::Other(format!("invalid setting `backends.{name}.pin_env`: environment variable {var} is not set"))
-    })?;
-    Ok(zeroize::Zeroizing::new(value))
+    })
 }
 
 /// Builds the remote backends (AWS KMS, PKCS#11) and their hierarchy-mode

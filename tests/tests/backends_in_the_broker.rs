@@ -311,7 +311,8 @@ async fn a_missing_hsm_token_fails_only_its_keys_and_recovers_without_restart() 
     let err = unwrap(&broker, "on-hsm", &sealed.ciphertext).await.unwrap_err();
     println!("unwrap with the token missing failed after {} ms", started.elapsed().as_millis());
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("\"hsm\"") && err.message().contains("kb"), "{}", err.message());
+    assert!(err.message().contains("\"hsm\"") && err.message().contains("\"on-hsm\""), "{}", err.message());
+    assert!(broker.stderr().contains("no token labelled"), "the reason is not in the log");
     let local = wrap(&broker, "on-local", 2).await.unwrap();
     assert_eq!(unwrap(&broker, "on-local", &local.ciphertext).await.unwrap().plaintext, vec![2; 32]);
     assert_eq!(health(&broker, "keybroker.backend.hsm").await, 2, "NOT_SERVING expected");
@@ -387,4 +388,36 @@ async fn a_root_key_sealed_by_aws_kms_or_an_hsm_leaves_no_plaintext_root_key_on_
         let failure = Broker::try_start(&["serve", "--config", config.to_str().unwrap()], &env, &dev).err().unwrap();
         assert!(failure.stderr.contains("unsealing the root key") && failure.stderr.contains(sealer), "{failure}");
     }
+}
+
+/// What AWS KMS says about a failure (ARNs, principals) reaches the
+/// broker's log, not the application: it gets the code and a message
+/// naming the backend, the key and the version.
+#[tokio::test]
+async fn application_callers_see_no_raw_kms_error() {
+    let dir = tempdir();
+    let dev = dev_pki(dir.path());
+    let moto = Moto::start();
+    let config = config_with_backends(dir.path(), &dev, "local", &aws_backend_toml("aws", &moto));
+    let mut conf = String::new();
+    let broker = Broker::serve(&config, &dev, &env_for(None, &mut conf));
+    create(&broker, "on-aws", "aws", pb::KeyMode::Direct).await;
+    let sealed = wrap(&broker, "on-aws", 1).await.unwrap();
+    drop(moto);
+    for err in [
+        wrap(&broker, "on-aws", 2).await.unwrap_err(),
+        unwrap(&broker, "on-aws", &sealed.ciphertext).await.unwrap_err(),
+    ] {
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        let message = err.message();
+        assert!(
+            message.contains("\"aws\"") && message.contains("\"on-aws\"") && message.contains("version 1"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("arn:") && !message.contains("127.0.0.1"),
+            "a raw KMS error reached the caller: {message}"
+        );
+    }
+    assert!(broker.stderr().contains("arn:aws:kms:"), "the details are not in the log");
 }

@@ -125,3 +125,42 @@ async fn the_unix_socket_serves_the_local_uid_as_an_application() {
     assert_eq!(err.code(), Some(Code::PermissionDenied));
     assert!(err.to_string().contains("uid:"), "{err}");
 }
+
+/// The client checks the broker's certificate against the host of the URL
+/// it dials, not against `localhost` whatever the URL says.
+#[tokio::test]
+async fn the_broker_certificate_is_checked_against_the_url_host() {
+    use keybroker_server::tls::pki::{Ca, ClientSpec};
+    let dir = tempdir();
+    let dev = keybroker_tests::dev_pki(dir.path());
+    // A PKI whose server certificate names `localhost` only, not 127.0.0.1.
+    let ca = Ca::generate("url host test CA").unwrap();
+    let server = ca.issue_server(&["localhost"]).unwrap();
+    let app = ca.issue_client(&ClientSpec::new("app", Some("spiffe://keybroker.dev/app"))).unwrap();
+    let tls = dev.join("tls");
+    std::fs::write(tls.join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(tls.join("server.pem"), &server.cert_pem).unwrap();
+    std::fs::write(tls.join("server.key"), server.key_pem.as_str()).unwrap();
+    std::fs::write(tls.join("client.pem"), &app.cert_pem).unwrap();
+    std::fs::write(tls.join("client.key"), app.key_pem.as_str()).unwrap();
+    let broker = Broker::serve(&dev.join("keybroker.toml"), &dev, &[]);
+    let port = broker.addr.port();
+    let quick = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
+
+    let by_ip = Client::mtls(format!("https://127.0.0.1:{port}"), broker.identity("client")).retry(quick.clone());
+    // The table is empty: a call that reaches the broker gets NOT_FOUND;
+    // one refused at the TLS handshake gets something else.
+    let reached = |result: keybroker_client::Result<_>| matches!(result, Err(e) if e.is_not_found());
+    let refused = match by_ip.connect().await {
+        Ok(client) => !reached(client.generate_data_key("absent", 0, &Context::new()).await),
+        Err(_) => true,
+    };
+    assert!(refused, "a certificate for localhost was accepted for 127.0.0.1");
+
+    let by_name = Client::mtls(format!("https://localhost:{port}"), broker.identity("client")).retry(quick.clone());
+    assert!(reached(by_name.connect().await.unwrap().generate_data_key("absent", 0, &Context::new()).await));
+    // An explicit domain still wins over the URL's host.
+    let pinned = broker.identity("client").with_domain("localhost");
+    let pinned = Client::mtls(format!("https://127.0.0.1:{port}"), pinned).retry(quick);
+    assert!(reached(pinned.connect().await.unwrap().generate_data_key("absent", 0, &Context::new()).await));
+}

@@ -72,6 +72,10 @@ async fn serve_reads_the_file_and_environment_overrides() {
     let opened = broker.app().await.unwrap(pb::UnwrapRequest { ciphertext, ..Default::default() }).await.unwrap();
     assert_eq!(opened.into_inner().plaintext, vec![5; 32]);
     assert!(!broker.stderr().contains(secret.trim()), "the root key reached the log");
+    // Nor does it stay in the process environment, where /proc shows it.
+    let environ = std::fs::read(format!("/proc/{}/environ", broker.pid())).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(!environ.contains(secret.trim()), "KEYBROKER_ROOT_KEY is readable in /proc/PID/environ");
 
     // Limits from the environment apply.
     drop(broker);
@@ -118,6 +122,18 @@ async fn bad_settings_fail_at_start_naming_the_setting() {
     fails(good.replace("127.0.0.1:0", "localhost-ish"), &[], &["listen"]);
     fails(config_text("127.0.0.1:0", None), &[], &["KEYBROKER_ROOT_KEY", "root_key.file"]);
     fails(good.clone(), &[("KEYBROKER_LOG", "[[[")], &["log"]);
+    fails(good.clone(), &[("KEYBROKER_HEALTH_CHECK_INTERVAL_MS", "0")], &["health_check_interval_ms", "at least 1"]);
+
+    // An HSM PIN file others can read is refused, like the root key file.
+    let pin = data.join("hsm.pin");
+    std::fs::write(&pin, "1234\n").unwrap();
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let with_hsm = format!(
+        "{good}\n[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"kb\"\npin_file = \"{}\"\n",
+        keybroker_tests::SOFTHSM_MODULE,
+        pin.display()
+    );
+    fails(with_hsm, &[], &["backends.hsm.pin_file", "chmod 600"]);
 
     // A root key file others can read is refused.
     let root = data.join("root.key");

@@ -184,6 +184,7 @@ impl VersionState {
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
+#[prost(skip_debug)]
 pub struct WrapRequest {
     /// Name of the key to wrap under; its current version is used.
     #[prost(string, tag = "1")]
@@ -220,6 +221,7 @@ pub struct UnwrapRequest {
     >,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
 pub struct UnwrapResponse {
     #[prost(bytes = "vec", tag = "1")]
     pub plaintext: ::prost::alloc::vec::Vec<u8>,
@@ -248,6 +250,7 @@ pub struct GenerateDataKeyRequest {
     pub without_plaintext: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
 pub struct GenerateDataKeyResponse {
     /// Empty when `without_plaintext` was set.
     #[prost(bytes = "vec", tag = "1")]

@@ -190,6 +190,29 @@ impl BackendError {
     }
 }
 
+impl BackendError {
+    /// The error an application caller of the data plane sees. What a KMS
+    /// or HSM said (principal and key ARNs, object labels) stays in the
+    /// broker's log; the caller gets the code and a message naming the
+    /// backend, the key and the version.
+    pub fn for_caller(self, key: &str, version: u32) -> ServiceError {
+        let (backend, what) = match &self {
+            BackendError::AuthenticationFailed { .. } => return self.into(),
+            BackendError::Unavailable { backend, .. } => (backend, "is unavailable"),
+            BackendError::Refused { backend, .. } => (backend, "refused the operation"),
+            BackendError::Material { backend, .. } => (backend, "cannot use the key material"),
+            BackendError::NotExportable { backend } => (backend, "does not export key material"),
+            BackendError::Unsupported { backend, .. } => (backend, "does not support the operation"),
+            BackendError::BadImport { backend, .. } => (backend, "cannot import the material"),
+        };
+        tracing::warn!(key, version, error = %self, "backend call failed");
+        ServiceError::new(
+            self.code(),
+            format!("backend {backend:?} {what} for key {key:?} version {version} (details in the broker's log)"),
+        )
+    }
+}
+
 impl From<BackendError> for ServiceError {
     fn from(err: BackendError) -> Self {
         ServiceError::new(err.code(), err.to_string())

@@ -638,7 +638,13 @@ impl KeyBackend for Pkcs11Backend {
                 let id = random_id();
                 let mut template = Self::key_template(&label, &id);
                 template.push(Attribute::Value(value.to_vec()));
-                let handle = session.create_object(&template).map_err(|e| OpError::Ck("C_CreateObject", e))?;
+                let created = session.create_object(&template);
+                for attribute in &mut template {
+                    if let Attribute::Value(copy) = attribute {
+                        zeroize::Zeroize::zeroize(copy);
+                    }
+                }
+                let handle = created.map_err(|e| OpError::Ck("C_CreateObject", e))?;
                 // The new object counts only once it is proven to hold the
                 // material; otherwise it goes, and nothing else changed.
                 if Self::holds(session, handle, &value)? {

@@ -15,6 +15,43 @@ use zeroize::Zeroizing;
 /// data key may take it.
 pub const ROOT_KEY_NAME: &str = "keybroker-root-key";
 
+/// Why a secret file could not be read.
+#[derive(Debug)]
+pub enum PrivateFileError {
+    /// It cannot be read.
+    Io(std::io::Error),
+    /// Others than its owner may read or write it: the mode found.
+    Permissions(u32),
+}
+
+impl std::fmt::Display for PrivateFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrivateFileError::Io(e) => write!(f, "{e}"),
+            PrivateFileError::Permissions(mode) => {
+                write!(f, "it has mode {mode:o}: it must be readable by its owner only (chmod 600)")
+            }
+        }
+    }
+}
+
+/// Reads a file that holds a secret (root key, HSM PIN) into a zeroized
+/// buffer, refusing one that others than its owner may read or write.
+pub fn read_private_file(path: &Path) -> Result<Zeroizing<String>, PrivateFileError> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(PrivateFileError::Io)?;
+    let meta = file.metadata().map_err(PrivateFileError::Io)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PrivateFileError::Permissions(mode));
+    }
+    // Sized up front, so the buffer is never reallocated (a reallocation
+    // would leave a copy of the secret behind, not zeroized).
+    let mut text = Zeroizing::new(String::with_capacity(usize::try_from(meta.len()).unwrap_or(0) + 1));
+    file.read_to_string(&mut text).map_err(PrivateFileError::Io)?;
+    Ok(text)
+}
+
 /// Length of a root key in bytes.
 pub const ROOT_KEY_LEN: usize = 32;
 
@@ -64,12 +101,10 @@ impl std::fmt::Debug for RootKey {
 impl RootKey {
     /// Reads a root key file, refusing one that group or others can access.
     pub fn from_file(path: &Path) -> Result<Self, RootKeyError> {
-        let io = |source| RootKeyError::Io { path: path.to_owned(), source };
-        let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(RootKeyError::Permissions { path: path.to_owned(), mode });
-        }
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+        let text = read_private_file(path).map_err(|e| match e {
+            PrivateFileError::Io(source) => RootKeyError::Io { path: path.to_owned(), source },
+            PrivateFileError::Permissions(mode) => RootKeyError::Permissions { path: path.to_owned(), mode },
+        })?;
         Self::from_base64(&text, &path.display().to_string())
     }
 

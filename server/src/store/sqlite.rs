@@ -84,6 +84,21 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    /// Copies the WAL into the database and truncates it, so the sealed
+    /// material of a destroyed version does not live on in `-wal` (the
+    /// database file itself overwrites freed content: `secure_delete`).
+    async fn checkpoint_wal(&self, key: &str) {
+        let result: Result<(i64, i64, i64), sqlx::Error> =
+            sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&self.pool).await;
+        match result {
+            Ok((0, _, _)) => {}
+            Ok(_) => {
+                tracing::warn!(key, "a version was destroyed, but the SQLite WAL could not be truncated yet (busy)")
+            }
+            Err(err) => tracing::warn!(key, %err, "a version was destroyed, but the SQLite WAL checkpoint failed"),
+        }
+    }
+
     async fn versions_of(
         &self,
         tx: &mut Transaction<'_, Sqlite>,
@@ -352,6 +367,13 @@ impl KeyStore for SqliteStore {
             }
         }
         tx.commit().await.map_err(unavailable)?;
+        let destroyed = key.versions.iter().any(|v| {
+            v.state == VersionState::Destroyed
+                && stored.iter().any(|s| s.version == v.version && s.state != VersionState::Destroyed)
+        });
+        if destroyed {
+            self.checkpoint_wal(&key.name).await;
+        }
         let mut stored = key.clone();
         stored.revision += 1;
         Ok(stored)
@@ -534,6 +556,55 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("kb.sqlite")).await.unwrap();
         crate::store::conformance::run_all(&store).await;
+    }
+
+    /// The sealed material of a destroyed version is in neither the
+    /// database file nor its WAL afterwards.
+    #[tokio::test]
+    async fn destroying_a_version_leaves_its_material_in_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kb.sqlite");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let sealed = b"SEALED-KEK-0123456789-abcdefghij-0123456789-ABCDEFGHIJ-xyz".to_vec();
+        let version = |v: u32, state, reference: Vec<u8>| VersionRecord {
+            version: v,
+            state,
+            backend: "local".into(),
+            backend_ref: BackendRef(reference),
+            mode: KeyMode::Direct,
+            unwrap_count: 0,
+            last_unwrap_at: 0,
+            created_at: 1,
+            updated_at: 1,
+        };
+        let mut key = KeyRecord {
+            name: "k".into(),
+            backend: "local".into(),
+            mode: KeyMode::Direct,
+            current_version: 2,
+            min_decryption_version: 1,
+            deletion_allowed: true,
+            labels: Default::default(),
+            rotation_period_secs: 0,
+            max_wraps_per_version: 0,
+            created_at: 1,
+            updated_at: 1,
+            revision: 1,
+            versions: vec![
+                version(1, VersionState::DecryptOnly, sealed.clone()),
+                version(2, VersionState::Active, vec![2; 61]),
+            ],
+        };
+        store.create(&key).await.unwrap();
+        let holds = |file: &std::path::Path| {
+            std::fs::read(file).unwrap_or_default().windows(sealed.len()).any(|w| w == sealed.as_slice())
+        };
+        let wal = dir.path().join("kb.sqlite-wal");
+        assert!(holds(&path) || holds(&wal), "the test's material was never written");
+        key.versions[0] = version(1, VersionState::Destroyed, Vec::new());
+        store.update(&key).await.unwrap();
+        assert!(!holds(&wal), "the destroyed version's material is still in the WAL");
+        assert!(!holds(&path), "the destroyed version's material is still in the database file");
     }
 
     #[tokio::test]

@@ -20,7 +20,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = Client::mtls(url, tls).connect().await?;
 
     let name = input.file_name().and_then(|n| n.to_str()).unwrap_or("blob").to_owned();
-    let sealer = BlobEncryptor::new(client, "demo").with_context(Context::from([("file".to_owned(), name)]));
+    let context = Context::from([("file".to_owned(), name)]);
+    let sealer = BlobEncryptor::new(client, "demo").with_context(context.clone());
 
     let sealed_path = input.with_extension("kbb");
     let mut reader = tokio::fs::File::open(&input).await?;
@@ -34,10 +35,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::fs::write(&sidecar_path, sidecar.to_json()).await?;
     println!("sidecar {}: key {} v{}", sidecar_path.display(), sidecar.key, sidecar.version);
 
-    let opened = sealer.open(&sealed).await?;
-    if opened.as_slice() != tokio::fs::read(&input).await?.as_slice() {
+    // Opening says which record it expects: a blob of another file is refused.
+    let opened = sealer.open(&sealed, &context).await?;
+    if opened.plaintext.as_slice() != tokio::fs::read(&input).await?.as_slice() {
         return Err("decrypted content differs".into());
     }
-    println!("decrypted {} bytes: identical", opened.len());
+    println!("decrypted {} bytes under context {:?}: identical", opened.plaintext.len(), opened.context);
     Ok(())
 }

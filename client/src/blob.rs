@@ -117,17 +117,24 @@ pub struct BlobHeader {
 }
 
 impl BlobHeader {
-    fn new(sidecar: Sidecar, frame_size: u32) -> Self {
+    fn new(sidecar: Sidecar, frame_size: u32) -> Result<Self> {
+        let json = sidecar.to_json();
+        if json.len() > MAX_SIDECAR_LEN as usize {
+            // read() refuses it: sealing it would make a blob nobody opens.
+            return Err(Error::Blob(format!(
+                "the sidecar is {} bytes, above the {MAX_SIDECAR_LEN} a blob header holds (a smaller context)",
+                json.len()
+            )));
+        }
         let mut message_id = [0u8; 32];
         rand::rng().fill_bytes(&mut message_id);
-        let json = sidecar.to_json();
         let mut bytes = Vec::with_capacity(HEADER_FIXED_LEN + json.len());
         bytes.extend_from_slice(&BLOB_MAGIC);
         bytes.extend_from_slice(&frame_size.to_be_bytes());
         bytes.extend_from_slice(&message_id);
         bytes.extend_from_slice(&(json.len() as u32).to_be_bytes());
         bytes.extend_from_slice(json.as_bytes());
-        Self { sidecar, frame_size, message_id, bytes }
+        Ok(Self { sidecar, frame_size, message_id, bytes })
     }
 
     /// Reads and checks a header from the front of `reader`.
@@ -231,6 +238,46 @@ impl FrameCipher {
     }
 }
 
+/// An opened blob: its plaintext (zeroized on drop) and the encryption
+/// context it was verified under.
+pub struct Opened {
+    /// The blob's content.
+    pub plaintext: Zeroizing<Vec<u8>>,
+    /// The blob's whole context, as proven by the broker.
+    pub context: Context,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened").field("plaintext", &"<redacted>").field("context", &self.context).finish()
+    }
+}
+
+/// The canonical form of a context (pairs sorted by key, unambiguous JSON).
+fn canonical_context(context: &Context) -> String {
+    serde_json::to_string(context).unwrap_or_default()
+}
+
+/// Refuses a blob whose context lacks a pair the caller expects.
+fn check_expected_context(actual: &Context, expected: &Context) -> Result<()> {
+    for (name, value) in expected {
+        match actual.get(name) {
+            Some(v) if v == value => {}
+            Some(v) => {
+                return Err(Error::Blob(format!(
+                    "the blob's context has {name:?} = {v:?}, not the expected {value:?}: it belongs to another record"
+                )));
+            }
+            None => {
+                return Err(Error::Blob(format!(
+                    "the blob's context has no {name:?}; expected {value:?}: it belongs to another record"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Seals and opens blobs under one keybroker key.
 #[derive(Clone)]
 pub struct BlobEncryptor {
@@ -258,7 +305,8 @@ impl BlobEncryptor {
     }
 
     /// The encryption context each blob's DEK is wrapped with (kept in the
-    /// sidecar; opening uses the sidecar's).
+    /// sidecar). Opening checks the sidecar's context against the one the
+    /// caller expects; see [`BlobEncryptor::open`].
     pub fn with_context(mut self, context: Context) -> Self {
         self.context = context;
         self
@@ -307,7 +355,8 @@ impl BlobEncryptor {
     }
 
     async fn unwrap_dek(&self, sidecar: &Sidecar) -> Result<SharedDek> {
-        if let Some(dek) = self.cache.as_ref().and_then(|c| c.get_for_open(&sidecar.wrapped_dek)) {
+        let canonical = canonical_context(&sidecar.context);
+        if let Some(dek) = self.cache.as_ref().and_then(|c| c.get_for_open(&sidecar.wrapped_dek, &canonical)) {
             return Ok(dek);
         }
         let unwrapped = self.client.unwrap(&sidecar.wrapped_dek, &sidecar.context).await?;
@@ -319,7 +368,7 @@ impl BlobEncryptor {
         }
         let dek: SharedDek = Arc::new(unwrapped.plaintext);
         if let Some(cache) = &self.cache {
-            cache.put_for_open(sidecar.wrapped_dek.clone(), dek.clone());
+            cache.put_for_open(sidecar.wrapped_dek.clone(), canonical, dek.clone());
         }
         Ok(dek)
     }
@@ -332,11 +381,16 @@ impl BlobEncryptor {
         Ok(out)
     }
 
-    /// Opens a blob held in memory.
-    pub async fn open(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    /// Opens a blob held in memory. `expected` is the encryption context
+    /// the caller expects (the record or tenant the blob belongs to), or a
+    /// subset of it: every pair must be in the blob's context, or the blob
+    /// is refused before its DEK is unwrapped (a blob moved from another
+    /// record or tenant). The broker then proves the blob's whole context
+    /// against its wrapped DEK; [`Opened::context`] is that verified context.
+    pub async fn open(&self, blob: &[u8], expected: &Context) -> Result<Opened> {
         let mut out = Zeroizing::new(Vec::with_capacity(blob.len()));
-        self.open_stream(&mut &blob[..], &mut *out).await?;
-        Ok(out)
+        let (_, context) = self.open_stream(&mut &blob[..], &mut *out, expected).await?;
+        Ok(Opened { plaintext: out, context })
     }
 
     /// Seals everything `reader` yields into `writer`, a frame at a time;
@@ -351,16 +405,20 @@ impl BlobEncryptor {
         seal_frames(&dek, sidecar, self.frame_size, reader, writer).await
     }
 
-    /// Opens a blob from `reader` into `writer`; returns the plaintext
-    /// length. See the module docs: trust the output only once this is `Ok`.
-    pub async fn open_stream<R, W>(&self, reader: &mut R, writer: &mut W) -> Result<u64>
+    /// Opens a blob from `reader` into `writer`, checking its context
+    /// against `expected` as [`BlobEncryptor::open`] does; returns the
+    /// plaintext length and the verified context. See the module docs: trust
+    /// the output only once this is `Ok`.
+    pub async fn open_stream<R, W>(&self, reader: &mut R, writer: &mut W, expected: &Context) -> Result<(u64, Context)>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let header = BlobHeader::read(reader).await?;
+        check_expected_context(&header.sidecar.context, expected)?;
         let dek = self.unwrap_dek(&header.sidecar).await?;
-        open_frames(&dek, &header, reader, writer).await
+        let len = open_frames(&dek, &header, reader, writer).await?;
+        Ok((len, header.sidecar.context))
     }
 }
 
@@ -369,7 +427,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let header = BlobHeader::new(sidecar, frame_size);
+    let header = BlobHeader::new(sidecar, frame_size)?;
     let cipher = FrameCipher::new(dek, &header)?;
     writer.write_all(&header.bytes).await?;
     let size = frame_size as usize;
@@ -450,6 +508,25 @@ mod tests {
 
     fn sidecar() -> Sidecar {
         Sidecar { key: "k".into(), version: 3, wrapped_dek: vec![1, 2, 3], context: Context::new() }
+    }
+
+    #[tokio::test]
+    async fn a_sidecar_too_large_for_read_is_refused_at_seal() {
+        let mut big = sidecar();
+        big.context.insert("note".into(), "x".repeat(MAX_SIDECAR_LEN as usize));
+        let mut out = Vec::new();
+        let err = seal_frames(&[7u8; 32], big, 1024, &mut &b"data"[..], &mut out).await.unwrap_err();
+        assert!(err.to_string().contains("a blob header holds"), "{err}");
+        assert!(out.is_empty(), "a blob nobody can open was written");
+    }
+
+    #[test]
+    fn the_expected_context_must_be_a_subset_of_the_blobs() {
+        let actual = Context::from([("tenant".to_owned(), "a".to_owned()), ("record".to_owned(), "7".to_owned())]);
+        assert!(check_expected_context(&actual, &Context::from([("tenant".to_owned(), "a".to_owned())])).is_ok());
+        assert!(check_expected_context(&actual, &actual).is_ok());
+        assert!(check_expected_context(&actual, &Context::from([("tenant".to_owned(), "b".to_owned())])).is_err());
+        assert!(check_expected_context(&actual, &Context::from([("user".to_owned(), "a".to_owned())])).is_err());
     }
 
     async fn sealed(dek: &[u8], data: &[u8], frame: u32) -> Vec<u8> {

@@ -64,7 +64,9 @@ struct DecryptEntry {
 pub(crate) struct DekCache {
     policy: CachePolicy,
     seal: Mutex<HashMap<String, EncryptEntry>>,
-    open: Mutex<HashMap<Vec<u8>, DecryptEntry>>,
+    /// By wrapped DEK and canonical context: a DEK unwrapped under one
+    /// context is never handed to a blob that claims another.
+    open: Mutex<HashMap<(Vec<u8>, String), DecryptEntry>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -104,22 +106,24 @@ impl DekCache {
         seal.insert(id, EncryptEntry { dek, sidecar, created: Instant::now(), messages: 1, bytes: len });
     }
 
-    /// The DEK of a wrapped DEK unwrapped recently enough.
-    pub(crate) fn get_for_open(&self, wrapped: &[u8]) -> Option<SharedDek> {
+    /// The DEK of a wrapped DEK unwrapped under `context` (canonical form)
+    /// recently enough.
+    pub(crate) fn get_for_open(&self, wrapped: &[u8], context: &str) -> Option<SharedDek> {
         let mut open = lock(&self.open);
-        let entry = open.get(wrapped)?;
+        let id = (wrapped.to_vec(), context.to_owned());
+        let entry = open.get(&id)?;
         if entry.created.elapsed() < self.policy.max_age {
             return Some(entry.dek.clone());
         }
-        open.remove(wrapped);
+        open.remove(&id);
         None
     }
 
-    /// Caches an unwrapped DEK.
-    pub(crate) fn put_for_open(&self, wrapped: Vec<u8>, dek: SharedDek) {
+    /// Caches a DEK unwrapped under `context` (canonical form).
+    pub(crate) fn put_for_open(&self, wrapped: Vec<u8>, context: String, dek: SharedDek) {
         let mut open = lock(&self.open);
         evict_oldest(&mut open, self.policy.capacity, |e| e.created);
-        open.insert(wrapped, DecryptEntry { dek, created: Instant::now() });
+        open.insert((wrapped, context), DecryptEntry { dek, created: Instant::now() });
     }
 }
 
@@ -131,5 +135,20 @@ fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(
     while map.len() >= capacity.max(1) {
         let Some(oldest) = map.iter().min_by_key(|(_, v)| age(v)).map(|(k, _)| k.clone()) else { return };
         map.remove(&oldest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unwrapped_dek_is_only_reused_under_the_same_context() {
+        let cache = DekCache::new(CachePolicy::new(Duration::from_secs(60)));
+        let dek: SharedDek = Arc::new(Zeroizing::new(vec![9; 32]));
+        cache.put_for_open(b"wrapped".to_vec(), r#"{"tenant":"a"}"#.to_owned(), dek);
+        assert!(cache.get_for_open(b"wrapped", r#"{"tenant":"a"}"#).is_some());
+        assert!(cache.get_for_open(b"wrapped", r#"{"tenant":"b"}"#).is_none(), "a DEK crossed tenants");
+        assert!(cache.get_for_open(b"wrapped", "{}").is_none());
     }
 }

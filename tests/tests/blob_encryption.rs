@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use keybroker_client::blob::{BlobEncryptor, read_sidecar};
-use keybroker_client::{CachePolicy, Client};
+use keybroker_client::{CachePolicy, Client, Context};
 use keybroker_tests::{Broker, ctx, tempdir};
 
 async fn client(broker: &Broker) -> Client {
@@ -33,21 +33,31 @@ async fn a_large_blob_streams_through_frames_and_back() {
     assert_eq!(sidecar.context, ctx(&[("blob", "b-1")]));
 
     let mut out = Vec::new();
-    assert_eq!(sealer.open_stream(&mut &blob[..], &mut out).await.unwrap(), data.len() as u64);
+    let expected = ctx(&[("blob", "b-1")]);
+    let (len, verified) = sealer.open_stream(&mut &blob[..], &mut out, &expected).await.unwrap();
+    assert_eq!((len, verified), (data.len() as u64, expected.clone()));
     assert!(out == data, "round trip changed the data");
 
     // Another encryptor (any key) opens it: the sidecar says what to unwrap.
-    let opener = BlobEncryptor::new(client(&broker).await, "unused");
-    assert!(opener.open(&blob).await.unwrap().as_slice() == data.as_slice());
+    let opener_client = client(&broker).await;
+    let opener = BlobEncryptor::new(opener_client.clone(), "unused");
+    assert!(opener.open(&blob, &expected).await.unwrap().plaintext.as_slice() == data.as_slice());
+    // A blob that belongs to another record is refused before any unwrap.
+    let calls = opener_client.calls();
+    let err = opener.open(&blob, &ctx(&[("blob", "b-2")])).await.unwrap_err();
+    assert!(err.to_string().contains("belongs to another record"), "{err}");
+    let err = opener.open(&blob, &ctx(&[("tenant", "acme")])).await.unwrap_err();
+    assert!(err.to_string().contains("belongs to another record"), "{err}");
+    assert_eq!(opener_client.calls(), calls, "a refused blob still reached the broker");
 
     // Tampering anywhere, and truncation, are refused.
     for at in [10, 60, blob.len() / 2, blob.len() - 3] {
         let mut bad = blob.clone();
         bad[at] ^= 0x40;
-        assert!(opener.open(&bad).await.is_err(), "flip at {at} accepted");
+        assert!(opener.open(&bad, &expected).await.is_err(), "flip at {at} accepted");
     }
-    assert!(opener.open(&blob[..blob.len() - 100]).await.is_err());
-    let err = opener.open(&blob[..blob.len() - 20]).await.unwrap_err();
+    assert!(opener.open(&blob[..blob.len() - 100], &expected).await.is_err());
+    let err = opener.open(&blob[..blob.len() - 20], &expected).await.unwrap_err();
     assert!(err.to_string().contains("truncated"), "{err}");
 }
 
@@ -74,12 +84,13 @@ async fn the_dek_cache_cuts_broker_round_trips_within_its_limits() {
     }
     assert_eq!(cached_client.calls(), 1, "one GenerateDataKey for {blobs} blobs");
     for (i, blob) in cached_blobs.iter().enumerate() {
-        assert_eq!(cached.open(blob).await.unwrap().as_slice(), format!("record {i}").as_bytes());
+        let opened = cached.open(blob, &Context::new()).await.unwrap();
+        assert_eq!(opened.plaintext.as_slice(), format!("record {i}").as_bytes());
     }
     assert_eq!(cached_client.calls(), 2, "one Unwrap for {blobs} blobs sharing a DEK");
     // Uncached blobs opened through the cache: one Unwrap each (distinct DEKs).
     for blob in sealed.iter().take(10) {
-        cached.open(blob).await.unwrap();
+        cached.open(blob, &Context::new()).await.unwrap();
     }
     assert_eq!(cached_client.calls(), 12);
 

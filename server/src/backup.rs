@@ -340,6 +340,10 @@ pub async fn restore(
                 mode,
                 unwrap_count: 0,
                 last_unwrap_at: 0,
+                wrap_count: 0,
+                rewrap_in_count: 0,
+                rewrap_out_count: 0,
+                last_wrap_at: 0,
                 created_at: v.created_at,
                 updated_at: v.created_at,
             });

@@ -11,7 +11,7 @@ use crate::backend::{Aad, VersionRef};
 use crate::config::LimitsConfig;
 use crate::envelope::{self, write_header};
 use crate::error::{ServiceError, ServiceResult};
-use crate::keyring::{Keyring, check_key_name};
+use crate::keyring::{Count, Keyring, check_key_name};
 
 /// Context keys keybroker reserves for itself (the AWS KMS backend adds
 /// `keybroker:header`).
@@ -105,6 +105,18 @@ impl Broker {
         plaintext: &[u8],
         context: &BTreeMap<String, String>,
     ) -> ServiceResult<Wrapped> {
+        self.wrap_as(key, plaintext, context, Count::Wraps).await
+    }
+
+    /// Wraps, counting the new DEK under the version as `count` (a wrap,
+    /// or a rewrap into it).
+    async fn wrap_as(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        context: &BTreeMap<String, String>,
+        count: Count,
+    ) -> ServiceResult<Wrapped> {
         if plaintext.is_empty() {
             return Err(ServiceError::invalid("plaintext is empty"));
         }
@@ -129,7 +141,7 @@ impl Broker {
             .wrap(version, plaintext, Aad { header: &header, context }, &mut ciphertext)
             .await
             .map_err(|e| e.for_caller(key, current.version))?;
-        cached.count_wrap(current.version);
+        cached.count(current.version, count);
         Ok(Wrapped { ciphertext, key: key.to_owned(), version: current.version })
     }
 
@@ -210,6 +222,12 @@ impl Broker {
         // version from being retired once the rewrap pass is done.
         let unwrapped = self.open(ciphertext, context, Usage::NotCounted).await?;
         let target = if target_key.is_empty() { unwrapped.key.as_str() } else { target_key };
-        self.wrap(target, &unwrapped.plaintext, context).await
+        let wrapped = self.wrap_as(target, &unwrapped.plaintext, context, Count::RewrapsIn).await?;
+        // The DEK moved off its version: one fewer outstanding there.
+        self.keyring
+            .key_for_version(&unwrapped.key, unwrapped.version)
+            .await?
+            .count(unwrapped.version, Count::RewrapsOut);
+        Ok(wrapped)
     }
 }

@@ -27,15 +27,28 @@ pub const DEFAULT_RETIREMENT_WINDOW_SECS: i64 = 24 * 3600;
 /// caller gets `ABORTED`.
 const UPDATE_ATTEMPTS: usize = 5;
 
+/// What a broker counts per version, flushed to the store in batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// Unwraps (a use of the version by an application).
+    Unwraps = 0,
+    /// DEKs wrapped under the version (Wrap, GenerateDataKey).
+    Wraps = 1,
+    /// DEKs rewrapped into the version.
+    RewrapsIn = 2,
+    /// DEKs rewrapped out of the version.
+    RewrapsOut = 3,
+}
+
+const COUNTS: usize = 4;
+
 /// Per-version counters of a cached key.
 #[derive(Debug, Default)]
 struct VersionCounters {
-    /// Wraps by this broker since it started.
-    wraps: AtomicU64,
-    /// Unwraps not yet written to the store.
-    pending_unwraps: AtomicU64,
-    /// Unwraps written to the store since the record was loaded.
-    flushed_unwraps: AtomicU64,
+    /// Counts not yet written to the store, by [`Count`].
+    pending: [AtomicU64; COUNTS],
+    /// Counts written to the store since the record was loaded.
+    flushed: [AtomicU64; COUNTS],
     /// Latest unwrap seen by this broker, Unix seconds.
     last_unwrap: AtomicI64,
 }
@@ -56,12 +69,12 @@ impl CachedKey {
             .enumerate()
             .map(|(i, _)| {
                 let old = previous.and_then(|p| p.counters.get(i));
-                let load = |f: fn(&VersionCounters) -> &AtomicU64| old.map_or(0, |c| f(c).load(Ordering::Relaxed));
                 VersionCounters {
-                    wraps: AtomicU64::new(load(|c| &c.wraps)),
-                    // Unflushed unwraps carry over; flushed ones are in the new record.
-                    pending_unwraps: AtomicU64::new(load(|c| &c.pending_unwraps)),
-                    flushed_unwraps: AtomicU64::new(0),
+                    // Unflushed counts carry over; flushed ones are in the new record.
+                    pending: std::array::from_fn(|c| {
+                        AtomicU64::new(old.map_or(0, |o| o.pending[c].load(Ordering::Relaxed)))
+                    }),
+                    flushed: Default::default(),
                     last_unwrap: AtomicI64::new(old.map_or(0, |c| c.last_unwrap.load(Ordering::Relaxed))),
                 }
             })
@@ -73,21 +86,52 @@ impl CachedKey {
         version.checked_sub(1).and_then(|i| self.counters.get(i as usize))
     }
 
+    /// Counts one event of `count` under `version`.
+    pub fn count(&self, version: u32, count: Count) {
+        if let Some(c) = self.counters(version) {
+            c.pending[count as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts an unwrap under `version` at `now` (Unix seconds).
     pub fn count_unwrap(&self, version: u32, now: i64) {
         if let Some(c) = self.counters(version) {
-            c.pending_unwraps.fetch_add(1, Ordering::Relaxed);
+            c.pending[Count::Unwraps as usize].fetch_add(1, Ordering::Relaxed);
             c.last_unwrap.fetch_max(now, Ordering::Relaxed);
         }
     }
 
-    /// Unwraps under `version`, across every broker sharing the table (as of
-    /// their last flush) plus this broker's unflushed ones.
-    pub fn unwrap_count(&self, version: u32) -> u64 {
-        let stored = self.record.version(version).map_or(0, |v| v.unwrap_count);
+    /// Events of `count` under `version`, across every broker sharing the
+    /// table (as of their last flush) plus this broker's unflushed ones.
+    pub fn total(&self, version: u32, count: Count) -> u64 {
+        let stored = self.record.version(version).map_or(0, |v| match count {
+            Count::Unwraps => v.unwrap_count,
+            Count::Wraps => v.wrap_count,
+            Count::RewrapsIn => v.rewrap_in_count,
+            Count::RewrapsOut => v.rewrap_out_count,
+        });
         self.counters(version).map_or(stored, |c| {
-            stored + c.flushed_unwraps.load(Ordering::Relaxed) + c.pending_unwraps.load(Ordering::Relaxed)
+            stored
+                + c.flushed[count as usize].load(Ordering::Relaxed)
+                + c.pending[count as usize].load(Ordering::Relaxed)
         })
+    }
+
+    /// Unwraps under `version` (see [`CachedKey::total`]).
+    pub fn unwrap_count(&self, version: u32) -> u64 {
+        self.total(version, Count::Unwraps)
+    }
+
+    /// Wraps under `version` (see [`CachedKey::total`]).
+    pub fn wrap_count(&self, version: u32) -> u64 {
+        self.total(version, Count::Wraps)
+    }
+
+    /// DEKs that still depend on `version`: wrapped under it plus
+    /// rewrapped into it, minus rewrapped out of it.
+    pub fn outstanding(&self, version: u32) -> u64 {
+        (self.total(version, Count::Wraps) + self.total(version, Count::RewrapsIn))
+            .saturating_sub(self.total(version, Count::RewrapsOut))
     }
 
     /// Latest unwrap under `version`, Unix seconds (0 = never).
@@ -104,18 +148,6 @@ impl CachedKey {
                 self.record.name, self.record.current_version
             ))
         })
-    }
-
-    /// Counts a wrap under `version`.
-    pub fn count_wrap(&self, version: u32) {
-        if let Some(c) = self.counters(version) {
-            c.wraps.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Wraps counted under `version` by this broker since it started.
-    pub fn wrap_count(&self, version: u32) -> u64 {
-        self.counters(version).map_or(0, |c| c.wraps.load(Ordering::Relaxed))
     }
 
     /// The record of `version` if it may unwrap: it exists, is neither
@@ -237,41 +269,42 @@ impl Keyring {
         self.retirement_window_secs.store(seconds, Ordering::Relaxed);
     }
 
-    /// Writes this broker's unflushed unwrap counts to the store.
+    /// Writes this broker's unflushed counts to the store.
     pub async fn flush_usage(&self) -> ServiceResult<()> {
         let keys: Vec<Arc<CachedKey>> = self.read_cache().values().cloned().collect();
+        let t = now();
         let mut usage = Vec::new();
         let mut taken = Vec::new();
         for key in &keys {
             for (i, c) in key.counters.iter().enumerate() {
-                let n = c.pending_unwraps.swap(0, Ordering::Relaxed);
-                if n > 0 {
-                    let version = i as u32 + 1;
-                    usage.push(UsageRecord {
-                        key: key.record.name.clone(),
-                        version,
-                        unwraps: n,
-                        last_unwrap_at: c.last_unwrap.load(Ordering::Relaxed),
-                    });
-                    taken.push((key.clone(), i, n));
+                let n: [u64; COUNTS] = std::array::from_fn(|k| c.pending[k].swap(0, Ordering::Relaxed));
+                if n.iter().all(|v| *v == 0) {
+                    continue;
                 }
+                let made = n[Count::Wraps as usize] + n[Count::RewrapsIn as usize];
+                usage.push(UsageRecord {
+                    key: key.record.name.clone(),
+                    version: i as u32 + 1,
+                    unwraps: n[Count::Unwraps as usize],
+                    last_unwrap_at: c.last_unwrap.load(Ordering::Relaxed),
+                    wraps: n[Count::Wraps as usize],
+                    rewraps_in: n[Count::RewrapsIn as usize],
+                    rewraps_out: n[Count::RewrapsOut as usize],
+                    // Wraps are timed at the flush, not on the hot path.
+                    last_wrap_at: if made > 0 { t } else { 0 },
+                });
+                taken.push((key.clone(), i, n));
             }
         }
-        match self.store.record_usage(&usage).await {
-            Ok(()) => {
-                for (key, i, n) in taken {
-                    key.counters[i].flushed_unwraps.fetch_add(n, Ordering::Relaxed);
-                }
-                Ok(())
-            }
-            Err(err) => {
-                // Keep the counts for the next flush.
-                for (key, i, n) in taken {
-                    key.counters[i].pending_unwraps.fetch_add(n, Ordering::Relaxed);
-                }
-                Err(err.into())
+        let result = self.store.record_usage(&usage).await;
+        for (key, i, n) in taken {
+            for (k, v) in n.iter().enumerate() {
+                // Written: count them as flushed; failed: keep them for the next flush.
+                let into = if result.is_ok() { &key.counters[i].flushed[k] } else { &key.counters[i].pending[k] };
+                into.fetch_add(*v, Ordering::Relaxed);
             }
         }
+        result.map_err(Into::into)
     }
 
     /// Refuses to retire `versions` of `record` when one was unwrapped within
@@ -286,6 +319,20 @@ impl Keyring {
         let cached = self.read_cache().get(&record.name).cloned();
         let t = now();
         for version in versions {
+            let Some(v) = record.version(version) else { continue };
+            // The store's counts (this broker flushed its own just before).
+            let outstanding = v.outstanding();
+            if outstanding > 0 && v.state != VersionState::Destroyed {
+                return Err(ServiceError::precondition(format!(
+                    "version {version} of key {:?} still has {outstanding} outstanding DEKs (wrapped {}, rewrapped in \
+                     {}, rewrapped out {}; the last made {}): rewrap them first (keybroker rewrap), or {what} with force",
+                    record.name,
+                    v.wrap_count,
+                    v.rewrap_in_count,
+                    v.rewrap_out_count,
+                    describe_time(v.last_wrap_at),
+                )));
+            }
             let stored = record.version(version).map_or(0, |v| v.last_unwrap_at);
             let last = cached.as_ref().map_or(stored, |c| stored.max(c.last_unwrap(version)));
             if last > 0 && t - last < window {
@@ -365,6 +412,21 @@ impl Keyring {
         self.reload(name).await?.ok_or_else(|| ServiceError::key_not_found(name))
     }
 
+    /// A key read fresh from the store (with the counts every broker has
+    /// flushed), for admin reads; the cached record when the store cannot
+    /// be read.
+    pub async fn fresh(&self, name: &str) -> ServiceResult<Arc<CachedKey>> {
+        check_key_name(name)?;
+        match self.reload(name).await {
+            Ok(Some(key)) => Ok(key),
+            Ok(None) => Err(ServiceError::key_not_found(name)),
+            Err(err) => {
+                tracing::warn!(key = name, %err, "version table unreadable; answering from the cache");
+                self.read_cache().get(name).cloned().ok_or(err)
+            }
+        }
+    }
+
     /// A key that should hold `version` (read from a ciphertext): reloaded
     /// from the store when the cached record does not have it yet.
     pub async fn key_for_version(&self, name: &str, version: u32) -> ServiceResult<Arc<CachedKey>> {
@@ -431,6 +493,10 @@ impl Keyring {
                 mode: spec.mode,
                 unwrap_count: 0,
                 last_unwrap_at: 0,
+                wrap_count: 0,
+                rewrap_in_count: 0,
+                rewrap_out_count: 0,
+                last_wrap_at: 0,
                 created_at: t,
                 updated_at: t,
             }],
@@ -503,6 +569,10 @@ impl Keyring {
                 mode: record.mode,
                 unwrap_count: 0,
                 last_unwrap_at: 0,
+                wrap_count: 0,
+                rewrap_in_count: 0,
+                rewrap_out_count: 0,
+                last_wrap_at: 0,
                 created_at: t,
                 updated_at: t,
             });
@@ -764,6 +834,18 @@ impl Keyring {
         })
         .await
     }
+}
+
+/// A Unix time for a message: RFC 3339 and how long ago.
+fn describe_time(unix: i64) -> String {
+    if unix <= 0 {
+        return "at an unrecorded time".to_owned();
+    }
+    let at = time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string());
+    format!("at {at}, {}s ago", (now() - unix).max(0))
 }
 
 /// Erases material made for a version that was never recorded (a lost race

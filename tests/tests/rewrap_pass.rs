@@ -65,6 +65,20 @@ async fn the_rewrap_pass_moves_every_sidecar_to_the_current_version_and_resumes(
         assert_eq!(new_dek.version, 2);
     }
     assert!(!walk_names(&data).iter().any(|n| n.ends_with(".tmp")), "a temporary file was left behind");
+    // The finished pass leaves no DEK depending on v1 (counts are flushed
+    // to the table about every second).
+    let mut admin = broker.admin().await;
+    let mut v1 = None;
+    for _ in 0..30 {
+        let key = admin.get_key(pb::GetKeyRequest { key: "demo".into() }).await.unwrap().into_inner();
+        v1 = Some(key.versions[0].clone());
+        if key.versions[0].rewrapped_out == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let v1 = v1.unwrap();
+    assert_eq!((v1.wrap_count, v1.rewrapped_out, v1.outstanding_deks), (200, 200, 0), "{v1:?}");
 
     // A second rotation: the checkpoint of the first pass must not make
     // the next pass skip anything (it used to report "done by an earlier

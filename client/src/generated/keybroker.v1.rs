@@ -48,7 +48,8 @@ pub struct KeyVersion {
     pub backend: ::prost::alloc::string::String,
     #[prost(int64, tag = "4")]
     pub created_at_unix_seconds: i64,
-    /// Wraps made under this version since the broker started counting.
+    /// DEKs wrapped under this version (Wrap, GenerateDataKey), all brokers
+    /// sharing the table (flushed about every second).
     #[prost(uint64, tag = "5")]
     pub wrap_count: u64,
     /// Whether this version's backend passes its health check.
@@ -68,6 +69,19 @@ pub struct KeyVersion {
     /// proof that a rewrap pass is complete before a version is retired.
     #[prost(int64, tag = "10")]
     pub last_unwrap_unix_seconds: i64,
+    /// DEKs rewrapped into this version from another one.
+    #[prost(uint64, tag = "11")]
+    pub rewrapped_in: u64,
+    /// DEKs rewrapped out of this version into another one.
+    #[prost(uint64, tag = "12")]
+    pub rewrapped_out: u64,
+    /// DEKs that still depend on this version: wrap_count + rewrapped_in -
+    /// rewrapped_out. Retiring a version with outstanding DEKs needs force.
+    #[prost(uint64, tag = "13")]
+    pub outstanding_deks: u64,
+    /// Last wrap or rewrap into this version, Unix seconds; 0 if never.
+    #[prost(int64, tag = "14")]
+    pub last_wrap_unix_seconds: i64,
 }
 /// When a key rotates on its own. Zero means "no limit".
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

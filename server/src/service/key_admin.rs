@@ -94,7 +94,7 @@ impl KeyAdmin for KeyAdminService {
 
     async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
         let req = request.get_ref();
-        respond(self.keyring.key(&req.key).await.map(|k| self.message(&k)))
+        respond(self.keyring.fresh(&req.key).await.map(|k| self.message(&k)))
     }
 
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {

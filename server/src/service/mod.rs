@@ -14,7 +14,7 @@ use crate::auth;
 use crate::backend::Backends;
 use crate::backend::health::HealthBoard;
 use crate::error::ServiceError;
-use crate::keyring::CachedKey;
+use crate::keyring::{CachedKey, Count};
 use crate::store::{KeyMode, VersionState};
 
 /// Converts a cached key into its API message, with the health of the
@@ -43,6 +43,10 @@ pub fn key_message(key: &CachedKey, backends: &Backends, board: &HealthBoard) ->
                 mode: key_mode(v.mode) as i32,
                 unwrap_count: key.unwrap_count(v.version),
                 last_unwrap_unix_seconds: key.last_unwrap(v.version),
+                rewrapped_in: key.total(v.version, Count::RewrapsIn),
+                rewrapped_out: key.total(v.version, Count::RewrapsOut),
+                outstanding_deks: key.outstanding(v.version),
+                last_wrap_unix_seconds: v.last_wrap_at,
             })
             .collect(),
         deletion_allowed: r.deletion_allowed,

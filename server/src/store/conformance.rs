@@ -13,6 +13,10 @@ fn version(v: u32, state: VersionState) -> VersionRecord {
         mode: if v.is_multiple_of(2) { KeyMode::Hierarchy } else { KeyMode::Direct },
         unwrap_count: 0,
         last_unwrap_at: 0,
+        wrap_count: 0,
+        rewrap_in_count: 0,
+        rewrap_out_count: 0,
+        last_wrap_at: 0,
         created_at: 1_700_000_000 + i64::from(v),
         updated_at: 1_700_000_000 + i64::from(v),
     }

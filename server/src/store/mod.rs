@@ -96,6 +96,14 @@ pub struct VersionRecord {
     pub unwrap_count: u64,
     /// Last recorded unwrap, Unix seconds (0 = never).
     pub last_unwrap_at: i64,
+    /// DEKs wrapped under this version (Wrap, GenerateDataKey), all brokers.
+    pub wrap_count: u64,
+    /// DEKs rewrapped into this version from another one.
+    pub rewrap_in_count: u64,
+    /// DEKs rewrapped out of this version into another one.
+    pub rewrap_out_count: u64,
+    /// Last recorded wrap or rewrap into this version, Unix seconds.
+    pub last_wrap_at: i64,
     /// Creation time, Unix seconds.
     pub created_at: i64,
     /// Last change, Unix seconds.
@@ -147,8 +155,16 @@ impl KeyRecord {
     }
 }
 
-/// Unwraps to add to a version's usage.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl VersionRecord {
+    /// DEKs that still depend on this version: wrapped under it, plus
+    /// rewrapped into it, minus rewrapped out of it.
+    pub fn outstanding(&self) -> u64 {
+        (self.wrap_count + self.rewrap_in_count).saturating_sub(self.rewrap_out_count)
+    }
+}
+
+/// Counts to add to a version's usage.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UsageRecord {
     /// Key name.
     pub key: String,
@@ -158,6 +174,14 @@ pub struct UsageRecord {
     pub unwraps: u64,
     /// Time of the latest of them, Unix seconds.
     pub last_unwrap_at: i64,
+    /// Wraps since the last flush.
+    pub wraps: u64,
+    /// Rewraps into the version since the last flush.
+    pub rewraps_in: u64,
+    /// Rewraps out of the version since the last flush.
+    pub rewraps_out: u64,
+    /// Time of the latest wrap or rewrap into it, Unix seconds (0 = none).
+    pub last_wrap_at: i64,
 }
 
 /// One key written by [`KeyStore::replace_keys`].
@@ -356,8 +380,8 @@ pub trait KeyStore: Send + Sync + 'static {
     /// `Conflict` for one whose revision moved on; then nothing is written.
     async fn replace_keys(&self, writes: &[KeyReplacement]) -> Result<(), StoreError>;
 
-    /// Adds unwrap counts and raises last-unwrap times; versions that no
-    /// longer exist are ignored. Does not touch revisions.
+    /// Adds unwrap, wrap and rewrap counts and raises the last-use times;
+    /// versions that no longer exist are ignored. Does not touch revisions.
     async fn record_usage(&self, usage: &[UsageRecord]) -> Result<(), StoreError>;
 
     /// Stores a new migration job and its keys (all pending). Returns

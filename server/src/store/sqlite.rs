@@ -26,6 +26,14 @@ macro_rules! key_columns {
     };
 }
 
+/// Columns of `key_versions` read into a [`VersionRecord`] (but `version`).
+macro_rules! version_columns {
+    () => {
+        "state, backend, backend_ref, mode, unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, \
+         rewrap_out_count, last_wrap_at, created_at, updated_at"
+    };
+}
+
 /// A version table in one SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -104,10 +112,11 @@ impl SqliteStore {
         tx: &mut Transaction<'_, Sqlite>,
         name: &str,
     ) -> Result<Vec<VersionRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT version, state, backend, backend_ref, mode, unwrap_count, last_unwrap_at, created_at, updated_at \
-             FROM key_versions WHERE key_name = ? ORDER BY version",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT version, ",
+            version_columns!(),
+            " FROM key_versions WHERE key_name = ? ORDER BY version"
+        ))
         .bind(name)
         .fetch_all(&mut **tx)
         .await
@@ -145,7 +154,8 @@ impl SqliteStore {
     async fn insert_version(tx: &mut Transaction<'_, Sqlite>, name: &str, v: &VersionRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, mode, created_at, updated_at, \
-             unwrap_count, last_unwrap_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, rewrap_out_count, last_wrap_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(name)
         .bind(i64::from(v.version))
@@ -157,6 +167,10 @@ impl SqliteStore {
         .bind(v.updated_at)
         .bind(to_i64(v.unwrap_count))
         .bind(v.last_unwrap_at)
+        .bind(to_i64(v.wrap_count))
+        .bind(to_i64(v.rewrap_in_count))
+        .bind(to_i64(v.rewrap_out_count))
+        .bind(v.last_wrap_at)
         .execute(&mut **tx)
         .await
         .map_err(|e| match &e {
@@ -173,14 +187,21 @@ fn version_from_row(name: &str, row: &SqliteRow) -> Result<VersionRecord, StoreE
     let state: String = row.try_get("state").map_err(get_err)?;
     let mode: String = row.try_get("mode").map_err(get_err)?;
     let version: i64 = row.try_get("version").map_err(get_err)?;
+    let count = |col: &str| -> Result<u64, StoreError> {
+        Ok(u64::try_from(row.try_get::<i64, _>(col).map_err(get_err)?).unwrap_or(0))
+    };
     Ok(VersionRecord {
         version: u32::try_from(version).map_err(|_| corrupt(format!("version {version}")))?,
         state: VersionState::parse(&state).ok_or_else(|| corrupt(format!("state {state:?}")))?,
         backend: row.try_get("backend").map_err(get_err)?,
         backend_ref: BackendRef(row.try_get("backend_ref").map_err(get_err)?),
         mode: KeyMode::parse(&mode).ok_or_else(|| corrupt(format!("mode {mode:?}")))?,
-        unwrap_count: u64::try_from(row.try_get::<i64, _>("unwrap_count").map_err(get_err)?).unwrap_or(0),
+        unwrap_count: count("unwrap_count")?,
         last_unwrap_at: row.try_get("last_unwrap_at").map_err(get_err)?,
+        wrap_count: count("wrap_count")?,
+        rewrap_in_count: count("rewrap_in_count")?,
+        rewrap_out_count: count("rewrap_out_count")?,
+        last_wrap_at: row.try_get("last_wrap_at").map_err(get_err)?,
         created_at: row.try_get("created_at").map_err(get_err)?,
         updated_at: row.try_get("updated_at").map_err(get_err)?,
     })
@@ -231,10 +252,11 @@ impl KeyStore for SqliteStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(unavailable)?;
-        let rows = sqlx::query(
-            "SELECT key_name, version, state, backend, backend_ref, mode, unwrap_count, last_unwrap_at, created_at, \
-             updated_at FROM key_versions ORDER BY key_name, version",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT key_name, version, ",
+            version_columns!(),
+            " FROM key_versions ORDER BY key_name, version"
+        ))
         .fetch_all(&mut *tx)
         .await
         .map_err(unavailable)?;
@@ -395,11 +417,17 @@ impl KeyStore for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         for u in usage {
             sqlx::query(
-                "UPDATE key_versions SET unwrap_count = unwrap_count + ?, last_unwrap_at = MAX(last_unwrap_at, ?) \
+                "UPDATE key_versions SET unwrap_count = unwrap_count + ?, last_unwrap_at = MAX(last_unwrap_at, ?), \
+                 wrap_count = wrap_count + ?, rewrap_in_count = rewrap_in_count + ?, \
+                 rewrap_out_count = rewrap_out_count + ?, last_wrap_at = MAX(last_wrap_at, ?) \
                  WHERE key_name = ? AND version = ?",
             )
             .bind(to_i64(u.unwraps))
             .bind(u.last_unwrap_at)
+            .bind(to_i64(u.wraps))
+            .bind(to_i64(u.rewraps_in))
+            .bind(to_i64(u.rewraps_out))
+            .bind(u.last_wrap_at)
             .bind(&u.key)
             .bind(i64::from(u.version))
             .execute(&mut *tx)
@@ -574,6 +602,10 @@ mod tests {
             mode: KeyMode::Direct,
             unwrap_count: 0,
             last_unwrap_at: 0,
+            wrap_count: 0,
+            rewrap_in_count: 0,
+            rewrap_out_count: 0,
+            last_wrap_at: 0,
             created_at: 1,
             updated_at: 1,
         };

@@ -89,12 +89,12 @@ async fn min_decryption_version_disable_and_destroy_refuse_unwrap_naming_the_ver
     }
     let version_req = |version| pb::KeyVersionRequest { key: "demo".into(), version, force: false };
 
-    // min_decryption_version = 2: v1 refused, v2 opens.
+    // min_decryption_version = 2 (forced: v1 still has its DEK): v1 refused, v2 opens.
     admin
         .set_min_decryption_version(pb::SetMinDecryptionVersionRequest {
             key: "demo".into(),
             min_decryption_version: 2,
-            force: false,
+            force: true,
         })
         .await
         .unwrap();
@@ -143,11 +143,11 @@ async fn min_decryption_version_disable_and_destroy_refuse_unwrap_naming_the_ver
         })
         .await
         .unwrap();
-    // v3 was just unwrapped: destroying it now is refused (its data is not
-    // rewrapped), unless forced.
+    // v3 still has its DEK (not rewrapped): destroying it now is refused,
+    // unless forced.
     let err = admin.destroy_key_version(version_req(3)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("version 3") && err.message().contains("retirement window"), "{}", err.message());
+    assert!(err.message().contains("version 3") && err.message().contains("outstanding DEK"), "{}", err.message());
     let key =
         admin.destroy_key_version(pb::KeyVersionRequest { force: true, ..version_req(3) }).await.unwrap().into_inner();
     assert_eq!(key.versions[2].state, pb::VersionState::Destroyed as i32);

@@ -129,7 +129,7 @@ async fn bad_settings_fail_at_start_naming_the_setting() {
     std::fs::write(&pin, "1234\n").unwrap();
     std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o644)).unwrap();
     let with_hsm = format!(
-        "{good}\n[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"kb\"\npin_file = \"{}\"\n",
+        "{good}\n[backends.local]\ntype = \"local\"\n\n[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"kb\"\npin_file = \"{}\"\n",
         keybroker_tests::SOFTHSM_MODULE,
         pin.display()
     );

@@ -8,12 +8,12 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use keybroker_server::auth::{Peer, PeerInfo, Plane, require};
 use keybroker_server::backend::local::LocalBackend;
 use keybroker_server::backend::root_key::RootKey;
 use keybroker_server::backend::{Aad, Backends, KeyBackend, VersionRef};
-use keybroker_server::envelope::{Algorithm, additional_data, parse, write_header};
-use keybroker_server::keyring::{Keyring, NewKey};
+use keybroker_server::core::envelope::{Algorithm, additional_data, parse, write_header};
+use keybroker_server::core::keyring::{Keyring, NewKey};
+use keybroker_server::security::identity::{Peer, PeerInfo, Plane, require};
 use keybroker_server::store::sqlite::SqliteStore;
 
 fn root() -> RootKey {

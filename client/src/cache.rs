@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
-use crate::blob::Sidecar;
+use crate::sidecar::Sidecar;
 
 /// How long and how much one cached data key may be used.
 #[derive(Debug, Clone)]

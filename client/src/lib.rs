@@ -28,6 +28,7 @@ mod cache;
 mod client;
 mod error;
 mod redact;
+mod sidecar;
 mod tls;
 
 pub use cache::CachePolicy;

@@ -497,7 +497,7 @@ impl Config {
                 ),
             });
         }
-        if self.backends.keys().any(|name| !crate::envelope::is_valid_key_name(name)) {
+        if self.backends.keys().any(|name| !crate::core::envelope::is_valid_key_name(name)) {
             return Err(ConfigError::Invalid {
                 setting: "backends",
                 message: "backend names are 1..=128 characters of [A-Za-z0-9._-]".to_owned(),

@@ -1,26 +1,21 @@
 //! keybroker: a gRPC key broker for envelope encryption.
 //!
-//! The folder tree is the architecture: [`envelope`] (ciphertext format),
+//! The folder tree is the architecture, from the door inward: [`api`] (the
+//! front doors: gRPC, and where connections come from), [`core`] (envelope,
+//! data plane, cached version table and key lifecycle, migration),
 //! [`backend`] (where KEKs live, one file per backend), [`store`] (the
-//! version table, one file per database), [`keyring`] (cache + key lifecycle
-//! rules), [`broker`] (data-plane operations), [`service`] (gRPC), [`tls`]
-//! and [`auth`] (mTLS and roles), [`config`], [`error`] (the one mapping to
-//! gRPC codes), [`server`] (assembly), [`dev`] (`keybroker dev`).
+//! version table, one file per database), [`security`] (mTLS, identities
+//! and roles), [`tools`] (commands that do not serve); then [`config`],
+//! [`error`] (the one mapping to gRPC codes), [`material`] (what backends
+//! and stores share) and [`server`] (assembly).
 
-pub mod auth;
+pub mod api;
 pub mod backend;
-pub mod backup;
-pub mod broker;
 pub mod config;
-pub mod dev;
-pub mod envelope;
+pub mod core;
 pub mod error;
-pub mod keyring;
-pub mod listener;
-pub mod migration;
-pub mod offline;
-pub mod rewrap;
+pub mod material;
+pub mod security;
 pub mod server;
-pub mod service;
 pub mod store;
-pub mod tls;
+pub mod tools;

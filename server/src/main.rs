@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keybroker_server::config::{Config, ENV_CONFIG, Environment};
+use keybroker_server::server;
 use keybroker_server::store::ConflictMode;
-use keybroker_server::{backup, dev, offline, server};
+use keybroker_server::tools::{backup, dev, offline};
 use tracing_subscriber::EnvFilter;
 
 /// keybroker: a gRPC key broker for envelope encryption.
@@ -206,8 +207,8 @@ async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
         }
         Command::Migrate { from, to, pattern, force, merge, dry_run } => {
             init_logging("warn")?;
-            let from = offline::Side::open(&from, &env).await?;
-            let to = offline::Side::open(&to, &env).await?;
+            let from = server::open_offline(&from, &env).await?;
+            let to = server::open_offline(&to, &env).await?;
             let summary =
                 offline::migrate(&from, &to, &pattern, conflict(force, merge), dry_run, &mut std::io::stdout())
                     .await
@@ -221,7 +222,7 @@ async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
             init_logging("warn")?;
             let key = backup::BundleKey::from_files(passphrase_file.as_deref(), key_file.as_deref())
                 .map_err(anyhow::Error::msg)?;
-            let side = offline::Side::open(&config_path(config)?, &env).await?;
+            let side = server::open_offline(&config_path(config)?, &env).await?;
             let report = backup::backup(&side, &out, &key).await.map_err(anyhow::Error::msg)?;
             println!(
                 "backup written to {}: {} keys, {} versions with material, {} references to a KMS or HSM",
@@ -237,7 +238,7 @@ async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
             init_logging("warn")?;
             let key = backup::BundleKey::from_files(passphrase_file.as_deref(), key_file.as_deref())
                 .map_err(anyhow::Error::msg)?;
-            let side = offline::Side::open(&config_path(config)?, &env).await?;
+            let side = server::open_offline(&config_path(config)?, &env).await?;
             let report = backup::restore(&side, &bundle, &sha256, &key, conflict(force, merge))
                 .await
                 .map_err(anyhow::Error::msg)?;
@@ -252,7 +253,7 @@ async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
             };
             let identity = keybroker_client::TlsIdentity::from_files(ca, cert, key)?;
             let client = keybroker_client::Client::mtls(url, identity).connect_lazy()?;
-            let options = keybroker_server::rewrap::RewrapOptions {
+            let options = keybroker_server::tools::rewrap::RewrapOptions {
                 dir,
                 suffix,
                 batch,
@@ -260,7 +261,8 @@ async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
                 max_files,
                 progress: std::io::stderr().is_terminal(),
             };
-            let summary = keybroker_server::rewrap::rewrap_dir(&client, &options).await.map_err(anyhow::Error::msg)?;
+            let summary =
+                keybroker_server::tools::rewrap::rewrap_dir(&client, &options).await.map_err(anyhow::Error::msg)?;
             print!("{summary}");
             if !summary.failed.is_empty() {
                 anyhow::bail!("{} sidecars were not rewrapped (rerun to retry them)", summary.failed.len());

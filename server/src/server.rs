@@ -13,7 +13,9 @@ use keybroker_client::pb::key_broker_server::KeyBrokerServer;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::auth::{Authorizer, Plane, require};
+use crate::api::grpc::key_admin::KeyAdminService;
+use crate::api::grpc::key_broker::KeyBrokerService;
+use crate::api::listener::{Incoming, bind_unix};
 use crate::backend::aws_kms::{AwsKmsBackend, AwsKmsSettings};
 use crate::backend::health::{HealthBoard, spawn_monitor};
 use crate::backend::hierarchy::HierarchyBackend;
@@ -21,17 +23,15 @@ use crate::backend::local::LocalBackend;
 use crate::backend::pkcs11::{Pkcs11Backend, Pkcs11Settings};
 use crate::backend::root_key::{RootKey, RootKeyError};
 use crate::backend::{Aad, BackendError, BackendRef, Backends, KeyBackend, VersionRef};
-use crate::broker::Broker;
 use crate::config::{BackendConfig, Config, ConfigError, Environment, StoreConfig};
+use crate::core::broker::Broker;
+use crate::core::keyring::{Keyring, NewKey};
+use crate::core::migration::Migrator;
 use crate::error::ServiceError;
-use crate::keyring::{Keyring, NewKey};
-use crate::listener::{Incoming, bind_unix};
-use crate::migration::Migrator;
-use crate::service::key_admin::KeyAdminService;
-use crate::service::key_broker::KeyBrokerService;
+use crate::security::identity::{Authorizer, Plane, require};
+use crate::security::tls::{self, TlsError};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{KeyStore, StoreError, VersionState};
-use crate::tls::{self, TlsError};
 
 /// Why a broker could not start. Each message names the setting or file.
 #[derive(Debug, thiserror::Error)]
@@ -231,7 +231,7 @@ pub async fn create_remote_key(
 ) -> Result<String, StartError> {
     let backends = build_remote_backends(config, env).await?;
     let remote = backends.get(backend).map_err(|e| StartError::Other(e.to_string()))?;
-    crate::keyring::check_key_name(label).map_err(|e| StartError::Other(e.to_string()))?;
+    crate::core::keyring::check_key_name(label).map_err(|e| StartError::Other(e.to_string()))?;
     let reference = remote.create_root_key(label).await.map_err(|e| StartError::Other(e.to_string()))?;
     Ok(remote.backend_key_id(&reference))
 }
@@ -414,4 +414,13 @@ async fn shutdown_signal() {
         }
     }
     tracing::info!("shutdown requested");
+}
+
+/// Opens the version table and backends of the configuration at `path`
+/// without serving (offline migrate, backup, restore).
+pub async fn open_offline(path: &std::path::Path, env: &Environment) -> Result<crate::core::copy::Side, StartError> {
+    let config = Config::load(Some(path), env)?;
+    let backends = build_backends(&config, env).await?;
+    let store = open_store(&config).await?;
+    Ok(crate::core::copy::Side { backends, store, default_backend: config.default_backend })
 }

@@ -241,7 +241,7 @@ pub fn require_tool(name: &str, install: &str) -> PathBuf {
 /// made without starting a broker.
 pub fn dev_pki(dir: &Path) -> PathBuf {
     let dev = dir.join("dev");
-    keybroker_server::dev::prepare(&dev, "127.0.0.1:0".parse().unwrap()).unwrap();
+    keybroker_server::tools::dev::prepare(&dev, "127.0.0.1:0".parse().unwrap()).unwrap();
     dev
 }
 

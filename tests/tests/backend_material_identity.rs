@@ -12,8 +12,8 @@ use keybroker_server::backend::local::LocalBackend;
 use keybroker_server::backend::pkcs11::{Pkcs11Backend, Pkcs11Settings, object_label};
 use keybroker_server::backend::root_key::{ROOT_KEY_NAME, RootKey};
 use keybroker_server::backend::{Aad, BackendRef, Backends, KeyBackend, VersionRef};
+use keybroker_server::core::keyring::{Keyring, NewKey, PolicyChange, VersionChange};
 use keybroker_server::error::ErrorCode;
-use keybroker_server::keyring::{Keyring, NewKey, PolicyChange, VersionChange};
 use keybroker_server::store::sqlite::SqliteStore;
 use keybroker_tests::{Moto, SOFTHSM_MODULE, SOFTHSM_PIN, SoftHsm, tempdir};
 

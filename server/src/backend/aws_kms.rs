@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 use super::{
     AWS_HEADER_CONTEXT_KEY, Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef, with_timeout,
 };
-use crate::envelope::Algorithm;
+use crate::core::envelope::Algorithm;
 
 /// Settings of an `aws-kms` backend.
 #[derive(Debug, Clone)]

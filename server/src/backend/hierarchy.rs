@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 use super::local::{open_payload, seal_payload};
 use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef};
-use crate::envelope::Algorithm;
+use crate::core::envelope::Algorithm;
 
 const REF_FORMAT: u8 = 1;
 const SEAL_DOMAIN: &[u8] = b"keybroker.hierarchy.kek.v1\0";

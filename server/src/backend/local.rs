@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 
 use super::root_key::RootKey;
 use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef};
-use crate::envelope::{Algorithm, GCM_NONCE_LEN, GCM_TAG_LEN};
+use crate::core::envelope::{Algorithm, GCM_NONCE_LEN, GCM_TAG_LEN};
 
 /// Bytes of a KEK.
 pub const KEK_LEN: usize = 32;

@@ -17,9 +17,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
-use crate::envelope::{Algorithm, additional_data};
+use crate::core::envelope::{Algorithm, additional_data};
 use crate::error::{ErrorCode, ServiceError};
-use crate::store::KeyMode;
+pub use crate::material::{BackendRef, KeyMode};
 
 /// The additional authenticated data of a wrap: the envelope header and the
 /// caller's encryption context. AES-GCM backends authenticate
@@ -79,18 +79,6 @@ pub async fn with_timeout<T>(
             backend: backend.to_owned(),
             reason: format!("no answer within {} ms", timeout.as_millis()),
         }),
-    }
-}
-
-/// What a backend needs to find a version's material: for `local`, the KEK
-/// sealed under the root key; for AWS KMS, a key ARN; for PKCS#11, an object
-/// label. Opaque to everyone but the backend; its Debug is redacted.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct BackendRef(pub Vec<u8>);
-
-impl std::fmt::Debug for BackendRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BackendRef(<{} bytes>)", self.0.len())
     }
 }
 

@@ -36,7 +36,7 @@ use zeroize::Zeroizing;
 
 use super::local::open_payload;
 use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef, with_timeout};
-use crate::envelope::{Algorithm, GCM_NONCE_LEN, GCM_TAG_LEN};
+use crate::core::envelope::{Algorithm, GCM_NONCE_LEN, GCM_TAG_LEN};
 
 /// Bytes of the random CKA_ID given to every object this backend makes.
 const OBJECT_ID_LEN: usize = 16;

@@ -2,7 +2,7 @@
 //! [`run_all`] with a fresh, empty store (as kes and quickwit do).
 
 use super::{KeyMode, KeyRecord, KeyReplacement, KeyStore, StoreError, VersionRecord, VersionState};
-use crate::backend::BackendRef;
+use crate::material::BackendRef;
 
 fn version(v: u32, state: VersionState) -> VersionRecord {
     VersionRecord {

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
-use crate::backend::BackendRef;
 use crate::error::{ErrorCode, ServiceError};
+pub use crate::material::{BackendRef, KeyMode};
 
 /// Lifecycle state of a key version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,35 +45,6 @@ impl VersionState {
             "destroyed" => VersionState::Destroyed,
             _ => return None,
         })
-    }
-}
-
-/// How a version holds its material.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum KeyMode {
-    /// Wraps happen inside the backend.
-    #[default]
-    Direct,
-    /// A keybroker-generated KEK sealed by the backend; wraps happen locally.
-    Hierarchy,
-}
-
-impl KeyMode {
-    /// The name stored in the table.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyMode::Direct => "direct",
-            KeyMode::Hierarchy => "hierarchy",
-        }
-    }
-
-    /// Parses a stored name.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "direct" => Some(KeyMode::Direct),
-            "hierarchy" => Some(KeyMode::Hierarchy),
-            _ => None,
-        }
     }
 }
 

@@ -16,7 +16,7 @@ use super::{
     ConflictMode, ItemStatus, JobItem, JobPhase, JobRecord, KeyMode, KeyRecord, KeyReplacement, KeyStore, StoreError,
     UsageRecord, VersionRecord, VersionState,
 };
-use crate::backend::BackendRef;
+use crate::material::BackendRef;
 
 /// Columns of `keys`, as a macro so queries stay string literals.
 macro_rules! key_columns {
@@ -577,7 +577,7 @@ mod tests {
     use crate::backend::Backends;
     use crate::backend::local::LocalBackend;
     use crate::backend::root_key::RootKey;
-    use crate::keyring::{Keyring, NewKey};
+    use crate::core::keyring::{Keyring, NewKey};
 
     #[tokio::test]
     async fn sqlite_passes_the_store_conformance_suite() {

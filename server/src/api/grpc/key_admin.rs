@@ -13,9 +13,9 @@ use tonic::{Request, Response, Status};
 
 use super::{Audit, key_message, respond};
 use crate::backend::health::HealthBoard;
+use crate::core::keyring::{CachedKey, Keyring, NewKey, PolicyChange, VersionChange};
+use crate::core::migration::Migrator;
 use crate::error::{ServiceError, ServiceResult};
-use crate::keyring::{CachedKey, Keyring, NewKey, PolicyChange, VersionChange};
-use crate::migration::Migrator;
 use crate::store::KeyMode;
 
 /// Keys per ListKeys page when the caller does not say.
@@ -59,7 +59,7 @@ fn decode_page_token(token: &str) -> ServiceResult<String> {
         .decode(token)
         .ok()
         .and_then(|bytes| String::from_utf8(bytes).ok())
-        .filter(|name| crate::envelope::is_valid_key_name(name))
+        .filter(|name| crate::core::envelope::is_valid_key_name(name))
         .ok_or_else(|| ServiceError::invalid("invalid page_token: pass next_page_token of the previous page"))
 }
 

@@ -8,7 +8,7 @@ use keybroker_client::pb::key_broker_server::KeyBroker;
 use tonic::{Request, Response, Status};
 
 use super::{Audit, item_error, respond};
-use crate::broker::Broker;
+use crate::core::broker::Broker;
 use crate::error::{ServiceError, ServiceResult};
 
 /// The data-plane service.

@@ -30,8 +30,8 @@ use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 use crate::backend::{Aad, KeyBackend, VersionRef};
+use crate::core::keyring::{Keyring, check_key_name, now};
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
-use crate::keyring::{Keyring, check_key_name, now};
 use crate::store::{ConflictMode, ItemStatus, JobItem, JobPhase, JobRecord, KeyMode, KeyRecord, VersionState};
 
 /// Most per-key results sent in one progress message (all keys are in the

@@ -1,6 +1,6 @@
 //! The gRPC services: `KeyBroker` (data plane) and `KeyAdmin` (admin plane),
-//! thin layers that check input, call the [`crate::broker`] or
-//! [`crate::keyring`], convert, and write one audit event per call.
+//! thin layers that check input, call the [`crate::core::broker`] or
+//! [`crate::core::keyring`], convert, and write one audit event per call.
 
 pub mod key_admin;
 pub mod key_broker;
@@ -10,11 +10,11 @@ use std::time::Instant;
 use keybroker_client::pb;
 use tonic::{Request, Status};
 
-use crate::auth;
 use crate::backend::Backends;
 use crate::backend::health::HealthBoard;
+use crate::core::keyring::{CachedKey, Count};
 use crate::error::ServiceError;
-use crate::keyring::{CachedKey, Count};
+use crate::security::identity;
 use crate::store::{KeyMode, VersionState};
 
 /// Converts a cached key into its API message, with the health of the
@@ -95,7 +95,7 @@ pub struct Audit {
 impl Audit {
     /// Starts the record of `rpc` for the caller of `request`.
     pub fn start<T>(rpc: &'static str, request: &Request<T>) -> Self {
-        let identity = auth::peer(request).map(|p| p.identity.clone()).unwrap_or_else(|_| "<none>".to_owned());
+        let identity = identity::peer(request).map(|p| p.identity.clone()).unwrap_or_else(|_| "<none>".to_owned());
         Self { rpc, identity, started: Instant::now() }
     }
 

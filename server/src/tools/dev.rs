@@ -8,7 +8,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::backend::root_key::RootKey;
-use crate::tls::pki::{Ca, ClientSpec};
+use crate::security::tls::pki::{Ca, ClientSpec};
 
 /// Identity (URI SAN) of the dev admin certificate.
 pub const DEV_ADMIN_IDENTITY: &str = "spiffe://keybroker.dev/admin";

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use crate::backend::local::LocalBackend;
 use crate::backend::root_key::RootKey;
 use crate::backend::{Backends, VersionRef};
-use crate::offline::{Side, commit, plan_copy};
+use crate::core::copy::{Side, commit, plan_copy};
 use crate::store::{ConflictMode, KeyMode, KeyRecord, VersionRecord, VersionState};
 
 const MAGIC: &[u8; 6] = b"KBBAK1";
@@ -219,7 +219,7 @@ pub async fn backup(side: &Side, out: &Path, key: &BundleKey) -> Result<BackupRe
         });
     }
     let body = Zeroizing::new(
-        serde_json::to_vec(&Body { format: FORMAT.to_owned(), created_at: crate::keyring::now(), keys })
+        serde_json::to_vec(&Body { format: FORMAT.to_owned(), created_at: crate::core::keyring::now(), keys })
             .map_err(|e| e.to_string())?,
     );
     let mut salt = [0u8; 16];
@@ -359,7 +359,7 @@ pub async fn restore(
             rotation_period_secs: k.rotation_period_secs,
             max_wraps_per_version: k.max_wraps_per_version,
             created_at: k.created_at,
-            updated_at: crate::keyring::now(),
+            updated_at: crate::core::keyring::now(),
             revision: 1,
             versions,
         };

@@ -129,7 +129,7 @@ pub fn require(plane: Plane) -> impl Fn(Request<()>) -> Result<Request<()>, Stat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::pki::{Ca, ClientSpec};
+    use crate::security::tls::pki::{Ca, ClientSpec};
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
 

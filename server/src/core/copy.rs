@@ -1,6 +1,5 @@
-//! Broker-to-broker operations run offline against configurations, as
-//! `kes migrate` does: `keybroker migrate --from a.toml --to b.toml`, and the
-//! shared plumbing of `backup` / `restore`.
+//! Copying keys from one version table into another, as `kes migrate`
+//! does; the offline `migrate` and `restore` share it.
 //!
 //! A key is copied with its name, version numbers, states and policy
 //! (deletion flag, labels, rotation policy, min_decryption_version). A
@@ -9,47 +8,36 @@
 //! round trip; a non-exportable version (KMS, HSM) is carried as a
 //! reference when the target has a backend of the same name and type (the
 //! same KMS account or HSM), and is otherwise refused with a message that
-//! says to move it with the live Migrate first.
+//! says to move it with the live Migrate first. Every key's plan is worked
+//! out first; [`commit`] then writes them all in one transaction.
 
-use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::{Backends, KeyBackend, VersionRef};
-use crate::config::{Config, Environment};
+use crate::core::migration::verify_copy;
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
-use crate::migration::verify_copy;
-use crate::server::{StartError, build_backends, open_store};
 use crate::store::{ConflictMode, KeyMode, KeyRecord, KeyReplacement, KeyStore, VersionRecord, VersionState};
 
-/// One broker's configuration, opened: its backends and its store.
+/// A version table and the backends its versions live in: the target (or
+/// source) of a copy. `keybroker migrate` and `restore` open one per
+/// configuration ([`crate::server::open_offline`]).
 pub struct Side {
-    /// The configuration.
-    pub config: Config,
     /// Its backends.
     pub backends: Backends,
     /// Its version table.
     pub store: Arc<dyn KeyStore>,
+    /// The backend a version goes to when this side has none of the name
+    /// it had on the other side.
+    pub default_backend: String,
 }
 
 impl Side {
-    /// Opens the backends and store of the configuration at `path`.
-    pub async fn open(path: &Path, env: &Environment) -> Result<Side, StartError> {
-        let config = Config::load(Some(path), env)?;
-        let backends = build_backends(&config, env).await?;
-        let store = open_store(&config).await?;
-        Ok(Side { config, backends, store })
-    }
-
     /// The backend of this side that should hold a version that lived in a
     /// backend called `name` on the other side.
     fn target_backend(&self, name: &str) -> ServiceResult<(String, &Arc<dyn KeyBackend>)> {
         match self.backends.get(name) {
             Ok(b) => Ok((name.to_owned(), b)),
-            Err(_) => {
-                let default = &self.config.default_backend;
-                Ok((default.clone(), self.backends.get(default)?))
-            }
+            Err(_) => Ok((self.default_backend.clone(), self.backends.get(&self.default_backend)?)),
         }
     }
 }
@@ -197,7 +185,7 @@ pub async fn plan_copy(
                 }
             }
             target.backend = to.target_backend(&record.backend)?.0;
-            target.updated_at = crate::keyring::now();
+            target.updated_at = crate::core::keyring::now();
             KeyReplacement { record: target, expected_revision: Some(expected) }
         }
         (existing, _) => KeyReplacement {
@@ -224,76 +212,4 @@ pub async fn commit(to: &Side, plans: &[CopyPlan]) -> Result<(), String> {
         .replace_keys(&writes)
         .await
         .map_err(|e| format!("writing the target's version table failed ({e}); nothing was written"))
-}
-
-/// Totals of an offline migration.
-#[derive(Debug, Default)]
-pub struct OfflineSummary {
-    /// Keys copied.
-    pub copied: usize,
-    /// Keys left as they are in the target, with the reason.
-    pub skipped: Vec<(String, String)>,
-    /// Keys that failed, with the reason.
-    pub failed: Vec<(String, String)>,
-}
-
-/// `keybroker migrate --from A --to B [PATTERN]`.
-pub async fn migrate(
-    from: &Side,
-    to: &Side,
-    pattern: &str,
-    conflict: ConflictMode,
-    dry_run: bool,
-    out: &mut dyn Write,
-) -> Result<OfflineSummary, String> {
-    let matcher = globset::Glob::new(pattern)
-        .map_err(|e| format!("invalid pattern {pattern:?}: {}", e.kind()))?
-        .compile_matcher();
-    let keys: Vec<KeyRecord> = from
-        .store
-        .load_all()
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter(|k| matcher.is_match(&k.name))
-        .collect();
-    let mut summary = OfflineSummary::default();
-    let total = keys.len();
-    let mut plans = Vec::new();
-    let mut lines = Vec::new();
-    for (i, key) in keys.iter().enumerate() {
-        let line = match plan_copy(key, &from.backends, to, conflict, dry_run).await {
-            Ok(plan) => {
-                if plan.action.starts_with("skipped") {
-                    summary.skipped.push((key.name.clone(), plan.action.clone()));
-                } else {
-                    summary.copied += 1;
-                }
-                let line = plan.action.clone();
-                plans.push(plan);
-                line
-            }
-            Err(e) => {
-                summary.failed.push((key.name.clone(), e.message().to_owned()));
-                format!("FAILED: {}", e.message())
-            }
-        };
-        lines.push(format!("[{}/{total}] {}: {line}", i + 1, key.name));
-    }
-    commit(to, &plans).await?;
-    for line in lines {
-        let _ = writeln!(out, "{line}");
-    }
-    let _ = writeln!(
-        out,
-        "{}{} copied, {} skipped, {} failed",
-        if dry_run { "dry run: " } else { "" },
-        summary.copied,
-        summary.skipped.len(),
-        summary.failed.len()
-    );
-    for (key, why) in &summary.skipped {
-        let _ = writeln!(out, "  skipped {key}: {}", why.trim_start_matches("skipped: "));
-    }
-    Ok(summary)
 }

@@ -1,5 +1,5 @@
 //! mTLS with rustls: TLS 1.3 only, client certificates verified against the
-//! configured CA. The listener that uses it is in [`crate::listener`].
+//! configured CA. The listener that uses it is in [`crate::api::listener`].
 
 pub mod pki;
 

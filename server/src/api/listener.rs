@@ -18,7 +18,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::auth::{Authorizer, Peer, PeerInfo};
+use crate::security::identity::{Authorizer, Peer, PeerInfo};
 
 /// The byte stream of an accepted connection.
 enum Io {

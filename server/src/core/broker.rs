@@ -9,9 +9,9 @@ use zeroize::Zeroizing;
 
 use crate::backend::{Aad, VersionRef};
 use crate::config::LimitsConfig;
-use crate::envelope::{self, write_header};
+use crate::core::envelope::{self, write_header};
+use crate::core::keyring::{Count, Keyring, check_key_name};
 use crate::error::{ServiceError, ServiceResult};
-use crate::keyring::{Count, Keyring, check_key_name};
 
 /// Context keys keybroker reserves for itself (the AWS KMS backend adds
 /// `keybroker:header`).
@@ -180,7 +180,7 @@ impl Broker {
             .await
             .map_err(|e| e.for_caller(env.key, env.version))?;
         if usage == Usage::Counted {
-            cached.count_unwrap(env.version, crate::keyring::now());
+            cached.count_unwrap(env.version, crate::core::keyring::now());
         }
         Ok(Unwrapped {
             plaintext,

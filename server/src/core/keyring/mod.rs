@@ -1,0 +1,362 @@
+//! The version table as the service sees it: an in-memory cache in front of
+//! a [`KeyStore`], with the per-version counts (unwraps, wraps, rewraps in
+//! and out) this broker flushes to the store in batches. The rules of the
+//! key lifecycle are in [`lifecycle`].
+//!
+//! Reads come from the cache. A key or version this broker has not seen yet
+//! (made by another replica) is reloaded from the store on first use
+//! instead of failing.
+
+mod lifecycle;
+
+pub use lifecycle::{NewKey, PolicyChange, VersionChange};
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::backend::Backends;
+use crate::core::envelope::is_valid_key_name;
+use crate::error::{ErrorCode, ServiceError, ServiceResult};
+use crate::store::{KeyRecord, KeyStore, UsageRecord, VersionRecord, VersionState};
+
+/// A version unwrapped within this many seconds is not retired without
+/// `force` (the default of `retirement_window_seconds`).
+pub const DEFAULT_RETIREMENT_WINDOW_SECS: i64 = 24 * 3600;
+
+/// How often a change that lost a concurrent race is retried before the
+/// caller gets `ABORTED`.
+const UPDATE_ATTEMPTS: usize = 5;
+
+/// What a broker counts per version, flushed to the store in batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// Unwraps (a use of the version by an application).
+    Unwraps = 0,
+    /// DEKs wrapped under the version (Wrap, GenerateDataKey).
+    Wraps = 1,
+    /// DEKs rewrapped into the version.
+    RewrapsIn = 2,
+    /// DEKs rewrapped out of the version.
+    RewrapsOut = 3,
+}
+
+const COUNTS: usize = 4;
+
+/// Per-version counters of a cached key.
+#[derive(Debug, Default)]
+struct VersionCounters {
+    /// Counts not yet written to the store, by [`Count`].
+    pending: [AtomicU64; COUNTS],
+    /// Counts written to the store since the record was loaded.
+    flushed: [AtomicU64; COUNTS],
+    /// Latest unwrap seen by this broker, Unix seconds.
+    last_unwrap: AtomicI64,
+}
+
+/// A key as cached: its record and per-version counters.
+#[derive(Debug)]
+pub struct CachedKey {
+    /// The stored record.
+    pub record: KeyRecord,
+    counters: Vec<VersionCounters>,
+}
+
+impl CachedKey {
+    fn new(record: KeyRecord, previous: Option<&CachedKey>) -> Self {
+        let counters = record
+            .versions
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                let old = previous.and_then(|p| p.counters.get(i));
+                VersionCounters {
+                    // Unflushed counts carry over; flushed ones are in the new record.
+                    pending: std::array::from_fn(|c| {
+                        AtomicU64::new(old.map_or(0, |o| o.pending[c].load(Ordering::Relaxed)))
+                    }),
+                    flushed: Default::default(),
+                    last_unwrap: AtomicI64::new(old.map_or(0, |c| c.last_unwrap.load(Ordering::Relaxed))),
+                }
+            })
+            .collect();
+        Self { record, counters }
+    }
+
+    fn counters(&self, version: u32) -> Option<&VersionCounters> {
+        version.checked_sub(1).and_then(|i| self.counters.get(i as usize))
+    }
+
+    /// Counts one event of `count` under `version`.
+    pub fn count(&self, version: u32, count: Count) {
+        if let Some(c) = self.counters(version) {
+            c.pending[count as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an unwrap under `version` at `now` (Unix seconds).
+    pub fn count_unwrap(&self, version: u32, now: i64) {
+        if let Some(c) = self.counters(version) {
+            c.pending[Count::Unwraps as usize].fetch_add(1, Ordering::Relaxed);
+            c.last_unwrap.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Events of `count` under `version`, across every broker sharing the
+    /// table (as of their last flush) plus this broker's unflushed ones.
+    pub fn total(&self, version: u32, count: Count) -> u64 {
+        let stored = self.record.version(version).map_or(0, |v| match count {
+            Count::Unwraps => v.unwrap_count,
+            Count::Wraps => v.wrap_count,
+            Count::RewrapsIn => v.rewrap_in_count,
+            Count::RewrapsOut => v.rewrap_out_count,
+        });
+        self.counters(version).map_or(stored, |c| {
+            stored
+                + c.flushed[count as usize].load(Ordering::Relaxed)
+                + c.pending[count as usize].load(Ordering::Relaxed)
+        })
+    }
+
+    /// Unwraps under `version` (see [`CachedKey::total`]).
+    pub fn unwrap_count(&self, version: u32) -> u64 {
+        self.total(version, Count::Unwraps)
+    }
+
+    /// Wraps under `version` (see [`CachedKey::total`]).
+    pub fn wrap_count(&self, version: u32) -> u64 {
+        self.total(version, Count::Wraps)
+    }
+
+    /// DEKs that still depend on `version`: wrapped under it plus
+    /// rewrapped into it, minus rewrapped out of it.
+    pub fn outstanding(&self, version: u32) -> u64 {
+        (self.total(version, Count::Wraps) + self.total(version, Count::RewrapsIn))
+            .saturating_sub(self.total(version, Count::RewrapsOut))
+    }
+
+    /// Latest unwrap under `version`, Unix seconds (0 = never).
+    pub fn last_unwrap(&self, version: u32) -> i64 {
+        let stored = self.record.version(version).map_or(0, |v| v.last_unwrap_at);
+        self.counters(version).map_or(stored, |c| stored.max(c.last_unwrap.load(Ordering::Relaxed)))
+    }
+
+    /// The current version's record.
+    pub fn current(&self) -> ServiceResult<&VersionRecord> {
+        self.record.version(self.record.current_version).ok_or_else(|| {
+            ServiceError::internal(format!(
+                "key {:?} has no record of its current version {}",
+                self.record.name, self.record.current_version
+            ))
+        })
+    }
+
+    /// The record of `version` if it may unwrap: it exists, is neither
+    /// disabled nor destroyed, and is not below `min_decryption_version`.
+    pub fn unwrappable(&self, version: u32) -> ServiceResult<&VersionRecord> {
+        let name = &self.record.name;
+        let v = self
+            .record
+            .version(version)
+            .ok_or_else(|| ServiceError::new(ErrorCode::NotFound, format!("key {name:?} has no version {version}")))?;
+        match v.state {
+            VersionState::Destroyed => {
+                Err(ServiceError::precondition(format!("version {version} of key {name:?} is destroyed")))
+            }
+            VersionState::Disabled => {
+                Err(ServiceError::precondition(format!("version {version} of key {name:?} is disabled")))
+            }
+            _ if version < self.record.min_decryption_version => Err(ServiceError::precondition(format!(
+                "version {version} of key {name:?} is below its min_decryption_version {}",
+                self.record.min_decryption_version
+            ))),
+            _ => Ok(v),
+        }
+    }
+}
+
+/// The cached version table.
+pub struct Keyring {
+    store: Arc<dyn KeyStore>,
+    backends: Backends,
+    default_backend: String,
+    cache: RwLock<HashMap<String, Arc<CachedKey>>>,
+    retirement_window_secs: std::sync::atomic::AtomicI64,
+}
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// `INVALID_ARGUMENT` unless `name` is a valid key name.
+pub fn check_key_name(name: &str) -> ServiceResult<()> {
+    if is_valid_key_name(name) {
+        Ok(())
+    } else if name.is_empty() {
+        Err(ServiceError::invalid("key name is empty"))
+    } else {
+        Err(ServiceError::invalid(format!(
+            "invalid key name {:?}: use 1..=128 characters of [A-Za-z0-9._-]",
+            name.chars().take(140).collect::<String>()
+        )))
+    }
+}
+
+impl Keyring {
+    /// A keyring over `store`, creating keys in `default_backend` unless told
+    /// otherwise.
+    pub fn new(store: Arc<dyn KeyStore>, backends: Backends, default_backend: String) -> Self {
+        Self {
+            store,
+            backends,
+            default_backend,
+            cache: RwLock::new(HashMap::new()),
+            retirement_window_secs: AtomicI64::new(DEFAULT_RETIREMENT_WINDOW_SECS),
+        }
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// Sets how recently a version may have been unwrapped and still be
+    /// retired without `force`.
+    pub fn set_retirement_window(&self, seconds: i64) {
+        self.retirement_window_secs.store(seconds, Ordering::Relaxed);
+    }
+
+    /// Writes this broker's unflushed counts to the store.
+    pub async fn flush_usage(&self) -> ServiceResult<()> {
+        let keys: Vec<Arc<CachedKey>> = self.read_cache().values().cloned().collect();
+        let t = now();
+        let mut usage = Vec::new();
+        let mut taken = Vec::new();
+        for key in &keys {
+            for (i, c) in key.counters.iter().enumerate() {
+                let n: [u64; COUNTS] = std::array::from_fn(|k| c.pending[k].swap(0, Ordering::Relaxed));
+                if n.iter().all(|v| *v == 0) {
+                    continue;
+                }
+                let made = n[Count::Wraps as usize] + n[Count::RewrapsIn as usize];
+                usage.push(UsageRecord {
+                    key: key.record.name.clone(),
+                    version: i as u32 + 1,
+                    unwraps: n[Count::Unwraps as usize],
+                    last_unwrap_at: c.last_unwrap.load(Ordering::Relaxed),
+                    wraps: n[Count::Wraps as usize],
+                    rewraps_in: n[Count::RewrapsIn as usize],
+                    rewraps_out: n[Count::RewrapsOut as usize],
+                    // Wraps are timed at the flush, not on the hot path.
+                    last_wrap_at: if made > 0 { t } else { 0 },
+                });
+                taken.push((key.clone(), i, n));
+            }
+        }
+        let result = self.store.record_usage(&usage).await;
+        for (key, i, n) in taken {
+            for (k, v) in n.iter().enumerate() {
+                // Written: count them as flushed; failed: keep them for the next flush.
+                let into = if result.is_ok() { &key.counters[i].flushed[k] } else { &key.counters[i].pending[k] };
+                into.fetch_add(*v, Ordering::Relaxed);
+            }
+        }
+        result.map_err(Into::into)
+    }
+
+    /// The configured backends.
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    /// Loads the whole table into the cache.
+    pub async fn load(&self) -> ServiceResult<usize> {
+        let records = self.store.load_all().await?;
+        let count = records.len();
+        let mut cache = self.write_cache();
+        for record in records {
+            let previous = cache.get(&record.name).cloned();
+            cache.insert(record.name.clone(), Arc::new(CachedKey::new(record, previous.as_deref())));
+        }
+        Ok(count)
+    }
+
+    fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<CachedKey>>> {
+        // Every write is a single insert: a panic elsewhere cannot leave the
+        // map half-changed, so a poisoned lock is still consistent.
+        self.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_cache(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<CachedKey>>> {
+        self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn install(&self, record: KeyRecord) -> Arc<CachedKey> {
+        let mut cache = self.write_cache();
+        let previous = cache.get(&record.name).cloned();
+        if let Some(p) = &previous {
+            // Never replace a newer record with an older one read concurrently.
+            if p.record.revision > record.revision {
+                return p.clone();
+            }
+        }
+        let cached = Arc::new(CachedKey::new(record, previous.as_deref()));
+        cache.insert(cached.record.name.clone(), cached.clone());
+        cached
+    }
+
+    async fn reload(&self, name: &str) -> ServiceResult<Option<Arc<CachedKey>>> {
+        Ok(self.store.get(name).await?.map(|record| self.install(record)))
+    }
+
+    /// A key, from the cache or else the store. `NOT_FOUND` if it exists in
+    /// neither.
+    pub async fn key(&self, name: &str) -> ServiceResult<Arc<CachedKey>> {
+        if let Some(key) = self.read_cache().get(name).cloned() {
+            return Ok(key);
+        }
+        check_key_name(name)?;
+        self.reload(name).await?.ok_or_else(|| ServiceError::key_not_found(name))
+    }
+
+    /// A key read fresh from the store (with the counts every broker has
+    /// flushed), for admin reads; the cached record when the store cannot
+    /// be read.
+    pub async fn fresh(&self, name: &str) -> ServiceResult<Arc<CachedKey>> {
+        check_key_name(name)?;
+        match self.reload(name).await {
+            Ok(Some(key)) => Ok(key),
+            Ok(None) => Err(ServiceError::key_not_found(name)),
+            Err(err) => {
+                tracing::warn!(key = name, %err, "version table unreadable; answering from the cache");
+                self.read_cache().get(name).cloned().ok_or(err)
+            }
+        }
+    }
+
+    /// A key that should hold `version` (read from a ciphertext): reloaded
+    /// from the store when the cached record does not have it yet.
+    pub async fn key_for_version(&self, name: &str, version: u32) -> ServiceResult<Arc<CachedKey>> {
+        let cached = self.read_cache().get(name).cloned();
+        match cached {
+            Some(key) if version <= key.record.current_version => Ok(key),
+            _ => self.reload(name).await?.ok_or_else(|| ServiceError::key_not_found(name)),
+        }
+    }
+
+    /// Keys whose names match `pattern`, after `after`, in name order, at
+    /// most `limit` of them; and whether more follow.
+    pub fn list(&self, pattern: &globset::GlobMatcher, after: &str, limit: usize) -> (Vec<Arc<CachedKey>>, bool) {
+        let cache = self.read_cache();
+        let mut matching: Vec<&Arc<CachedKey>> = cache
+            .iter()
+            .filter(|(name, _)| name.as_str() > after && pattern.is_match(name.as_str()))
+            .map(|(_, key)| key)
+            .collect();
+        matching.sort_unstable_by(|a, b| a.record.name.cmp(&b.record.name));
+        let more = matching.len() > limit;
+        (matching.into_iter().take(limit).cloned().collect(), more)
+    }
+}

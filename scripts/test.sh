@@ -38,6 +38,11 @@ if ! command -v softhsm2-util >/dev/null 2>&1 || [ ! -f /usr/lib/softhsm/libsoft
   apt-get update -qq && apt-get install -y -qq softhsm2
 fi
 
+# PostgreSQL for the fleet store (the tests run their own server with initdb).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq postgresql
+fi
+
 say "cargo fmt --check"
 cargo fmt --all -- --check
 

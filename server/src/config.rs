@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+pub use crate::store::postgres::DatabaseUrl;
+
 /// Prefix of every environment variable keybroker reads.
 pub const ENV_PREFIX: &str = "KEYBROKER_";
 /// The root key of the local backend itself (base64 of 32 bytes), as an
@@ -28,7 +30,10 @@ pub const ENV_ROOT_KEY: &str = "KEYBROKER_ROOT_KEY";
 pub const ENV_CONFIG: &str = "KEYBROKER_CONFIG";
 
 /// Environment variables that are not settings of the tree.
-const NOT_SETTINGS: &[&str] = &[ENV_ROOT_KEY, ENV_CONFIG];
+const NOT_SETTINGS: &[&str] = &[ENV_ROOT_KEY, ENV_CONFIG, ENV_STORE_URL];
+/// The PostgreSQL URL of `[store]` (the same as `KEYBROKER_STORE__URL`),
+/// the name operators and platforms expect for a database secret.
+pub const ENV_STORE_URL: &str = "KEYBROKER_STORE_URL";
 
 /// The whole configuration of a broker.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -77,6 +82,15 @@ pub struct Config {
     /// How often unwrap counts are written to the store, in milliseconds.
     #[serde(default = "default_usage_flush")]
     pub usage_flush_interval_ms: u64,
+    /// How often the broker looks for changes other brokers made to the
+    /// table, in milliseconds (PostgreSQL also notifies at once). A change
+    /// reaches every broker within this interval plus one reload.
+    #[serde(default = "default_propagation_interval")]
+    pub propagation_interval_ms: u64,
+}
+
+fn default_propagation_interval() -> u64 {
+    500
 }
 
 fn default_retirement_window() -> u64 {
@@ -126,6 +140,27 @@ pub enum StoreConfig {
         /// Path of the database file; created when missing.
         path: PathBuf,
     },
+    /// A PostgreSQL database shared by a fleet of brokers.
+    Postgres {
+        /// `postgres://user:password@host:port/database` (also
+        /// `KEYBROKER_STORE_URL`); redacted wherever it is shown.
+        url: DatabaseUrl,
+        /// Most connections this broker opens.
+        #[serde(default = "default_pool_size")]
+        pool_size: u32,
+        /// How long a call waits for a connection before the store counts
+        /// as unavailable, in milliseconds.
+        #[serde(default = "default_store_timeout")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_pool_size() -> u32 {
+    8
+}
+
+fn default_store_timeout() -> u64 {
+    1_000
 }
 
 /// `[root_key]`: the local backend's root key, from one of: `file` (base64
@@ -433,6 +468,17 @@ impl Config {
                 message,
             })?;
         }
+        if let Some(url) = env.get(ENV_STORE_URL) {
+            let path = ["store".to_owned(), "url".to_owned()];
+            from_env.insert("store.url".to_owned(), ENV_STORE_URL.to_owned());
+            set_path(&mut table, &path, toml::Value::String(url.to_owned())).map_err(|message| {
+                ConfigError::Setting {
+                    setting: "store.url".to_owned(),
+                    origin: format!(" (from {ENV_STORE_URL})"),
+                    message,
+                }
+            })?;
+        }
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let setting = e.path().to_string();
             let origin = from_env.get(&setting).map(|v| format!(" (from {v})")).unwrap_or_default();
@@ -456,6 +502,7 @@ impl Config {
         resolve(&mut self.tls.client_ca);
         match &mut self.store {
             StoreConfig::Sqlite { path } => resolve(path),
+            StoreConfig::Postgres { .. } => {}
         }
         if let Some(file) = &mut self.root_key.file {
             resolve(file);
@@ -557,6 +604,15 @@ impl Config {
             return Err(ConfigError::Invalid {
                 setting: "limits.max_batch_items",
                 message: "must be at least 1".to_owned(),
+            });
+        }
+        if self.propagation_interval_ms == 0 || self.propagation_interval_ms > 1_500 {
+            return Err(ConfigError::Invalid {
+                setting: "propagation_interval_ms",
+                message: format!(
+                    "{} is outside 1..=1500: changes must reach every broker within 2 s",
+                    self.propagation_interval_ms
+                ),
             });
         }
         if self.health_check_interval_ms == 0 {

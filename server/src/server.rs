@@ -30,6 +30,7 @@ use crate::core::migration::Migrator;
 use crate::error::ServiceError;
 use crate::security::identity::{Authorizer, Plane, require};
 use crate::security::tls::{self, TlsError};
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{KeyStore, StoreError, VersionState};
 
@@ -239,6 +240,9 @@ pub async fn create_remote_key(
 pub(crate) async fn open_store(config: &Config) -> Result<Arc<dyn KeyStore>, StartError> {
     match &config.store {
         StoreConfig::Sqlite { path } => Ok(Arc::new(SqliteStore::open(path).await?)),
+        StoreConfig::Postgres { url, pool_size, timeout_ms } => {
+            Ok(Arc::new(PostgresStore::open(url, *pool_size, Duration::from_millis(*timeout_ms)).await?))
+        }
     }
 }
 
@@ -296,6 +300,7 @@ pub async fn run(
 
     keyring.set_retirement_window(i64::try_from(config.retirement_window_seconds).unwrap_or(i64::MAX));
     spawn_usage_flusher(keyring.clone(), Duration::from_millis(config.usage_flush_interval_ms.max(10)));
+    spawn_change_follower(keyring.clone(), Duration::from_millis(config.propagation_interval_ms));
     let migrator = Migrator::new(keyring.clone());
     let resumed =
         migrator.resume_unfinished().await.map_err(|e| StartError::Other(format!("resuming migrations: {e}")))?;
@@ -384,6 +389,44 @@ pub async fn run(
     }
     tracing::info!("keybroker stopped");
     Ok(())
+}
+
+/// Follows the changes other brokers make to the table: every `interval`,
+/// and at once when the store signals one (PostgreSQL NOTIFY).
+fn spawn_change_follower(keyring: Arc<Keyring>, interval: Duration) {
+    tokio::spawn(async move {
+        let signal = keyring.store().change_signal();
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            match &signal {
+                Some(signal) => tokio::select! {
+                    _ = tick.tick() => {},
+                    () = signal.notified() => {},
+                },
+                None => {
+                    tick.tick().await;
+                }
+            }
+            match keyring.sync().await {
+                Ok(n) => {
+                    if failing {
+                        tracing::info!("following the version table's changes again");
+                    }
+                    failing = false;
+                    if n > 0 {
+                        tracing::debug!(keys = n, seq = keyring.seen_seq(), "reloaded keys changed by other brokers");
+                    }
+                }
+                Err(err) if !failing => {
+                    failing = true;
+                    tracing::warn!(%err, "cannot follow the version table's changes; serving from the cache");
+                }
+                Err(_) => {}
+            }
+        }
+    });
 }
 
 /// Writes unwrap counts to the store every `interval`.

@@ -387,6 +387,18 @@ pub fn config_with_backends(dir: &Path, dev_dir: &Path, default_backend: &str, b
     config_with(dir, dev_dir, default_backend, &root, backends_toml)
 }
 
+/// Like [`config_with_backends`], with the version table in PostgreSQL at
+/// `url` and extra top-level settings `settings` (TOML lines).
+pub fn config_with_postgres(dir: &Path, dev_dir: &Path, url: &str, settings: &str) -> PathBuf {
+    let path = config_with_backends(dir, dev_dir, "local", "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let sqlite = format!("[store]\ntype = \"sqlite\"\npath = \"{}/keybroker.sqlite\"\n", dir.display());
+    assert!(text.contains(&sqlite));
+    let text = text.replace(&sqlite, &format!("[store]\ntype = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n"));
+    std::fs::write(&path, format!("{settings}\n{text}")).unwrap();
+    path
+}
+
 /// Like [`config_with_backends`] with an explicit `[root_key]` section.
 pub fn config_with(
     dir: &Path,
@@ -427,4 +439,168 @@ app_identities = ["spiffe://keybroker.dev/app"]
     let path = dir.join("keybroker.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// A real PostgreSQL server (Debian `postgresql`) of its own: initdb into a
+/// temporary folder as an unprivileged user, listening on 127.0.0.1 with
+/// an ephemeral port, password (SCRAM) authentication over TCP, one role
+/// and database `kb`; stopped by its postmaster's pid on drop.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+    /// The password of role `kb` (so tests can check it never leaks).
+    pub password: String,
+}
+
+/// The password of the test role: distinctive, to search logs for.
+pub const POSTGRES_TEST_PASSWORD: &str = "pg-Secret-7f3a9c";
+
+impl Postgres {
+    /// Creates the cluster and starts the server (about 3 s).
+    pub fn start() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|dirs| {
+                dirs.filter_map(|d| d.ok()).map(|d| d.path().join("bin")).filter(|b| b.join("initdb").is_file()).max()
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "PostgreSQL is not installed: apt-get install -y postgresql (the README's test command installs it)"
+                )
+            });
+        let dir = tempdir();
+        let root = unsafe_geteuid() == 0;
+        let data = dir.path().join("data");
+        let socket = dir.path().join("socket");
+        for d in [&data, &socket] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        if root {
+            // initdb refuses root: the cluster belongs to the `postgres` user.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres", data.to_str().unwrap(), socket.to_str().unwrap()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown to postgres failed");
+        }
+        let pw_file = dir.path().join("pw");
+        std::fs::write(&pw_file, POSTGRES_TEST_PASSWORD).unwrap();
+        let pg = Postgres { dir, bin, port: free_port(), password: POSTGRES_TEST_PASSWORD.to_owned() };
+        pg.run_pg(
+            "initdb",
+            &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"],
+        );
+        pg.start_server();
+        pg.psql(&format!("CREATE ROLE kb LOGIN PASSWORD '{POSTGRES_TEST_PASSWORD}'"));
+        pg.psql("CREATE DATABASE kb OWNER kb");
+        pg
+    }
+
+    fn run_pg(&self, tool: &str, args: &[&str]) -> std::process::Output {
+        let exe = self.bin.join(tool);
+        let mut command = if unsafe_geteuid() == 0 {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = command.args(args).output().unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Runs one SQL statement as the superuser over the Unix socket.
+    pub fn psql(&self, sql: &str) -> String {
+        let socket = self.dir.path().join("socket");
+        let out = self.run_pg(
+            "psql",
+            &[
+                "-h",
+                socket.to_str().unwrap(),
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-Atc",
+                sql,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Starts (or restarts) the server and waits until it accepts connections.
+    pub fn start_server(&self) {
+        let data = self.dir.path().join("data");
+        let socket = self.dir.path().join("socket");
+        let options = format!("-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off", self.port, socket.display());
+        let log = self.dir.path().join("socket").join("server.log");
+        self.run_pg(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-w", "-l", log.to_str().unwrap(), "-o", &options, "start"],
+        );
+    }
+
+    /// What the server logged so far (statements too, once
+    /// `log_statement` is on).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("socket").join("server.log")).unwrap_or_default()
+    }
+
+    /// Logs every statement from now on (to count the queries a broker makes).
+    pub fn log_statements(&self) {
+        self.psql("ALTER SYSTEM SET log_statement = 'all'");
+        self.psql("SELECT pg_reload_conf()");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    /// The postmaster's pid, from `postmaster.pid`.
+    pub fn pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// Stops the server by its pid (fast shutdown: SIGINT) and waits until
+    /// it is gone.
+    pub fn stop_server(&self) {
+        let Some(pid) = self.pid() else { return };
+        unsafe_kill(pid, libc::SIGINT);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while unsafe_kill(pid, 0) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `postgres://kb:PASSWORD@127.0.0.1:PORT/kb`.
+    pub fn url(&self) -> String {
+        format!("postgres://kb:{}@127.0.0.1:{}/kb", self.password, self.port)
+    }
+
+    /// A fresh empty database owned by `kb`, and its URL.
+    pub fn new_database(&self, name: &str) -> String {
+        self.psql(&format!("CREATE DATABASE {name} OWNER kb"));
+        format!("postgres://kb:{}@127.0.0.1:{}/{name}", self.password, self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop_server();
+    }
+}
+
+#[allow(unsafe_code)]
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }

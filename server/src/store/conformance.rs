@@ -47,6 +47,32 @@ pub async fn run_all(store: &dyn KeyStore) {
     update_of_missing_key_is_not_found(store).await;
     load_all_is_in_name_order(store).await;
     replace_keys_is_all_or_nothing(store).await;
+    every_write_of_a_key_is_a_numbered_change(store).await;
+}
+
+async fn every_write_of_a_key_is_a_numbered_change(store: &dyn KeyStore) {
+    let before = store.change_seq().await.unwrap();
+    let mut c = key("seq-c");
+    store.create(&c).await.unwrap();
+    let after_create = store.change_seq().await.unwrap();
+    assert!(after_create > before, "a create is a change");
+    let (seen, names) = store.changed_since(before).await.unwrap();
+    assert_eq!((seen, names), (after_create, vec!["seq-c".to_owned()]));
+
+    // Usage counts are not changes of the key.
+    let usage = super::UsageRecord { key: "seq-c".into(), version: 1, wraps: 3, ..Default::default() };
+    store.record_usage(&[usage]).await.unwrap();
+    assert_eq!(store.change_seq().await.unwrap(), after_create);
+    assert_eq!(store.get("seq-c").await.unwrap().unwrap().versions[0].wrap_count, 3);
+
+    c.min_decryption_version = 1;
+    c.labels.insert("x".into(), "y".into());
+    store.update(&c).await.unwrap();
+    let (seen, names) = store.changed_since(after_create).await.unwrap();
+    assert!(seen > after_create);
+    assert_eq!(names, vec!["seq-c".to_owned()]);
+    let (same, none) = store.changed_since(seen).await.unwrap();
+    assert_eq!((same, none.len()), (seen, 0), "nothing changed since");
 }
 
 async fn replace_keys_is_all_or_nothing(store: &dyn KeyStore) {

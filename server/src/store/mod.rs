@@ -1,8 +1,12 @@
 //! The version table: keys, their versions and where each version lives.
 //! Every store implements [`KeyStore`]; the service never sees SQL.
 
-#[cfg(test)]
-pub(crate) mod conformance;
+/// The one conformance suite every [`KeyStore`] passes (run by each
+/// store's tests, here and against a real PostgreSQL server in `tests/`).
+#[doc(hidden)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -319,7 +323,7 @@ impl From<StoreError> for ServiceError {
 /// Durable storage of the version table.
 ///
 /// Every method is one transaction. Implementations: SQLite (one file, the
-/// embedded default); PostgreSQL follows for fleets of replicas.
+/// embedded default) and PostgreSQL (one table for a fleet of brokers).
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
     /// Every key with its versions, in name order. Returns `Unavailable` when
@@ -341,9 +345,22 @@ pub trait KeyStore: Send + Sync + 'static {
     /// first. Returns the stored record.
     async fn update(&self, key: &KeyRecord) -> Result<KeyRecord, StoreError>;
 
-    /// Deletes a key and its versions (offline migration and restore with
-    /// `--force`). Returns `NotFound` when it does not exist.
-    async fn delete(&self, name: &str) -> Result<(), StoreError>;
+    /// The table's change sequence: every write of a key (create, update,
+    /// replace) raises it, in commit order; usage counts do not. Returns
+    /// `Unavailable` when the database cannot be read.
+    async fn change_seq(&self) -> Result<u64, StoreError>;
+
+    /// The keys written after change `since`, and the change sequence the
+    /// caller has then seen. Returns `Unavailable` when the database cannot
+    /// be read.
+    async fn changed_since(&self, since: u64) -> Result<(u64, Vec<String>), StoreError>;
+
+    /// Raised when another writer may have changed the table (PostgreSQL
+    /// LISTEN/NOTIFY), so a broker looks at once instead of at its next
+    /// poll; `None` for a store that is only polled.
+    fn change_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
 
     /// Writes every key of `writes` in one transaction, all or nothing
     /// (offline migration and restore). Returns `AlreadyExists` for a key

@@ -13,8 +13,8 @@ pub use lifecycle::{NewKey, PolicyChange, VersionChange};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backends;
 use crate::core::envelope::is_valid_key_name;
@@ -183,7 +183,20 @@ pub struct Keyring {
     default_backend: String,
     cache: RwLock<HashMap<String, Arc<CachedKey>>>,
     retirement_window_secs: std::sync::atomic::AtomicI64,
+    /// The store's change sequence this cache reflects.
+    seen_seq: AtomicU64,
+    /// Names recently found in neither the cache nor the store, and when:
+    /// a flood of unknown names costs one query per name per TTL.
+    absent: Mutex<HashMap<String, Instant>>,
+    absent_ttl: Duration,
 }
+
+/// How long an unknown key name is answered NOT_FOUND without asking the
+/// store again (a key created meanwhile on another broker still shows up
+/// within the propagation bound: the change poll clears its entry).
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(1);
+/// Most unknown names remembered at once.
+const ABSENT_CAPACITY: usize = 10_000;
 
 /// Unix seconds now.
 pub fn now() -> i64 {
@@ -214,7 +227,66 @@ impl Keyring {
             default_backend,
             cache: RwLock::new(HashMap::new()),
             retirement_window_secs: AtomicI64::new(DEFAULT_RETIREMENT_WINDOW_SECS),
+            seen_seq: AtomicU64::new(0),
+            absent: Mutex::new(HashMap::new()),
+            absent_ttl: DEFAULT_NEGATIVE_TTL,
         }
+    }
+
+    /// Brings the cache up to the store: reloads every key written (by any
+    /// broker) since the change this cache last saw. Returns how many keys
+    /// were reloaded. A broker calls it on every poll tick and whenever the
+    /// store signals a change.
+    pub async fn sync(&self) -> ServiceResult<usize> {
+        let seen = self.seen_seq.load(Ordering::Acquire);
+        if self.store.change_seq().await? == seen {
+            return Ok(0);
+        }
+        let (seq, names) = self.store.changed_since(seen).await?;
+        for name in &names {
+            self.forget_absent(name);
+            match self.store.get(name).await? {
+                Some(record) => {
+                    self.install(record);
+                }
+                None => {
+                    self.write_cache().remove(name);
+                }
+            }
+        }
+        self.seen_seq.fetch_max(seq, Ordering::AcqRel);
+        Ok(names.len())
+    }
+
+    /// The store's change sequence this cache reflects.
+    pub fn seen_seq(&self) -> u64 {
+        self.seen_seq.load(Ordering::Acquire)
+    }
+
+    fn lock_absent(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        // Single inserts and removals: a poisoned map is consistent.
+        self.absent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn known_absent(&self, name: &str) -> bool {
+        let absent = self.lock_absent();
+        absent.get(name).is_some_and(|at| at.elapsed() < self.absent_ttl)
+    }
+
+    fn remember_absent(&self, name: &str) {
+        let mut absent = self.lock_absent();
+        if absent.len() >= ABSENT_CAPACITY {
+            let ttl = self.absent_ttl;
+            absent.retain(|_, at| at.elapsed() < ttl);
+            if absent.len() >= ABSENT_CAPACITY {
+                absent.clear();
+            }
+        }
+        absent.insert(name.to_owned(), Instant::now());
+    }
+
+    fn forget_absent(&self, name: &str) {
+        self.lock_absent().remove(name);
     }
 
     /// The store behind the cache.
@@ -273,7 +345,11 @@ impl Keyring {
 
     /// Loads the whole table into the cache.
     pub async fn load(&self) -> ServiceResult<usize> {
+        // Read the sequence first: a write during the load is seen again by
+        // the next sync rather than missed.
+        let seq = self.store.change_seq().await?;
         let records = self.store.load_all().await?;
+        self.seen_seq.fetch_max(seq, Ordering::AcqRel);
         let count = records.len();
         let mut cache = self.write_cache();
         for record in records {
@@ -308,16 +384,29 @@ impl Keyring {
     }
 
     async fn reload(&self, name: &str) -> ServiceResult<Option<Arc<CachedKey>>> {
-        Ok(self.store.get(name).await?.map(|record| self.install(record)))
+        match self.store.get(name).await? {
+            Some(record) => {
+                self.forget_absent(name);
+                Ok(Some(self.install(record)))
+            }
+            None => {
+                self.remember_absent(name);
+                Ok(None)
+            }
+        }
     }
 
     /// A key, from the cache or else the store. `NOT_FOUND` if it exists in
-    /// neither.
+    /// neither (an unknown name is remembered for a short while, so it does
+    /// not cost a query per request).
     pub async fn key(&self, name: &str) -> ServiceResult<Arc<CachedKey>> {
         if let Some(key) = self.read_cache().get(name).cloned() {
             return Ok(key);
         }
         check_key_name(name)?;
+        if self.known_absent(name) {
+            return Err(ServiceError::key_not_found(name));
+        }
         self.reload(name).await?.ok_or_else(|| ServiceError::key_not_found(name))
     }
 
@@ -342,6 +431,7 @@ impl Keyring {
         let cached = self.read_cache().get(name).cloned();
         match cached {
             Some(key) if version <= key.record.current_version => Ok(key),
+            None if self.known_absent(name) => Err(ServiceError::key_not_found(name)),
             _ => self.reload(name).await?.ok_or_else(|| ServiceError::key_not_found(name)),
         }
     }

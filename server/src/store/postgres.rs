@@ -1,0 +1,673 @@
+//! The PostgreSQL version table, for a fleet of brokers sharing one table.
+//! Schema in `migrations/postgres/`. Every write of a key takes the next
+//! number of one change counter and notifies channel
+//! [`CHANGE_CHANNEL`] at commit, so the other brokers reload it at once
+//! (LISTEN), and within their poll interval if a notification is lost.
+//!
+//! The connection URL is a secret (it may carry the password): it is kept
+//! redacted in every Debug, log line and error ([`DatabaseUrl`]).
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use tokio::sync::Notify;
+
+use super::{
+    ConflictMode, ItemStatus, JobItem, JobPhase, JobRecord, KeyMode, KeyRecord, KeyReplacement, KeyStore, StoreError,
+    UsageRecord, VersionRecord, VersionState,
+};
+use crate::material::BackendRef;
+
+/// The channel every write notifies, with the new change number.
+pub const CHANGE_CHANNEL: &str = "keybroker_changes";
+
+/// Columns of `keys`, as a macro so queries stay string literals.
+macro_rules! key_columns {
+    () => {
+        "name, backend, current_version, min_decryption_version, deletion_allowed, labels, \
+         rotation_period_secs, max_wraps_per_version, created_at, updated_at, revision, mode"
+    };
+}
+
+/// Columns of `key_versions` read into a [`VersionRecord`] (but `version`).
+macro_rules! version_columns {
+    () => {
+        "state, backend, backend_ref, mode, unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, \
+         rewrap_out_count, last_wrap_at, created_at, updated_at"
+    };
+}
+
+/// A PostgreSQL connection URL. Its Debug and Display show it with the
+/// password replaced by `***`; [`DatabaseUrl::expose`] gives the real one
+/// to the driver only.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its password, for the driver.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The password, if the URL has one.
+    fn password(&self) -> Option<&str> {
+        let rest = self.0.split_once("://")?.1;
+        let userinfo = rest.split('/').next()?.rsplit_once('@')?.0;
+        userinfo.split_once(':').map(|(_, p)| p).filter(|p| !p.is_empty())
+    }
+
+    /// The URL with the password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match self.password() {
+            Some(p) => self.0.replacen(&format!(":{p}@"), ":***@", 1),
+            None => self.0.clone(),
+        }
+    }
+
+    /// `text` with every occurrence of the password replaced by `***` (a
+    /// driver error may quote the URL).
+    pub fn scrub(&self, text: &str) -> String {
+        match self.password() {
+            Some(p) => text.replace(p, "***"),
+            None => text.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DatabaseUrl({:?})", self.redacted())
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// A version table in a PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    changed: Arc<Notify>,
+}
+
+fn unavailable(err: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(format!("PostgreSQL: {err}"))
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+impl PostgresStore {
+    /// Connects a pool of at most `pool_size` connections to `url`, applies
+    /// the schema migrations, and starts listening for other brokers'
+    /// changes. Every call waits at most `timeout` for a connection, so a
+    /// database that is down fails calls quickly with `Unavailable`.
+    pub async fn open(url: &DatabaseUrl, pool_size: u32, timeout: Duration) -> Result<Self, StoreError> {
+        let fail = |what: &str, e: sqlx::Error| {
+            StoreError::Unavailable(format!("PostgreSQL at {url}: {what}: {}", url.scrub(&e.to_string())))
+        };
+        let options = PgConnectOptions::from_str(url.expose()).map_err(|e| fail("invalid URL", e))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .acquire_timeout(timeout)
+            .connect_with(options)
+            .await
+            .map_err(|e| fail("connecting", e))?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await.map_err(|e| fail("migrating", e.into()))?;
+        let changed = Arc::new(Notify::new());
+        spawn_listener(pool.clone(), changed.clone());
+        Ok(Self { pool, changed })
+    }
+
+    async fn versions_of(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        name: &str,
+    ) -> Result<Vec<VersionRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT version, ",
+            version_columns!(),
+            " FROM key_versions WHERE key_name = $1 ORDER BY version"
+        ))
+        .bind(name)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(|row| version_from_row(name, row)).collect()
+    }
+
+    /// Marks `name` as written by this transaction: it takes the next
+    /// change number (the counter row stays locked until commit, so numbers
+    /// are in commit order).
+    async fn touch(tx: &mut Transaction<'_, Postgres>, name: &str) -> Result<(), StoreError> {
+        let seq: i64 = sqlx::query_scalar("UPDATE key_change_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("UPDATE keys SET change_seq = $1 WHERE name = $2")
+            .bind(seq)
+            .bind(name)
+            .execute(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+        // Delivered to every listener when (and only if) the write commits.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANGE_CHANNEL)
+            .bind(seq.to_string())
+            .execute(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn insert_key(tx: &mut Transaction<'_, Postgres>, key: &KeyRecord) -> Result<(), StoreError> {
+        let labels = serde_json::to_string(&key.labels).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        sqlx::query(concat!(
+            "INSERT INTO keys (",
+            key_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        ))
+        .bind(&key.name)
+        .bind(&key.backend)
+        .bind(i64::from(key.current_version))
+        .bind(i64::from(key.min_decryption_version))
+        .bind(key.deletion_allowed)
+        .bind(labels)
+        .bind(to_i64(key.rotation_period_secs))
+        .bind(to_i64(key.max_wraps_per_version))
+        .bind(key.created_at)
+        .bind(key.updated_at)
+        .bind(to_i64(key.revision))
+        .bind(key.mode.as_str())
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists(key.name.clone()),
+            _ => unavailable(e),
+        })?;
+        for v in &key.versions {
+            Self::insert_version(tx, &key.name, v).await?;
+        }
+        Self::touch(tx, &key.name).await
+    }
+
+    async fn insert_version(
+        tx: &mut Transaction<'_, Postgres>,
+        name: &str,
+        v: &VersionRecord,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, mode, created_at, updated_at, \
+             unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, rewrap_out_count, last_wrap_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(name)
+        .bind(i64::from(v.version))
+        .bind(v.state.as_str())
+        .bind(&v.backend)
+        .bind(&v.backend_ref.0)
+        .bind(v.mode.as_str())
+        .bind(v.created_at)
+        .bind(v.updated_at)
+        .bind(to_i64(v.unwrap_count))
+        .bind(v.last_unwrap_at)
+        .bind(to_i64(v.wrap_count))
+        .bind(to_i64(v.rewrap_in_count))
+        .bind(to_i64(v.rewrap_out_count))
+        .bind(v.last_wrap_at)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(name.to_owned()),
+            _ => unavailable(e),
+        })?;
+        Ok(())
+    }
+}
+
+fn version_from_row(name: &str, row: &PgRow) -> Result<VersionRecord, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { key: name.to_owned(), reason };
+    let get_err = |e: sqlx::Error| corrupt(e.to_string());
+    let state: String = row.try_get("state").map_err(get_err)?;
+    let mode: String = row.try_get("mode").map_err(get_err)?;
+    let version: i64 = row.try_get("version").map_err(get_err)?;
+    let count = |col: &str| -> Result<u64, StoreError> {
+        Ok(u64::try_from(row.try_get::<i64, _>(col).map_err(get_err)?).unwrap_or(0))
+    };
+    Ok(VersionRecord {
+        version: u32::try_from(version).map_err(|_| corrupt(format!("version {version}")))?,
+        state: VersionState::parse(&state).ok_or_else(|| corrupt(format!("state {state:?}")))?,
+        backend: row.try_get("backend").map_err(get_err)?,
+        backend_ref: BackendRef(row.try_get("backend_ref").map_err(get_err)?),
+        mode: KeyMode::parse(&mode).ok_or_else(|| corrupt(format!("mode {mode:?}")))?,
+        unwrap_count: count("unwrap_count")?,
+        last_unwrap_at: row.try_get("last_unwrap_at").map_err(get_err)?,
+        wrap_count: count("wrap_count")?,
+        rewrap_in_count: count("rewrap_in_count")?,
+        rewrap_out_count: count("rewrap_out_count")?,
+        last_wrap_at: row.try_get("last_wrap_at").map_err(get_err)?,
+        created_at: row.try_get("created_at").map_err(get_err)?,
+        updated_at: row.try_get("updated_at").map_err(get_err)?,
+    })
+}
+
+fn key_from_row(row: &PgRow, versions: Vec<VersionRecord>) -> Result<KeyRecord, StoreError> {
+    let name: String = row.try_get("name").map_err(unavailable)?;
+    let corrupt = |reason: String| StoreError::Corrupt { key: name.clone(), reason };
+    let get_u32 = |col: &str| -> Result<u32, StoreError> {
+        let v: i64 = row.try_get(col).map_err(|e| corrupt(e.to_string()))?;
+        u32::try_from(v).map_err(|_| corrupt(format!("{col} = {v}")))
+    };
+    let get_u64 = |col: &str| -> Result<u64, StoreError> {
+        let v: i64 = row.try_get(col).map_err(|e| corrupt(e.to_string()))?;
+        u64::try_from(v).map_err(|_| corrupt(format!("{col} = {v}")))
+    };
+    let labels: String = row.try_get("labels").map_err(|e| corrupt(e.to_string()))?;
+    let mode: String = row.try_get("mode").map_err(|e| corrupt(e.to_string()))?;
+    let labels: BTreeMap<String, String> =
+        serde_json::from_str(&labels).map_err(|e| corrupt(format!("labels: {e}")))?;
+    let record = KeyRecord {
+        backend: row.try_get("backend").map_err(|e| corrupt(e.to_string()))?,
+        mode: KeyMode::parse(&mode).ok_or_else(|| corrupt(format!("mode {mode:?}")))?,
+        current_version: get_u32("current_version")?,
+        min_decryption_version: get_u32("min_decryption_version")?,
+        deletion_allowed: row.try_get("deletion_allowed").map_err(|e| corrupt(e.to_string()))?,
+        labels,
+        rotation_period_secs: get_u64("rotation_period_secs")?,
+        max_wraps_per_version: get_u64("max_wraps_per_version")?,
+        created_at: row.try_get("created_at").map_err(|e| corrupt(e.to_string()))?,
+        updated_at: row.try_get("updated_at").map_err(|e| corrupt(e.to_string()))?,
+        revision: get_u64("revision")?,
+        versions,
+        name: name.clone(),
+    };
+    let dense = record.versions.iter().enumerate().all(|(i, v)| usize::try_from(v.version).ok() == Some(i + 1));
+    if !dense || record.version(record.current_version).is_none() {
+        return Err(corrupt("versions are not 1..=current_version".to_owned()));
+    }
+    Ok(record)
+}
+
+#[async_trait]
+impl KeyStore for PostgresStore {
+    async fn load_all(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let keys = sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys ORDER BY name"))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let rows = sqlx::query(concat!(
+            "SELECT key_name, version, ",
+            version_columns!(),
+            " FROM key_versions ORDER BY key_name, version"
+        ))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        let mut versions: BTreeMap<String, Vec<VersionRecord>> = BTreeMap::new();
+        for row in &rows {
+            let name: String = row.try_get("key_name").map_err(unavailable)?;
+            let record = version_from_row(&name, row)?;
+            versions.entry(name).or_default().push(record);
+        }
+        keys.iter()
+            .map(|row| {
+                let name: String = row.try_get("name").map_err(unavailable)?;
+                key_from_row(row, versions.remove(&name).unwrap_or_default())
+            })
+            .collect()
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let versions = self.versions_of(&mut tx, name).await?;
+        tx.commit().await.map_err(unavailable)?;
+        key_from_row(&row, versions).map(Some)
+    }
+
+    async fn create(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        Self::insert_key(&mut tx, key).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn replace_keys(&self, writes: &[KeyReplacement]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for write in writes {
+            let name = &write.record.name;
+            let stored: Option<i64> = sqlx::query_scalar("SELECT revision FROM keys WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            match (stored, write.expected_revision) {
+                (None, None) => {}
+                (Some(_), None) => return Err(StoreError::AlreadyExists(name.clone())),
+                (None, Some(_)) => return Err(StoreError::NotFound(name.clone())),
+                (Some(stored), Some(expected)) if stored != to_i64(expected) => {
+                    return Err(StoreError::Conflict(name.clone()));
+                }
+                (Some(_), Some(_)) => {
+                    sqlx::query("DELETE FROM keys WHERE name = $1")
+                        .bind(name)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+            let mut record = write.record.clone();
+            record.revision = write.expected_revision.map_or(1, |r| r + 1);
+            Self::insert_key(&mut tx, &record).await?;
+        }
+        // Dropping the transaction on any error above rolls everything back.
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn update(&self, key: &KeyRecord) -> Result<KeyRecord, StoreError> {
+        let labels = serde_json::to_string(&key.labels).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let updated = sqlx::query(
+            "UPDATE keys SET backend = $1, mode = $2, current_version = $3, min_decryption_version = $4, deletion_allowed = $5, \
+             labels = $6, rotation_period_secs = $7, max_wraps_per_version = $8, updated_at = $9, \
+             revision = revision + 1 WHERE name = $10 AND revision = $11",
+        )
+        .bind(&key.backend)
+        .bind(key.mode.as_str())
+        .bind(i64::from(key.current_version))
+        .bind(i64::from(key.min_decryption_version))
+        .bind(key.deletion_allowed)
+        .bind(labels)
+        .bind(to_i64(key.rotation_period_secs))
+        .bind(to_i64(key.max_wraps_per_version))
+        .bind(key.updated_at)
+        .bind(&key.name)
+        .bind(to_i64(key.revision))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if updated.rows_affected() == 0 {
+            let exists = sqlx::query("SELECT 1 FROM keys WHERE name = $1")
+                .bind(&key.name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .is_some();
+            return Err(if exists {
+                StoreError::Conflict(key.name.clone())
+            } else {
+                StoreError::NotFound(key.name.clone())
+            });
+        }
+        let stored = self.versions_of(&mut tx, &key.name).await?;
+        for v in &key.versions {
+            match stored.iter().find(|s| s.version == v.version) {
+                Some(s)
+                    if (&s.state, &s.backend, &s.backend_ref, s.mode)
+                        == (&v.state, &v.backend, &v.backend_ref, v.mode) => {}
+                Some(_) => {
+                    sqlx::query(
+                        "UPDATE key_versions SET state = $1, backend = $2, backend_ref = $3, mode = $4, updated_at = $5 \
+                         WHERE key_name = $6 AND version = $7",
+                    )
+                    .bind(v.state.as_str())
+                    .bind(&v.backend)
+                    .bind(&v.backend_ref.0)
+                    .bind(v.mode.as_str())
+                    .bind(v.updated_at)
+                    .bind(&key.name)
+                    .bind(i64::from(v.version))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                }
+                None => Self::insert_version(&mut tx, &key.name, v).await?,
+            }
+        }
+        Self::touch(&mut tx, &key.name).await?;
+        tx.commit().await.map_err(unavailable)?;
+        let mut stored = key.clone();
+        stored.revision += 1;
+        Ok(stored)
+    }
+
+    fn change_signal(&self) -> Option<Arc<Notify>> {
+        Some(self.changed.clone())
+    }
+
+    async fn change_seq(&self) -> Result<u64, StoreError> {
+        let seq: i64 = sqlx::query_scalar("SELECT seq FROM key_change_seq WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(u64::try_from(seq).unwrap_or(0))
+    }
+
+    async fn changed_since(&self, since: u64) -> Result<(u64, Vec<String>), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let seq: i64 = sqlx::query_scalar("SELECT seq FROM key_change_seq WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM keys WHERE change_seq > $1 ORDER BY change_seq")
+            .bind(to_i64(since))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok((u64::try_from(seq).unwrap_or(0), names))
+    }
+
+    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<(), StoreError> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for u in usage {
+            sqlx::query(
+                "UPDATE key_versions SET unwrap_count = unwrap_count + $1, last_unwrap_at = GREATEST(last_unwrap_at, $2), \
+                 wrap_count = wrap_count + $3, rewrap_in_count = rewrap_in_count + $4, \
+                 rewrap_out_count = rewrap_out_count + $5, last_wrap_at = GREATEST(last_wrap_at, $6) \
+                 WHERE key_name = $7 AND version = $8",
+            )
+            .bind(to_i64(u.unwraps))
+            .bind(u.last_unwrap_at)
+            .bind(to_i64(u.wraps))
+            .bind(to_i64(u.rewraps_in))
+            .bind(to_i64(u.rewraps_out))
+            .bind(u.last_wrap_at)
+            .bind(&u.key)
+            .bind(i64::from(u.version))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn create_job(&self, job: &JobRecord, keys: &[String]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query(
+            "INSERT INTO migration_jobs (job_id, pattern, from_backend, to_backend, conflict, dry_run, \
+             max_keys_per_second, phase, error, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(&job.id)
+        .bind(&job.pattern)
+        .bind(&job.from_backend)
+        .bind(&job.to_backend)
+        .bind(job.conflict.as_str())
+        .bind(job.dry_run)
+        .bind(i64::from(job.max_keys_per_second))
+        .bind(job.phase.as_str())
+        .bind(&job.error)
+        .bind(job.created_at)
+        .bind(job.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists(job.id.clone()),
+            _ => unavailable(e),
+        })?;
+        for key in keys {
+            sqlx::query(
+                "INSERT INTO migration_items (job_id, key_name, status, updated_at) VALUES ($1, $2, 'pending', $3)",
+            )
+            .bind(&job.id)
+            .bind(key)
+            .bind(job.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn get_job(&self, id: &str) -> Result<Option<(JobRecord, Vec<JobItem>)>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let Some(row) = sqlx::query(
+            "SELECT job_id, pattern, from_backend, to_backend, conflict, dry_run, max_keys_per_second, phase, error, \
+             created_at, updated_at FROM migration_jobs WHERE job_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        let items = sqlx::query(
+            "SELECT key_name, status, action, error_code, error FROM migration_items WHERE job_id = $1 ORDER BY key_name",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        let corrupt = |reason: String| StoreError::Corrupt { key: format!("migration job {id}"), reason };
+        let get = |e: sqlx::Error| corrupt(e.to_string());
+        let conflict: String = row.try_get("conflict").map_err(get)?;
+        let phase: String = row.try_get("phase").map_err(get)?;
+        let job = JobRecord {
+            id: row.try_get("job_id").map_err(get)?,
+            pattern: row.try_get("pattern").map_err(get)?,
+            from_backend: row.try_get("from_backend").map_err(get)?,
+            to_backend: row.try_get("to_backend").map_err(get)?,
+            conflict: ConflictMode::parse(&conflict).ok_or_else(|| corrupt(format!("conflict {conflict:?}")))?,
+            dry_run: row.try_get("dry_run").map_err(get)?,
+            max_keys_per_second: u32::try_from(row.try_get::<i64, _>("max_keys_per_second").map_err(get)?).unwrap_or(0),
+            phase: JobPhase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase:?}")))?,
+            error: row.try_get("error").map_err(get)?,
+            created_at: row.try_get("created_at").map_err(get)?,
+            updated_at: row.try_get("updated_at").map_err(get)?,
+        };
+        let items = items
+            .iter()
+            .map(|r| {
+                let status: String = r.try_get("status").map_err(get)?;
+                Ok(JobItem {
+                    key: r.try_get("key_name").map_err(get)?,
+                    status: ItemStatus::parse(&status).ok_or_else(|| corrupt(format!("status {status:?}")))?,
+                    action: r.try_get("action").map_err(get)?,
+                    error_code: i32::try_from(r.try_get::<i64, _>("error_code").map_err(get)?).unwrap_or(0),
+                    error: r.try_get("error").map_err(get)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Some((job, items)))
+    }
+
+    async fn set_job_phase(&self, id: &str, phase: JobPhase, error: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE migration_jobs SET phase = $1, error = $2, updated_at = $3 WHERE job_id = $4")
+            .bind(phase.as_str())
+            .bind(error)
+            .bind(now_secs())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn set_job_item(&self, id: &str, item: &JobItem) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE migration_items SET status = $1, action = $2, error_code = $3, error = $4, updated_at = $5 \
+             WHERE job_id = $6 AND key_name = $7",
+        )
+        .bind(item.status.as_str())
+        .bind(&item.action)
+        .bind(i64::from(item.error_code))
+        .bind(&item.error)
+        .bind(now_secs())
+        .bind(id)
+        .bind(&item.key)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn unfinished_jobs(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT job_id FROM migration_jobs WHERE phase NOT IN ('done', 'failed') ORDER BY created_at, job_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(|r| r.try_get("job_id").map_err(unavailable)).collect()
+    }
+}
+
+/// Listens on [`CHANGE_CHANNEL`] and raises `changed` for every
+/// notification; reconnects by itself after the database comes back (the
+/// broker's poll covers the gap).
+fn spawn_listener(pool: PgPool, changed: Arc<Notify>) {
+    tokio::spawn(async move {
+        loop {
+            let listening = async {
+                let mut listener = PgListener::connect_with(&pool).await?;
+                listener.listen(CHANGE_CHANNEL).await?;
+                // Anything missed while not listening is found by a sync.
+                changed.notify_one();
+                loop {
+                    listener.recv().await?;
+                    changed.notify_one();
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            if let Err(err) = listening.await {
+                tracing::debug!(%err, "PostgreSQL change listener stopped; reconnecting");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}

@@ -87,6 +87,15 @@ pub struct Config {
     /// reaches every broker within this interval plus one reload.
     #[serde(default = "default_propagation_interval")]
     pub propagation_interval_ms: u64,
+    /// How often the broker looks for keys due for automatic rotation (by
+    /// age or by wraps), in milliseconds. Every broker looks; the version
+    /// table's compare-and-swap lets exactly one of them rotate each key.
+    #[serde(default = "default_rotation_check_interval")]
+    pub rotation_check_interval_ms: u64,
+}
+
+fn default_rotation_check_interval() -> u64 {
+    1_000
 }
 
 fn default_propagation_interval() -> u64 {
@@ -270,6 +279,16 @@ pub struct LimitsConfig {
     /// Largest gRPC message accepted.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
+    /// Wraps one key version may make before it refuses to wrap: random
+    /// 96-bit AES-GCM nonces are safe for 2^32 invocations under one key
+    /// (NIST SP 800-38D), the default. Keys rotate long before (their
+    /// rotation policy's `max_wraps_per_version`, by default 2^30).
+    #[serde(default = "default_max_wraps")]
+    pub max_wraps_per_version: u64,
+}
+
+fn default_max_wraps() -> u64 {
+    1 << 32
 }
 
 impl Default for LimitsConfig {
@@ -279,6 +298,7 @@ impl Default for LimitsConfig {
             max_context_bytes: default_max_context(),
             max_batch_items: default_max_batch(),
             max_message_bytes: default_max_message(),
+            max_wraps_per_version: default_max_wraps(),
         }
     }
 }
@@ -612,6 +632,21 @@ impl Config {
                 message: format!(
                     "{} is outside 1..=1500: changes must reach every broker within 2 s",
                     self.propagation_interval_ms
+                ),
+            });
+        }
+        if self.rotation_check_interval_ms == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "rotation_check_interval_ms",
+                message: "must be at least 1".to_owned(),
+            });
+        }
+        if self.limits.max_wraps_per_version == 0 || self.limits.max_wraps_per_version > 1 << 32 {
+            return Err(ConfigError::Invalid {
+                setting: "limits.max_wraps_per_version",
+                message: format!(
+                    "{} is outside 1..=2^32 (the AES-GCM bound for random nonces under one key)",
+                    self.limits.max_wraps_per_version
                 ),
             });
         }

@@ -301,6 +301,11 @@ pub async fn run(
     keyring.set_retirement_window(i64::try_from(config.retirement_window_seconds).unwrap_or(i64::MAX));
     spawn_usage_flusher(keyring.clone(), Duration::from_millis(config.usage_flush_interval_ms.max(10)));
     spawn_change_follower(keyring.clone(), Duration::from_millis(config.propagation_interval_ms));
+    spawn_rotation_scheduler(
+        keyring.clone(),
+        Duration::from_millis(config.rotation_check_interval_ms),
+        config.limits.max_wraps_per_version,
+    );
     let migrator = Migrator::new(keyring.clone());
     let resumed =
         migrator.resume_unfinished().await.map_err(|e| StartError::Other(format!("resuming migrations: {e}")))?;
@@ -424,6 +429,20 @@ fn spawn_change_follower(keyring: Arc<Keyring>, interval: Duration) {
                     tracing::warn!(%err, "cannot follow the version table's changes; serving from the cache");
                 }
                 Err(_) => {}
+            }
+        }
+    });
+}
+
+/// Rotates the keys due for rotation, every `interval`.
+fn spawn_rotation_scheduler(keyring: Arc<Keyring>, interval: Duration, hard_max_wraps: u64) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(err) = keyring.rotate_due(hard_max_wraps).await {
+                tracing::debug!(%err, "cannot look for keys due for rotation; will retry");
             }
         }
     });

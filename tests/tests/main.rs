@@ -2,6 +2,7 @@
 //! one test binary, so the suite links once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod automatic_rotation;
 mod backend_conformance;
 mod backend_material_identity;
 mod backends_in_the_broker;

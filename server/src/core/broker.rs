@@ -11,7 +11,7 @@ use crate::backend::{Aad, VersionRef};
 use crate::config::LimitsConfig;
 use crate::core::envelope::{self, write_header};
 use crate::core::keyring::{Count, Keyring, check_key_name};
-use crate::error::{ServiceError, ServiceResult};
+use crate::error::{ErrorCode, ServiceError, ServiceResult};
 
 /// Context keys keybroker reserves for itself (the AWS KMS backend adds
 /// `keybroker:header`).
@@ -131,6 +131,17 @@ impl Broker {
         check_key_name(key)?;
         let cached = self.keyring.key(key).await?;
         let current = cached.current()?;
+        let made = cached.total(current.version, Count::Wraps) + cached.total(current.version, Count::RewrapsIn);
+        if made >= self.limits.max_wraps_per_version {
+            return Err(ServiceError::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "version {} of key {key:?} has made {made} wraps, its limit (limits.max_wraps_per_version = {}): \
+                     it refuses to wrap until the key rotates (automatically, or with Rotate)",
+                    current.version, self.limits.max_wraps_per_version
+                ),
+            ));
+        }
         let backend = self.keyring.backends().get_mode(&current.backend, current.mode)?;
         let mut header = Vec::with_capacity(13 + key.len());
         write_header(&mut header, backend.algorithm(), key, current.version);

@@ -48,6 +48,32 @@ pub async fn run_all(store: &dyn KeyStore) {
     load_all_is_in_name_order(store).await;
     replace_keys_is_all_or_nothing(store).await;
     every_write_of_a_key_is_a_numbered_change(store).await;
+    keys_are_due_for_rotation_by_age_or_by_wraps(store).await;
+}
+
+async fn keys_are_due_for_rotation_by_age_or_by_wraps(store: &dyn KeyStore) {
+    // key() versions are created at 1_700_000_001; no key of the suite so
+    // far has a period below a day or a wrap count near the limit.
+    let mut aged = key("due-by-age");
+    aged.rotation_period_secs = 100;
+    store.create(&aged).await.unwrap();
+    let mut used = key("due-by-wraps");
+    used.rotation_period_secs = 0;
+    used.max_wraps_per_version = 5;
+    store.create(&used).await.unwrap();
+    let due = |now| async move { store.due_for_rotation(now, 1 << 30).await.unwrap() };
+    assert!(due(1_700_000_050).await.is_empty(), "nothing is due yet");
+    assert_eq!(due(1_700_000_101).await, vec![("due-by-age".to_owned(), 1)]);
+    let wraps = |n| super::UsageRecord { key: "due-by-wraps".into(), version: 1, wraps: n, ..Default::default() };
+    store.record_usage(&[wraps(4)]).await.unwrap();
+    assert!(due(1_700_000_050).await.is_empty(), "4 of 5 wraps");
+    store.record_usage(&[wraps(1)]).await.unwrap();
+    assert_eq!(due(1_700_000_050).await, vec![("due-by-wraps".to_owned(), 1)]);
+    // The broker's own limit caps a key's policy: seq-c has 3 wraps under a
+    // policy of 2^32.
+    let capped = |cap| async move { store.due_for_rotation(1_700_000_050, cap).await.unwrap() };
+    assert!(capped(3).await.iter().any(|(k, _)| k == "seq-c"), "at the cap");
+    assert!(!capped(4).await.iter().any(|(k, _)| k == "seq-c"), "below the cap");
 }
 
 async fn every_write_of_a_key_is_a_numbered_change(store: &dyn KeyStore) {

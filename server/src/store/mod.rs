@@ -362,6 +362,13 @@ pub trait KeyStore: Send + Sync + 'static {
         None
     }
 
+    /// Keys whose current version is due for rotation at Unix time `now`:
+    /// older than the key's rotation period, or with at least the key's
+    /// `max_wraps_per_version` wraps (`default_max_wraps` when the key sets
+    /// none, and never above `default_max_wraps`). Returns each key's name
+    /// and current version (for a compare-and-swap rotation).
+    async fn due_for_rotation(&self, now: i64, default_max_wraps: u64) -> Result<Vec<(String, u32)>, StoreError>;
+
     /// Writes every key of `writes` in one transaction, all or nothing
     /// (offline migration and restore). Returns `AlreadyExists` for a key
     /// expected to be new, `NotFound` for one expected to exist, and

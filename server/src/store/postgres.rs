@@ -472,6 +472,23 @@ impl KeyStore for PostgresStore {
         Ok(u64::try_from(seq).unwrap_or(0))
     }
 
+    async fn due_for_rotation(&self, now: i64, default_max_wraps: u64) -> Result<Vec<(String, u32)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT k.name, k.current_version FROM keys k \
+             JOIN key_versions v ON v.key_name = k.name AND v.version = k.current_version \
+             WHERE (k.rotation_period_secs > 0 AND v.created_at + k.rotation_period_secs <= $1) \
+             OR v.wrap_count >= CASE WHEN k.max_wraps_per_version > 0 AND k.max_wraps_per_version < $2 \
+             THEN k.max_wraps_per_version ELSE $2 END \
+             ORDER BY k.name",
+        )
+        .bind(now)
+        .bind(to_i64(default_max_wraps))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(rows.into_iter().filter_map(|(name, v)| Some((name, u32::try_from(v).ok()?))).collect())
+    }
+
     async fn changed_since(&self, since: u64) -> Result<(u64, Vec<String>), StoreError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let seq: i64 = sqlx::query_scalar("SELECT seq FROM key_change_seq WHERE id = 1")

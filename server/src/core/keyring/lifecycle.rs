@@ -15,6 +15,11 @@ use crate::backend::{BackendRef, KeyBackend, VersionRef};
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
 use crate::store::{KeyMode, KeyRecord, StoreError, VersionRecord, VersionState};
 
+/// Wraps under one version after which a key rotates automatically when
+/// its policy sets no `max_wraps_per_version`: far below the 2^32 AES-GCM
+/// invocations NIST SP 800-38D allows random nonces under one key.
+pub const DEFAULT_MAX_WRAPS: u64 = 1 << 30;
+
 /// What a new key looks like.
 #[derive(Debug, Clone, Default)]
 pub struct NewKey {
@@ -256,6 +261,29 @@ impl Keyring {
             }
         }
         Err(ServiceError::new(ErrorCode::Aborted, format!("key {name:?} keeps changing concurrently; retry")))
+    }
+
+    /// Rotates every key due for rotation (by age, or by wraps against its
+    /// policy's `max_wraps_per_version`, by default [`DEFAULT_MAX_WRAPS`],
+    /// never above `hard_max_wraps`). Each rotation is a compare-and-swap on
+    /// the version the key was due at, so when every broker of a fleet
+    /// looks, exactly one rotates it. Returns the keys this broker rotated,
+    /// with their new version.
+    pub async fn rotate_due(&self, hard_max_wraps: u64) -> ServiceResult<Vec<(String, u32)>> {
+        let due = self.store.due_for_rotation(now(), DEFAULT_MAX_WRAPS.min(hard_max_wraps)).await?;
+        let mut rotated = Vec::new();
+        for (name, version) in due {
+            match self.rotate(&name, Some(version), None, None).await {
+                Ok(key) => {
+                    tracing::info!(key = %name, from = version, to = key.record.current_version, "rotated automatically");
+                    rotated.push((name, key.record.current_version));
+                }
+                // Another broker rotated it first.
+                Err(err) if err.code() == ErrorCode::Aborted => {}
+                Err(err) => tracing::warn!(key = %name, version, %err, "automatic rotation failed; will retry"),
+            }
+        }
+        Ok(rotated)
     }
 
     /// Whether `name` is no longer at version `current` in the store.

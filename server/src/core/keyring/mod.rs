@@ -9,7 +9,7 @@
 
 mod lifecycle;
 
-pub use lifecycle::{NewKey, PolicyChange, VersionChange};
+pub use lifecycle::{DEFAULT_MAX_WRAPS, NewKey, PolicyChange, VersionChange};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

@@ -6,11 +6,12 @@
 //! [`backend`] (where KEKs live, one file per backend), [`store`] (the
 //! version table, one file per database), [`security`] (mTLS, identities
 //! and roles), [`tools`] (commands that do not serve); then [`config`],
-//! [`error`] (the one mapping to gRPC codes), [`material`] (what backends
-//! and stores share) and [`server`] (assembly).
+//! [`error`] (the one mapping to gRPC codes), [`material`] and [`breaker`]
+//! (what backends and stores share) and [`server`] (assembly).
 
 pub mod api;
 pub mod backend;
+pub mod breaker;
 pub mod config;
 pub mod core;
 pub mod error;

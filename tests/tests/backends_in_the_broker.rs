@@ -272,6 +272,16 @@ async fn an_aws_kms_outage_fails_only_its_keys_quickly_and_recovers_without_rest
         eventually(Duration::from_secs(10), || async { health(&broker, "keybroker.backend.aws").await == 2 }).await,
         "health did not report NOT_SERVING"
     );
+    // Known to be down: its keys answer at once (a circuit breaker), not
+    // after the 1 s backend timeout each, and never with a raw SDK error.
+    for i in 0..5 {
+        let started = Instant::now();
+        let err = wrap(&broker, "on-aws", 5).await.unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(err.message().contains("\"aws\"") && !err.message().contains("arn:"), "{}", err.message());
+        assert!(took < Duration::from_millis(300) || i == 0, "call {i} on a known-down backend took {took:?}");
+    }
     let key = broker.admin().await.get_key(pb::GetKeyRequest { key: "on-aws".into() }).await.unwrap().into_inner();
     assert!(!key.backend_healthy && !key.versions[0].backend_healthy);
     let listed = backends(&broker).await;

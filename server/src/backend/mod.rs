@@ -3,6 +3,7 @@
 //! backend gave out, so versions of one key may live in different backends.
 
 pub mod aws_kms;
+pub mod guarded;
 pub mod health;
 pub mod hierarchy;
 pub mod local;
@@ -300,14 +301,16 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// Adds a backend under its own name.
+    /// Adds a backend under its own name, behind a circuit breaker
+    /// ([`guarded::GuardedBackend`]).
     pub fn insert(&mut self, backend: Arc<dyn KeyBackend>) {
-        self.by_name.insert(backend.name().to_owned(), backend);
+        self.by_name.insert(backend.name().to_owned(), Arc::new(guarded::GuardedBackend::new(backend)));
     }
 
-    /// Adds the hierarchy-mode wrapper of the backend `name`.
+    /// Adds the hierarchy-mode wrapper of the backend `name`, behind a
+    /// circuit breaker.
     pub fn insert_hierarchy(&mut self, name: &str, wrapper: Arc<dyn KeyBackend>) {
-        self.hierarchy.insert(name.to_owned(), wrapper);
+        self.hierarchy.insert(name.to_owned(), Arc::new(guarded::GuardedBackend::new(wrapper)));
     }
 
     /// The backend that serves versions of `mode` held by backend `name`.

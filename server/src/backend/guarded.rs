@@ -1,0 +1,136 @@
+//! Every configured backend behind a circuit breaker ([`crate::breaker`]):
+//! once a call or a health check finds the backend unreachable, its keys
+//! answer `UNAVAILABLE` at once, naming the backend, instead of each call
+//! waiting for the backend's timeout; one call per second goes through as
+//! a probe, and the health monitor's checks always do, so recovery is seen
+//! within a second of it.
+
+use async_trait::async_trait;
+use zeroize::Zeroizing;
+
+use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef};
+use crate::breaker::Breaker;
+use crate::core::envelope::Algorithm;
+
+/// A backend behind a circuit breaker.
+pub struct GuardedBackend {
+    inner: std::sync::Arc<dyn KeyBackend>,
+    breaker: Breaker,
+}
+
+impl GuardedBackend {
+    /// Guards `inner`.
+    pub fn new(inner: std::sync::Arc<dyn KeyBackend>) -> Self {
+        Self { inner, breaker: Breaker::default() }
+    }
+
+    fn admit(&self) -> Result<(), BackendError> {
+        self.breaker
+            .admit()
+            .map_err(|why| BackendError::Unavailable { backend: self.inner.name().to_owned(), reason: why })
+    }
+
+    fn observe<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+        match &result {
+            Err(BackendError::Unavailable { reason, .. }) => {
+                if self.breaker.failed(reason) {
+                    tracing::warn!(backend = self.inner.name(), %reason, "backend down; failing its calls at once");
+                }
+            }
+            // Any other answer, even a refusal, shows the backend is there.
+            _ => {
+                if self.breaker.succeeded() {
+                    tracing::info!(backend = self.inner.name(), "backend reachable again");
+                }
+            }
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl KeyBackend for GuardedBackend {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        self.inner.algorithm()
+    }
+
+    fn exportable(&self) -> bool {
+        self.inner.exportable()
+    }
+
+    fn importable(&self) -> bool {
+        self.inner.importable()
+    }
+
+    fn stats(&self) -> &BackendStats {
+        self.inner.stats()
+    }
+
+    async fn create_version(&self, key: &str, version: u32) -> Result<BackendRef, BackendError> {
+        self.admit()?;
+        self.observe(self.inner.create_version(key, version).await)
+    }
+
+    async fn create_root_key(&self, label: &str) -> Result<BackendRef, BackendError> {
+        self.admit()?;
+        self.observe(self.inner.create_root_key(label).await)
+    }
+
+    async fn attach(&self, key: &str, version: u32, backend_key_id: &str) -> Result<BackendRef, BackendError> {
+        self.admit()?;
+        self.observe(self.inner.attach(key, version, backend_key_id).await)
+    }
+
+    fn backend_key_id(&self, reference: &BackendRef) -> String {
+        self.inner.backend_key_id(reference)
+    }
+
+    async fn wrap(
+        &self,
+        version: VersionRef<'_>,
+        plaintext: &[u8],
+        aad: Aad<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        self.admit()?;
+        self.observe(self.inner.wrap(version, plaintext, aad, out).await)
+    }
+
+    async fn unwrap(
+        &self,
+        version: VersionRef<'_>,
+        payload: &[u8],
+        aad: Aad<'_>,
+    ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        self.admit()?;
+        self.observe(self.inner.unwrap(version, payload, aad).await)
+    }
+
+    async fn export(&self, version: VersionRef<'_>) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        self.admit()?;
+        self.observe(self.inner.export(version).await)
+    }
+
+    async fn import(&self, key: &str, version: u32, material: &[u8]) -> Result<BackendRef, BackendError> {
+        self.admit()?;
+        self.observe(self.inner.import(key, version, material).await)
+    }
+
+    async fn destroy_version(&self, version: VersionRef<'_>) -> Result<(), BackendError> {
+        self.admit()?;
+        self.observe(self.inner.destroy_version(version).await)
+    }
+
+    async fn health(&self) -> Result<(), BackendError> {
+        // The health monitor always probes: it is how recovery is found.
+        self.observe(self.inner.health().await)
+    }
+}

@@ -30,6 +30,7 @@ use crate::core::migration::Migrator;
 use crate::error::ServiceError;
 use crate::security::identity::{Authorizer, Plane, require};
 use crate::security::tls::{self, TlsError};
+use crate::store::guarded::GuardedStore;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{KeyStore, StoreError, VersionState};
@@ -239,9 +240,13 @@ pub async fn create_remote_key(
 
 pub(crate) async fn open_store(config: &Config) -> Result<Arc<dyn KeyStore>, StartError> {
     match &config.store {
-        StoreConfig::Sqlite { path } => Ok(Arc::new(SqliteStore::open(path).await?)),
+        StoreConfig::Sqlite { path } => Ok(Arc::new(GuardedStore::new(
+            Arc::new(SqliteStore::open(path).await?),
+            format!("SQLite file {}", path.display()),
+        ))),
         StoreConfig::Postgres { url, pool_size, timeout_ms } => {
-            Ok(Arc::new(PostgresStore::open(url, *pool_size, Duration::from_millis(*timeout_ms)).await?))
+            let store = PostgresStore::open(url, *pool_size, Duration::from_millis(*timeout_ms)).await?;
+            Ok(Arc::new(GuardedStore::new(Arc::new(store), format!("PostgreSQL at {url}"))))
         }
     }
 }
@@ -300,7 +305,8 @@ pub async fn run(
 
     keyring.set_retirement_window(i64::try_from(config.retirement_window_seconds).unwrap_or(i64::MAX));
     spawn_usage_flusher(keyring.clone(), Duration::from_millis(config.usage_flush_interval_ms.max(10)));
-    spawn_change_follower(keyring.clone(), Duration::from_millis(config.propagation_interval_ms));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    spawn_change_follower(keyring.clone(), Duration::from_millis(config.propagation_interval_ms), health.clone());
     spawn_rotation_scheduler(
         keyring.clone(),
         Duration::from_millis(config.rotation_check_interval_ms),
@@ -328,8 +334,8 @@ pub async fn run(
         require(Plane::Admin),
     );
 
-    let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KeyBrokerServer<KeyBrokerService>>().await;
+    health.set_service_status(STORE_HEALTH_SERVICE, tonic_health::ServingStatus::Serving).await;
     health.set_serving::<KeyAdminServer<KeyAdminService>>().await;
     crate::backend::health::check_all(&backends, &board, &health).await;
     spawn_monitor(
@@ -396,9 +402,12 @@ pub async fn run(
     Ok(())
 }
 
+/// The health service that reports whether the version table is reachable.
+pub const STORE_HEALTH_SERVICE: &str = "keybroker.store";
+
 /// Follows the changes other brokers make to the table: every `interval`,
 /// and at once when the store signals one (PostgreSQL NOTIFY).
-fn spawn_change_follower(keyring: Arc<Keyring>, interval: Duration) {
+fn spawn_change_follower(keyring: Arc<Keyring>, interval: Duration, health: tonic_health::server::HealthReporter) {
     tokio::spawn(async move {
         let signal = keyring.store().change_signal();
         let mut tick = tokio::time::interval(interval);
@@ -418,6 +427,7 @@ fn spawn_change_follower(keyring: Arc<Keyring>, interval: Duration) {
                 Ok(n) => {
                     if failing {
                         tracing::info!("following the version table's changes again");
+                        health.set_service_status(STORE_HEALTH_SERVICE, tonic_health::ServingStatus::Serving).await;
                     }
                     failing = false;
                     if n > 0 {
@@ -426,6 +436,7 @@ fn spawn_change_follower(keyring: Arc<Keyring>, interval: Duration) {
                 }
                 Err(err) if !failing => {
                     failing = true;
+                    health.set_service_status(STORE_HEALTH_SERVICE, tonic_health::ServingStatus::NotServing).await;
                     tracing::warn!(%err, "cannot follow the version table's changes; serving from the cache");
                 }
                 Err(_) => {}

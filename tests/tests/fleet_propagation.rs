@@ -192,3 +192,97 @@ async fn two_brokers_on_one_sqlite_file_agree_within_two_seconds() {
     changes_reach_every_broker(&brokers).await;
     concurrent_rotations_never_duplicate(&brokers).await;
 }
+
+async fn store_health(broker: &Broker) -> i32 {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(broker.channel("client").await);
+    let request = tonic_health::pb::HealthCheckRequest { service: "keybroker.store".into() };
+    client.check(request).await.map_or(-1, |r| r.into_inner().status)
+}
+
+/// PostgreSQL stops while two brokers serve: wraps and unwraps of cached
+/// keys go on, calls that need the table fail at once with UNAVAILABLE
+/// naming it, health says so, and everything recovers by itself when the
+/// database is back, with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_stops_admin_changes_not_wraps_and_heals_by_itself() {
+    const SERVING: i32 = 1;
+    const NOT_SERVING: i32 = 2;
+    let pg = Postgres::start();
+    let dir = tempdir();
+    let dev = dev_pki(dir.path());
+    let config = config_with_postgres(dir.path(), &dev, &pg.url(), "");
+    let env = [("KEYBROKER_USAGE_FLUSH_INTERVAL_MS", "200")];
+    let brokers: Vec<Broker> = (0..2).map(|_| Broker::serve(&config, &dev, &env)).collect();
+    let mut admin = brokers[0].admin().await;
+    admin.create_key(pb::CreateKeyRequest { key: "steady".into(), ..Default::default() }).await.unwrap();
+    let mut made = Vec::new();
+    for broker in &brokers {
+        made.push(wrap(broker, "steady").await.unwrap().ciphertext);
+    }
+
+    pg.stop_server();
+    // The data path does not wait on the database.
+    for broker in &brokers {
+        for ct in &made {
+            let started = Instant::now();
+            assert_eq!(unwrap(broker, ct).await.unwrap().plaintext, vec![7; 32]);
+            made_quickly(started);
+        }
+        for _ in 0..5 {
+            let started = Instant::now();
+            wrap(broker, "steady").await.unwrap();
+            made_quickly(started);
+        }
+    }
+    // Changes need the table: UNAVAILABLE naming it, at once once it is
+    // known to be down (the first call may wait for its 1 s connection
+    // timeout).
+    let create = |key: &str| pb::CreateKeyRequest { key: key.into(), ..Default::default() };
+    let err = admin.create_key(create("during")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    for _ in 0..3 {
+        let started = Instant::now();
+        let err = admin.create_key(create("during")).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(
+            err.message().contains("PostgreSQL at") && err.message().contains("known to be down"),
+            "{}",
+            err.message()
+        );
+        assert!(!err.message().contains(&pg.password), "{}", err.message());
+        made_quickly(started);
+    }
+    let err = wrap(&brokers[1], "never-cached").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "an unknown key is not NOT_FOUND while the table cannot say: {err:?}");
+    for broker in &brokers {
+        assert!(time_until(|| async { store_health(broker).await == NOT_SERVING }).await.is_some());
+    }
+
+    pg.start_server();
+    let healed = time_until(|| async {
+        let mut admin = brokers[0].admin().await;
+        admin.create_key(create("after")).await.is_ok()
+    })
+    .await
+    .expect("no recovery after the database came back");
+    println!("the first change after the database came back went through after {} ms", healed.as_millis());
+    for broker in &brokers {
+        assert!(time_until(|| async { store_health(broker).await == SERVING }).await.is_some());
+    }
+    admin.rotate(pb::RotateRequest { key: "steady".into(), ..Default::default() }).await.unwrap();
+    let took = time_until(|| async { wrap(&brokers[1], "steady").await.is_ok_and(|w| w.version == 2) }).await;
+    assert!(took.is_some_and(|t| t < BOUND), "propagation did not resume: {took:?}");
+    // Nothing lost: the wraps made during the outage are counted (2 + 10).
+    let counted = time_until(|| async {
+        let mut admin = brokers[0].admin().await;
+        let key = admin.get_key(pb::GetKeyRequest { key: "steady".into() }).await.unwrap().into_inner();
+        key.versions[0].wrap_count == 12
+    })
+    .await;
+    assert!(counted.is_some(), "wraps made during the outage were lost");
+}
+
+fn made_quickly(started: Instant) {
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(300), "a call of a cached key took {took:?} with the database down");
+}

@@ -6,6 +6,7 @@
 #[doc(hidden)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 pub mod conformance;
+pub mod guarded;
 pub mod postgres;
 pub mod sqlite;
 

@@ -92,6 +92,15 @@ pub struct Config {
     /// table's compare-and-swap lets exactly one of them rotate each key.
     #[serde(default = "default_rotation_check_interval")]
     pub rotation_check_interval_ms: u64,
+    /// How long a broker's lease on a migration job lasts without renewal,
+    /// in milliseconds: when the broker running a job dies, another takes
+    /// the job over after at most this long.
+    #[serde(default = "default_migration_lease")]
+    pub migration_lease_ms: u64,
+}
+
+fn default_migration_lease() -> u64 {
+    5_000
 }
 
 fn default_rotation_check_interval() -> u64 {
@@ -633,6 +642,12 @@ impl Config {
                     "{} is outside 1..=1500: changes must reach every broker within 2 s",
                     self.propagation_interval_ms
                 ),
+            });
+        }
+        if self.migration_lease_ms < 200 {
+            return Err(ConfigError::Invalid {
+                setting: "migration_lease_ms",
+                message: "must be at least 200 (a lease renewed before every key)".to_owned(),
             });
         }
         if self.rotation_check_interval_ms == 0 {

@@ -312,12 +312,14 @@ pub async fn run(
         Duration::from_millis(config.rotation_check_interval_ms),
         config.limits.max_wraps_per_version,
     );
-    let migrator = Migrator::new(keyring.clone());
+    let lease = Duration::from_millis(config.migration_lease_ms);
+    let migrator = Migrator::new(keyring.clone(), lease);
     let resumed =
         migrator.resume_unfinished().await.map_err(|e| StartError::Other(format!("resuming migrations: {e}")))?;
     if resumed > 0 {
-        tracing::info!(jobs = resumed, "resumed unfinished migration jobs");
+        tracing::info!(jobs = resumed, "following unfinished migration jobs");
     }
+    spawn_job_follower(migrator.clone(), lease / 2);
     let board = Arc::new(HealthBoard::default());
     let broker = Arc::new(Broker::new(keyring.clone(), config.limits.clone()));
     let max_message = config.limits.max_message_bytes;
@@ -440,6 +442,21 @@ fn spawn_change_follower(keyring: Arc<Keyring>, interval: Duration, health: toni
                     tracing::warn!(%err, "cannot follow the version table's changes; serving from the cache");
                 }
                 Err(_) => {}
+            }
+        }
+    });
+}
+
+/// Follows the unfinished migration jobs of the table (started on any
+/// broker), every `interval`, so a job whose broker died is taken over.
+fn spawn_job_follower(migrator: Arc<Migrator>, interval: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(err) = migrator.resume_unfinished().await {
+                tracing::debug!(%err, "cannot list unfinished migration jobs; will retry");
             }
         }
     });

@@ -389,8 +389,8 @@ pub fn config_with_backends(dir: &Path, dev_dir: &Path, default_backend: &str, b
 
 /// Like [`config_with_backends`], with the version table in PostgreSQL at
 /// `url` and extra top-level settings `settings` (TOML lines).
-pub fn config_with_postgres(dir: &Path, dev_dir: &Path, url: &str, settings: &str) -> PathBuf {
-    let path = config_with_backends(dir, dev_dir, "local", "");
+pub fn config_with_postgres(dir: &Path, dev_dir: &Path, url: &str, settings: &str, backends_toml: &str) -> PathBuf {
+    let path = config_with_backends(dir, dev_dir, "local", backends_toml);
     let text = std::fs::read_to_string(&path).unwrap();
     let sqlite = format!("[store]\ntype = \"sqlite\"\npath = \"{}/keybroker.sqlite\"\n", dir.display());
     assert!(text.contains(&sqlite));

@@ -27,7 +27,7 @@ async fn three_brokers_rotate_each_due_key_exactly_once() {
     let pg = Postgres::start();
     let dir = tempdir();
     let dev = dev_pki(dir.path());
-    let config = config_with_postgres(dir.path(), &dev, &pg.url(), "");
+    let config = config_with_postgres(dir.path(), &dev, &pg.url(), "", "");
     let env = [("KEYBROKER_ROTATION_CHECK_INTERVAL_MS", "100"), ("KEYBROKER_USAGE_FLUSH_INTERVAL_MS", "200")];
     let brokers: Vec<Broker> = (0..3).map(|_| Broker::serve(&config, &dev, &env)).collect();
     let mut admin = brokers[0].admin().await;

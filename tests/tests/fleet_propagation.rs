@@ -144,7 +144,7 @@ async fn three_brokers_on_postgres_agree_within_two_seconds() {
     let pg = Postgres::start();
     let dir = tempdir();
     let dev = dev_pki(dir.path());
-    let config = config_with_postgres(dir.path(), &dev, &pg.url(), "");
+    let config = config_with_postgres(dir.path(), &dev, &pg.url(), "", "");
     let brokers: Vec<Broker> = (0..3).map(|_| Broker::serve(&config, &dev, &[])).collect();
     changes_reach_every_broker(&brokers).await;
     concurrent_rotations_never_duplicate(&brokers).await;
@@ -210,7 +210,7 @@ async fn a_postgres_outage_stops_admin_changes_not_wraps_and_heals_by_itself() {
     let pg = Postgres::start();
     let dir = tempdir();
     let dev = dev_pki(dir.path());
-    let config = config_with_postgres(dir.path(), &dev, &pg.url(), "");
+    let config = config_with_postgres(dir.path(), &dev, &pg.url(), "", "");
     let env = [("KEYBROKER_USAGE_FLUSH_INTERVAL_MS", "200")];
     let brokers: Vec<Broker> = (0..2).map(|_| Broker::serve(&config, &dev, &env)).collect();
     let mut admin = brokers[0].admin().await;

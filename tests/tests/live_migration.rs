@@ -251,7 +251,7 @@ async fn a_job_survives_its_client_leaving_and_kill_9_and_finishes_every_key_exa
     let dir = tempdir();
     let dev = dev_pki(dir.path());
     let config = config_with_backends(dir.path(), &dev, "local", "[backends.vault2]\ntype = \"local\"\n");
-    let mut broker = Broker::serve(&config, &dev, &[]);
+    let mut broker = Broker::serve(&config, &dev, &[("KEYBROKER_MIGRATION_LEASE_MS", "1000")]);
     let mut admin = broker.admin().await;
     let mut app = broker.app().await;
     let n = 300;
@@ -286,7 +286,7 @@ async fn a_job_survives_its_client_leaving_and_kill_9_and_finishes_every_key_exa
     }
     broker.kill9();
 
-    let broker = Broker::serve(&config, &dev, &[]);
+    let broker = Broker::serve(&config, &dev, &[("KEYBROKER_MIGRATION_LEASE_MS", "1000")]);
     let mut admin = broker.admin().await;
     let mut watch =
         admin.watch_migration(pb::GetMigrationRequest { job_id: job_id.clone() }).await.unwrap().into_inner();
@@ -325,7 +325,7 @@ async fn a_job_survives_its_client_leaving_and_kill_9_and_finishes_every_key_exa
             app.unwrap(pb::UnwrapRequest { ciphertext: ct.clone(), ..Default::default() }).await.unwrap().into_inner();
         assert_eq!((&u.key, &u.plaintext), (key, pt));
     }
-    assert!(broker.stderr().contains("resuming migration job"), "{}", broker.stderr());
+    assert!(broker.stderr().contains("following unfinished migration job"), "{}", broker.stderr());
 }
 
 #[tokio::test]

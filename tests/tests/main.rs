@@ -11,6 +11,7 @@ mod client_examples;
 mod client_library;
 mod crash_recovery;
 mod errors_and_limits;
+mod fleet_jobs;
 mod fleet_propagation;
 mod generated_code_is_fresh;
 mod grpcurl_reflection;

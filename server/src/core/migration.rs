@@ -39,10 +39,35 @@ use crate::store::{ConflictMode, ItemStatus, JobItem, JobPhase, JobRecord, KeyMo
 const MAX_RESULTS: usize = 1000;
 const VERIFY_HEADER: &[u8] = b"keybroker.migrate.verify.v1";
 
-/// Runs and tracks migration jobs.
+/// How often a broker that does not hold a job's lease reads its progress
+/// and tries to take the lease over.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(300);
+
+/// Runs and tracks migration jobs. In a fleet, every broker follows every
+/// unfinished job, and the one holding the job's lease in the store runs
+/// it; when that broker dies, another takes the lease over once it runs
+/// out and resumes the job where it stopped.
 pub struct Migrator {
     keyring: Arc<Keyring>,
     running: Mutex<HashMap<String, watch::Receiver<pb::MigrateProgress>>>,
+    /// This broker's name on the leases it holds.
+    owner: String,
+    lease: Duration,
+}
+
+/// Why a run of a job ended without an error.
+enum RunEnd {
+    /// Every key was handled.
+    Finished,
+    /// Another broker holds the lease now.
+    LeaseLost,
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -110,19 +135,43 @@ struct Outcome {
 }
 
 impl Migrator {
-    /// A migrator over `keyring`.
-    pub fn new(keyring: Arc<Keyring>) -> Arc<Self> {
-        Arc::new(Self { keyring, running: Mutex::new(HashMap::new()) })
+    /// A migrator over `keyring` whose job leases last `lease`.
+    pub fn new(keyring: Arc<Keyring>, lease: Duration) -> Arc<Self> {
+        let mut id = [0u8; 8];
+        rand::rng().fill_bytes(&mut id);
+        let owner =
+            format!("broker-{}-{}", std::process::id(), id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        Arc::new(Self { keyring, running: Mutex::new(HashMap::new()), owner, lease })
+    }
+
+    /// Holds (takes or renews) the lease of job `id`.
+    async fn hold_lease(&self, id: &str) -> bool {
+        let ttl = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
+        match self.keyring.store().lease_job(id, &self.owner, now_ms(), ttl).await {
+            Ok(held) => held,
+            Err(err) => {
+                tracing::debug!(job_id = %id, %err, "cannot renew the job's lease");
+                false
+            }
+        }
     }
 
     /// Resumes every job a previous run left unfinished.
+    /// Follows every unfinished job of the table this broker does not
+    /// follow yet (at start, and then periodically: jobs started on other
+    /// brokers, or whose broker died). Returns how many it took up.
     pub async fn resume_unfinished(self: &Arc<Self>) -> ServiceResult<usize> {
         let ids = self.keyring.store().unfinished_jobs().await?;
+        let mut taken = 0;
         for id in &ids {
-            tracing::info!(job_id = %id, "resuming migration job");
+            if lock(&self.running).contains_key(id) {
+                continue;
+            }
+            tracing::info!(job_id = %id, "following unfinished migration job");
             self.attach_or_run(id).await?;
+            taken += 1;
         }
-        Ok(ids.len())
+        Ok(taken)
     }
 
     /// Starts a job, or attaches to / resumes the job `request.job_id`.
@@ -216,18 +265,51 @@ impl Migrator {
             running.insert(id.to_owned(), rx.clone());
         }
         let this = self.clone();
+        let id = job.id.clone();
         tokio::spawn(async move {
-            let id = job.id.clone();
-            if let Err(err) = this.run(job, items, &tx).await {
-                tracing::error!(job_id = %id, %err, "migration job failed");
-                let _ = this.keyring.store().set_job_phase(&id, JobPhase::Failed, err.message()).await;
-                if let Ok(Some((job, items))) = this.keyring.store().get_job(&id).await {
-                    let _ = tx.send(progress(&job, &items, ""));
-                }
-            }
+            this.drive(&id, &tx).await;
             lock(&this.running).remove(&id);
         });
         Ok(rx)
+    }
+
+    /// Follows job `id` until it is finished: runs it while this broker
+    /// holds its lease, and otherwise publishes the progress its owner
+    /// writes to the store, taking the lease over if the owner dies.
+    async fn drive(&self, id: &str, tx: &watch::Sender<pb::MigrateProgress>) {
+        let store = self.keyring.store().clone();
+        loop {
+            if self.hold_lease(id).await {
+                let job = match store.get_job(id).await {
+                    Ok(Some(job)) => job,
+                    Ok(None) => return,
+                    Err(_) => {
+                        tokio::time::sleep(FOLLOW_INTERVAL).await;
+                        continue;
+                    }
+                };
+                match self.run(job.0, job.1, tx).await {
+                    Ok(RunEnd::Finished) => return,
+                    Ok(RunEnd::LeaseLost) => {
+                        tracing::warn!(job_id = %id, "lost the migration job's lease; another broker runs it");
+                    }
+                    Err(err) => {
+                        tracing::error!(job_id = %id, %err, "migration job failed");
+                        let _ = store.set_job_phase(id, JobPhase::Failed, err.message()).await;
+                        if let Ok(Some((job, items))) = store.get_job(id).await {
+                            let _ = tx.send(progress(&job, &items, ""));
+                        }
+                        return;
+                    }
+                }
+            } else if let Ok(Some((job, items))) = store.get_job(id).await {
+                let _ = tx.send(progress(&job, &items, ""));
+                if matches!(job.phase, JobPhase::Done | JobPhase::Failed) {
+                    return;
+                }
+            }
+            tokio::time::sleep(FOLLOW_INTERVAL).await;
+        }
     }
 
     /// The latest progress of a job.
@@ -249,13 +331,17 @@ impl Migrator {
         mut job: JobRecord,
         mut items: Vec<JobItem>,
         tx: &watch::Sender<pb::MigrateProgress>,
-    ) -> ServiceResult<()> {
+    ) -> ServiceResult<RunEnd> {
         let store = self.keyring.store().clone();
         let pace =
             (job.max_keys_per_second > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(job.max_keys_per_second)));
         for i in 0..items.len() {
             if !matches!(items[i].status, ItemStatus::Pending | ItemStatus::InProgress) {
                 continue;
+            }
+            // Renewed before every key: a broker that lost it stops here.
+            if !self.hold_lease(&job.id).await {
+                return Ok(RunEnd::LeaseLost);
             }
             let started = Instant::now();
             let key = items[i].key.clone();
@@ -297,7 +383,7 @@ impl Migrator {
         store.set_job_phase(&job.id, JobPhase::Done, "").await?;
         tracing::info!(job_id = %job.id, "migration job done");
         let _ = tx.send(progress(&job, &items, ""));
-        Ok(())
+        Ok(RunEnd::Finished)
     }
 
     fn backends(&self, job: &JobRecord) -> ServiceResult<(Arc<dyn KeyBackend>, Arc<dyn KeyBackend>)> {
@@ -362,6 +448,14 @@ impl Migrator {
             .cloned()
             .collect();
         if on_source.is_empty() && record.backend != job.from_backend {
+            // A resumed key whose last step landed before the crash is done,
+            // not skipped: the earlier run moved it.
+            if resumed {
+                return Ok(Outcome {
+                    status: ItemStatus::Done,
+                    action: format!("already moved to {:?} (resumed)", job.to_backend),
+                });
+            }
             return Ok(Outcome { status: ItemStatus::Skipped, action: format!("nothing in {:?}", job.from_backend) });
         }
         if source.exportable() && target.importable() {
@@ -397,7 +491,23 @@ impl Migrator {
         {
             self.keyring.set_key_backend(key, &record.backend, Some(KeyMode::Direct)).await?;
         }
-        let rotated = self.keyring.rotate(key, None, Some(&job.to_backend), None).await?;
+        // Compare-and-swap on the version read above: if another broker
+        // (one that held the lease before) made the new version meanwhile,
+        // this one makes none.
+        let rotated = match self.keyring.rotate(key, Some(record.current_version), Some(&job.to_backend), None).await {
+            Ok(rotated) => rotated,
+            Err(err) if err.code() == ErrorCode::Aborted => {
+                let now = self.keyring.store().get(key).await?.ok_or_else(|| ServiceError::key_not_found(key))?;
+                if now.version(now.current_version).is_some_and(|v| v.backend == job.to_backend) {
+                    return Ok(Outcome {
+                        status: ItemStatus::Done,
+                        action: "new version already in the target (made concurrently)".into(),
+                    });
+                }
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        };
         let kept: Vec<u32> = on_source.iter().map(|v| v.version).collect();
         Ok(Outcome {
             status: ItemStatus::Done,

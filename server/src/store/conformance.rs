@@ -49,6 +49,34 @@ pub async fn run_all(store: &dyn KeyStore) {
     replace_keys_is_all_or_nothing(store).await;
     every_write_of_a_key_is_a_numbered_change(store).await;
     keys_are_due_for_rotation_by_age_or_by_wraps(store).await;
+    a_job_lease_has_one_holder_at_a_time(store).await;
+}
+
+async fn a_job_lease_has_one_holder_at_a_time(store: &dyn KeyStore) {
+    let job = super::JobRecord {
+        id: "lease-job".into(),
+        pattern: "*".into(),
+        from_backend: "a".into(),
+        to_backend: "b".into(),
+        conflict: super::ConflictMode::Fail,
+        dry_run: false,
+        max_keys_per_second: 0,
+        phase: super::JobPhase::Copying,
+        error: String::new(),
+        created_at: 1,
+        updated_at: 1,
+    };
+    store.create_job(&job, &["k".to_owned()]).await.unwrap();
+    let t = 1_700_000_000_000;
+    assert!(store.lease_job("lease-job", "one", t, 1000).await.unwrap(), "a free lease is taken");
+    assert!(!store.lease_job("lease-job", "two", t + 500, 1000).await.unwrap(), "a held lease is not");
+    assert!(store.lease_job("lease-job", "one", t + 900, 1000).await.unwrap(), "the holder renews");
+    assert!(!store.lease_job("lease-job", "two", t + 1500, 1000).await.unwrap(), "renewed until t + 1900");
+    assert!(store.lease_job("lease-job", "two", t + 2000, 1000).await.unwrap(), "a lapsed lease is taken over");
+    assert!(!store.lease_job("lease-job", "one", t + 2100, 1000).await.unwrap(), "the old holder lost it");
+    store.set_job_phase("lease-job", super::JobPhase::Done, "").await.unwrap();
+    assert!(!store.lease_job("lease-job", "two", t + 9000, 1000).await.unwrap(), "a finished job has no lease");
+    assert!(!store.lease_job("no-such-job", "one", t, 1000).await.unwrap());
 }
 
 async fn keys_are_due_for_rotation_by_age_or_by_wraps(store: &dyn KeyStore) {

@@ -122,6 +122,11 @@ impl KeyStore for GuardedStore {
         self.observe(self.inner.set_job_item(id, item).await)
     }
 
+    async fn lease_job(&self, id: &str, owner: &str, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError> {
+        self.admit()?;
+        self.observe(self.inner.lease_job(id, owner, now_ms, ttl_ms).await)
+    }
+
     async fn unfinished_jobs(&self) -> Result<Vec<String>, StoreError> {
         self.admit()?;
         self.observe(self.inner.unfinished_jobs().await)

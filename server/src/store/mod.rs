@@ -393,6 +393,12 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Records the outcome of one key of a job.
     async fn set_job_item(&self, id: &str, item: &JobItem) -> Result<(), StoreError>;
 
+    /// Takes or renews the lease of job `id` for `owner` until `now_ms +
+    /// ttl_ms` (milliseconds since the Unix epoch): succeeds when the job is
+    /// unfinished and its lease is `owner`'s or has run out. Returns
+    /// whether `owner` holds the lease now.
+    async fn lease_job(&self, id: &str, owner: &str, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError>;
+
     /// Ids of jobs neither done nor failed, oldest first (resumed at start).
     async fn unfinished_jobs(&self) -> Result<Vec<String>, StoreError>;
 }

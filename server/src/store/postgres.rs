@@ -652,6 +652,22 @@ impl KeyStore for PostgresStore {
         Ok(())
     }
 
+    async fn lease_job(&self, id: &str, owner: &str, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError> {
+        let leased = sqlx::query(
+            "UPDATE migration_jobs SET owner = $1, lease_until_ms = $2 \
+             WHERE job_id = $3 AND phase NOT IN ('done', 'failed') AND (owner = $4 OR lease_until_ms < $5)",
+        )
+        .bind(owner)
+        .bind(now_ms.saturating_add(ttl_ms))
+        .bind(id)
+        .bind(owner)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(leased.rows_affected() == 1)
+    }
+
     async fn unfinished_jobs(&self) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
             "SELECT job_id FROM migration_jobs WHERE phase NOT IN ('done', 'failed') ORDER BY created_at, job_id",

@@ -607,6 +607,22 @@ impl KeyStore for SqliteStore {
         Ok(())
     }
 
+    async fn lease_job(&self, id: &str, owner: &str, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError> {
+        let leased = sqlx::query(
+            "UPDATE migration_jobs SET owner = ?, lease_until_ms = ? \
+             WHERE job_id = ? AND phase NOT IN ('done', 'failed') AND (owner = ? OR lease_until_ms < ?)",
+        )
+        .bind(owner)
+        .bind(now_ms.saturating_add(ttl_ms))
+        .bind(id)
+        .bind(owner)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(leased.rows_affected() == 1)
+    }
+
     async fn unfinished_jobs(&self) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
             "SELECT job_id FROM migration_jobs WHERE phase NOT IN ('done', 'failed') ORDER BY created_at, job_id",

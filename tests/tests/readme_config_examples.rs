@@ -19,6 +19,12 @@ fn readme_toml_examples_use_real_settings() {
                     .unwrap_or_else(|e| panic!("README backend {name:?} is not a valid backend: {e}"));
             }
         }
+        if let Some(store) = table.get("store") {
+            store
+                .clone()
+                .try_into::<keybroker_server::config::StoreConfig>()
+                .unwrap_or_else(|e| panic!("README [store]: {e}\n{block}"));
+        }
         if let Some(root) = table.get("root_key") {
             root.clone().try_into::<RootKeyConfig>().unwrap_or_else(|e| panic!("README [root_key]: {e}"));
         }

@@ -131,7 +131,8 @@ async fn main() {
     let mark = pg.log().len();
     let idle = Duration::from_secs(10);
     tokio::time::sleep(idle).await;
-    let statements = pg.log()[mark..].matches(" LOG:  execute ").count() + pg.log()[mark..].matches(" LOG:  statement: ").count();
+    let statements =
+        pg.log()[mark..].matches(" LOG:  execute ").count() + pg.log()[mark..].matches(" LOG:  statement: ").count();
     let per_second = statements as f64 / idle.as_secs_f64();
 
     // 3. Propagation: 100 rotations to a second broker, on each store.
@@ -162,7 +163,9 @@ async fn main() {
          poll every 500 ms, the due-rotation check every second, the unfinished-jobs check).\n",
         idle.as_secs()
     );
-    println!("Propagation of 100 rotations from one broker to another (time until the second wraps under the new version):\n");
+    println!(
+        "Propagation of 100 rotations from one broker to another (time until the second wraps under the new version):\n"
+    );
     println!("- PostgreSQL (LISTEN/NOTIFY, 500 ms poll as fallback): {}", describe(&pg_delays));
     println!("- one SQLite file shared by two brokers (500 ms poll): {}", describe(&sqlite_delays));
     println!("<!-- fleet:end -->");

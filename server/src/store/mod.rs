@@ -8,6 +8,7 @@
 pub mod conformance;
 pub mod guarded;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

@@ -7,16 +7,14 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, Transaction};
 
+use super::rows::{item_from_row, job_from_row, key_from_row, version_from_row};
 use super::{
-    ConflictMode, ItemStatus, JobItem, JobPhase, JobRecord, KeyMode, KeyRecord, KeyReplacement, KeyStore, StoreError,
-    UsageRecord, VersionRecord, VersionState,
+    JobItem, JobPhase, JobRecord, KeyRecord, KeyReplacement, KeyStore, StoreError, UsageRecord, VersionRecord,
+    VersionState,
 };
-use crate::material::BackendRef;
 
 /// Columns of `keys`, as a macro so queries stay string literals.
 macro_rules! key_columns {
@@ -196,69 +194,6 @@ impl SqliteStore {
         })?;
         Ok(())
     }
-}
-
-fn version_from_row(name: &str, row: &SqliteRow) -> Result<VersionRecord, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt { key: name.to_owned(), reason };
-    let get_err = |e: sqlx::Error| corrupt(e.to_string());
-    let state: String = row.try_get("state").map_err(get_err)?;
-    let mode: String = row.try_get("mode").map_err(get_err)?;
-    let version: i64 = row.try_get("version").map_err(get_err)?;
-    let count = |col: &str| -> Result<u64, StoreError> {
-        Ok(u64::try_from(row.try_get::<i64, _>(col).map_err(get_err)?).unwrap_or(0))
-    };
-    Ok(VersionRecord {
-        version: u32::try_from(version).map_err(|_| corrupt(format!("version {version}")))?,
-        state: VersionState::parse(&state).ok_or_else(|| corrupt(format!("state {state:?}")))?,
-        backend: row.try_get("backend").map_err(get_err)?,
-        backend_ref: BackendRef(row.try_get("backend_ref").map_err(get_err)?),
-        mode: KeyMode::parse(&mode).ok_or_else(|| corrupt(format!("mode {mode:?}")))?,
-        unwrap_count: count("unwrap_count")?,
-        last_unwrap_at: row.try_get("last_unwrap_at").map_err(get_err)?,
-        wrap_count: count("wrap_count")?,
-        rewrap_in_count: count("rewrap_in_count")?,
-        rewrap_out_count: count("rewrap_out_count")?,
-        last_wrap_at: row.try_get("last_wrap_at").map_err(get_err)?,
-        created_at: row.try_get("created_at").map_err(get_err)?,
-        updated_at: row.try_get("updated_at").map_err(get_err)?,
-    })
-}
-
-fn key_from_row(row: &SqliteRow, versions: Vec<VersionRecord>) -> Result<KeyRecord, StoreError> {
-    let name: String = row.try_get("name").map_err(unavailable)?;
-    let corrupt = |reason: String| StoreError::Corrupt { key: name.clone(), reason };
-    let get_u32 = |col: &str| -> Result<u32, StoreError> {
-        let v: i64 = row.try_get(col).map_err(|e| corrupt(e.to_string()))?;
-        u32::try_from(v).map_err(|_| corrupt(format!("{col} = {v}")))
-    };
-    let get_u64 = |col: &str| -> Result<u64, StoreError> {
-        let v: i64 = row.try_get(col).map_err(|e| corrupt(e.to_string()))?;
-        u64::try_from(v).map_err(|_| corrupt(format!("{col} = {v}")))
-    };
-    let labels: String = row.try_get("labels").map_err(|e| corrupt(e.to_string()))?;
-    let mode: String = row.try_get("mode").map_err(|e| corrupt(e.to_string()))?;
-    let labels: BTreeMap<String, String> =
-        serde_json::from_str(&labels).map_err(|e| corrupt(format!("labels: {e}")))?;
-    let record = KeyRecord {
-        backend: row.try_get("backend").map_err(|e| corrupt(e.to_string()))?,
-        mode: KeyMode::parse(&mode).ok_or_else(|| corrupt(format!("mode {mode:?}")))?,
-        current_version: get_u32("current_version")?,
-        min_decryption_version: get_u32("min_decryption_version")?,
-        deletion_allowed: row.try_get("deletion_allowed").map_err(|e| corrupt(e.to_string()))?,
-        labels,
-        rotation_period_secs: get_u64("rotation_period_secs")?,
-        max_wraps_per_version: get_u64("max_wraps_per_version")?,
-        created_at: row.try_get("created_at").map_err(|e| corrupt(e.to_string()))?,
-        updated_at: row.try_get("updated_at").map_err(|e| corrupt(e.to_string()))?,
-        revision: get_u64("revision")?,
-        versions,
-        name: name.clone(),
-    };
-    let dense = record.versions.iter().enumerate().all(|(i, v)| usize::try_from(v.version).ok() == Some(i + 1));
-    if !dense || record.version(record.current_version).is_none() {
-        return Err(corrupt("versions are not 1..=current_version".to_owned()));
-    }
-    Ok(record)
 }
 
 #[async_trait]
@@ -544,36 +479,8 @@ impl KeyStore for SqliteStore {
         .await
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        let corrupt = |reason: String| StoreError::Corrupt { key: format!("migration job {id}"), reason };
-        let get = |e: sqlx::Error| corrupt(e.to_string());
-        let conflict: String = row.try_get("conflict").map_err(get)?;
-        let phase: String = row.try_get("phase").map_err(get)?;
-        let job = JobRecord {
-            id: row.try_get("job_id").map_err(get)?,
-            pattern: row.try_get("pattern").map_err(get)?,
-            from_backend: row.try_get("from_backend").map_err(get)?,
-            to_backend: row.try_get("to_backend").map_err(get)?,
-            conflict: ConflictMode::parse(&conflict).ok_or_else(|| corrupt(format!("conflict {conflict:?}")))?,
-            dry_run: row.try_get("dry_run").map_err(get)?,
-            max_keys_per_second: u32::try_from(row.try_get::<i64, _>("max_keys_per_second").map_err(get)?).unwrap_or(0),
-            phase: JobPhase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase:?}")))?,
-            error: row.try_get("error").map_err(get)?,
-            created_at: row.try_get("created_at").map_err(get)?,
-            updated_at: row.try_get("updated_at").map_err(get)?,
-        };
-        let items = items
-            .iter()
-            .map(|r| {
-                let status: String = r.try_get("status").map_err(get)?;
-                Ok(JobItem {
-                    key: r.try_get("key_name").map_err(get)?,
-                    status: ItemStatus::parse(&status).ok_or_else(|| corrupt(format!("status {status:?}")))?,
-                    action: r.try_get("action").map_err(get)?,
-                    error_code: i32::try_from(r.try_get::<i64, _>("error_code").map_err(get)?).unwrap_or(0),
-                    error: r.try_get("error").map_err(get)?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let job = job_from_row(id, &row)?;
+        let items = items.iter().map(|r| item_from_row(id, r)).collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Some((job, items)))
     }
 
@@ -643,6 +550,7 @@ mod tests {
     use crate::backend::local::LocalBackend;
     use crate::backend::root_key::RootKey;
     use crate::core::keyring::{Keyring, NewKey};
+    use crate::store::{BackendRef, KeyMode};
 
     /// The sealed material of a destroyed version is in neither the
     /// database file nor its WAL afterwards.

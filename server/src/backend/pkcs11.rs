@@ -212,7 +212,10 @@ impl Pkcs11Backend {
     }
 
     fn connect(&self) -> Result<Arc<Token>, BackendError> {
-        if let Some(token) = lock(&self.token).clone() {
+        // Held while connecting: calls that arrive together share one
+        // connection instead of each initializing and logging in.
+        let mut current = lock(&self.token);
+        if let Some(token) = current.clone() {
             return Ok(token);
         }
         // Do not hammer a missing module or token: one attempt per 200 ms,
@@ -222,11 +225,18 @@ impl Pkcs11Backend {
         {
             return Err(self.unavailable(format!("{why} (retrying)")));
         }
-        let connected = self.try_connect();
-        if let Err(BackendError::Unavailable { reason, .. }) = &connected {
-            *lock(&self.last_failure) = Some((Instant::now(), reason.clone()));
+        match self.try_connect() {
+            Ok(token) => {
+                *current = Some(token.clone());
+                Ok(token)
+            }
+            Err(err) => {
+                if let BackendError::Unavailable { reason, .. } = &err {
+                    *lock(&self.last_failure) = Some((Instant::now(), reason.clone()));
+                }
+                Err(err)
+            }
         }
-        connected
     }
 
     fn try_connect(&self) -> Result<Arc<Token>, BackendError> {
@@ -263,7 +273,6 @@ impl Pkcs11Backend {
             open: Arc::new(tokio::sync::Semaphore::new(s.sessions.max(1))),
             handles: Mutex::new(HashMap::new()),
         });
-        *lock(&self.token) = Some(token.clone());
         tracing::info!(backend = %self.name, "PKCS#11 token connected");
         Ok(token)
     }

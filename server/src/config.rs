@@ -348,12 +348,12 @@ fn default_max_message() -> usize {
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read configuration file {path}: {source}")]
+    #[error("cannot read configuration file {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not valid TOML.
     #[error("configuration file {path} is not valid TOML: {message}")]
@@ -481,7 +481,7 @@ impl Config {
         let mut table = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                    .map_err(|cause| ConfigError::Read { path: path.to_owned(), cause })?;
                 text.parse::<toml::Table>()
                     .map_err(|e| ConfigError::Syntax { path: path.to_owned(), message: e.to_string() })?
             }

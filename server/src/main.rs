@@ -15,7 +15,12 @@ use tracing_subscriber::EnvFilter;
 
 /// keybroker: a gRPC key broker for envelope encryption.
 #[derive(Debug, Parser)]
-#[command(name = "keybroker", version, about)]
+#[command(
+    name = "keybroker",
+    version,
+    about = "keybroker: a gRPC key broker for envelope encryption. Applications wrap and unwrap data keys under \
+             versioned key-encryption keys in a local keystore, AWS KMS or a PKCS#11 HSM, over mTLS."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -197,7 +202,16 @@ async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
             let options = server::RunOptions { ensure_keys: vec![dev::DEV_KEY.to_owned()] };
             (config, options, Some(data_dir))
         }
-        Command::Serve { config } => (Config::load(config.as_deref(), &env)?, server::RunOptions::default(), None),
+        Command::Serve { config } => {
+            let loaded = Config::load(config.as_deref(), &env).map_err(|e| match &config {
+                Some(_) => anyhow::Error::new(e),
+                None => anyhow::anyhow!(
+                    "{e} (no configuration file was given: pass --config FILE or set {ENV_CONFIG}; every setting \
+                     can also come from a KEYBROKER_* variable)"
+                ),
+            })?;
+            (loaded, server::RunOptions::default(), None)
+        }
         Command::SealRootKey { config } => {
             let config = Config::load(config.as_deref(), &env)?;
             init_logging(&config.log)?;

@@ -52,12 +52,12 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The listener cannot bind.
-    #[error("invalid setting `listen`: cannot listen on {addr}: {source}")]
+    #[error("invalid setting `listen`: cannot listen on {addr}: {cause}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The configured root key does not open the stored KEKs.
     #[error("root key does not open the stored keys: {0}")]
@@ -358,8 +358,8 @@ pub async fn run(
 
     let tls_config = tls::server_config(&config.tls)?;
     let listener =
-        TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        TcpListener::bind(config.listen).await.map_err(|cause| StartError::Bind { addr: config.listen, cause })?;
+    let addr = listener.local_addr().map_err(|cause| StartError::Bind { addr: config.listen, cause })?;
     let incoming = Incoming::new(Arc::new(Authorizer::new(&config.auth)));
     incoming.add_tls(listener, tls_config, Duration::from_secs(config.tls.handshake_timeout_seconds));
     if let Some(unix) = &config.unix_socket {

@@ -135,6 +135,24 @@ async fn bad_settings_fail_at_start_naming_the_setting() {
     );
     fails(with_hsm, &[], &["backends.hsm.pin_file", "chmod 600"]);
 
+    // Without a configuration file the message says how to give one.
+    let failure = match Broker::try_start(&["serve"], &[], &data) {
+        Ok(_) => panic!("started without a configuration"),
+        Err(failure) => failure,
+    };
+    assert!(failure.stderr.contains("pass --config FILE or set KEYBROKER_CONFIG"), "{}", failure.stderr);
+    // A port in use is reported once, naming the setting.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    std::fs::write(&config, good.clone()).unwrap();
+    let failure = match Broker::try_start(&args, &[("KEYBROKER_LISTEN", &format!("127.0.0.1:{port}"))], &data) {
+        Ok(_) => panic!("started on a port in use"),
+        Err(failure) => failure,
+    };
+    assert!(failure.stderr.contains("invalid setting `listen`"), "{}", failure.stderr);
+    assert_eq!(failure.stderr.matches("Address already in use").count(), 1, "{}", failure.stderr);
+    drop(taken);
+
     // A root key file others can read is refused.
     let root = data.join("root.key");
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o644)).unwrap();

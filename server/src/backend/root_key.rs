@@ -60,12 +60,12 @@ pub const ROOT_KEY_LEN: usize = 32;
 #[non_exhaustive]
 pub enum RootKeyError {
     /// The file could not be read or written.
-    #[error("root key file {path}: {source}")]
+    #[error("root key file {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is readable by others than its owner.
     #[error("root key file {path} has mode {mode:o}: it must be readable by its owner only (chmod 600)")]
@@ -102,7 +102,7 @@ impl RootKey {
     /// Reads a root key file, refusing one that group or others can access.
     pub fn from_file(path: &Path) -> Result<Self, RootKeyError> {
         let text = read_private_file(path).map_err(|e| match e {
-            PrivateFileError::Io(source) => RootKeyError::Io { path: path.to_owned(), source },
+            PrivateFileError::Io(cause) => RootKeyError::Io { path: path.to_owned(), cause },
             PrivateFileError::Permissions(mode) => RootKeyError::Permissions { path: path.to_owned(), mode },
         })?;
         Self::from_base64(&text, &path.display().to_string())
@@ -128,7 +128,7 @@ impl RootKey {
     /// Writes a new random root key to `path` with mode 0600; fails if the
     /// file exists (a root key is never overwritten).
     pub fn generate_file(path: &Path) -> Result<(), RootKeyError> {
-        let io = |source| RootKeyError::Io { path: path.to_owned(), source };
+        let io = |cause| RootKeyError::Io { path: path.to_owned(), cause };
         let mut key = Zeroizing::new([0u8; ROOT_KEY_LEN]);
         rand::rng().fill_bytes(key.as_mut_slice());
         let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.as_slice()));

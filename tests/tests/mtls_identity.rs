@@ -48,6 +48,12 @@ async fn clients_without_a_valid_certificate_are_refused_at_the_handshake() {
     let err = wrap_with(&broker, base()).await.unwrap_err();
     assert!(refused_by_transport(&err), "no client cert: {err:?}");
     assert!(refused_for(&broker, "peer sent no certificates").await, "{}", broker.stderr());
+    let logged = broker.stderr();
+    let line = logged.lines().find(|l| l.contains("TLS handshake refused")).unwrap();
+    assert!(
+        line.contains("WARN") && line.contains("remote=127.0.0.1:"),
+        "refusals are warnings naming the peer: {line}"
+    );
 
     let rogue = Ca::generate("rogue CA").unwrap();
     let cert = rogue.issue_client(&ClientSpec::new("intruder", Some("spiffe://keybroker.dev/app"))).unwrap();

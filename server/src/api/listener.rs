@@ -97,6 +97,34 @@ pub struct Incoming {
     authorizer: Arc<Authorizer>,
 }
 
+/// Refused TLS handshakes, logged at WARN with the peer and the reason, each
+/// reason at most once a second (a scanner or a misconfigured fleet must
+/// not flood the log); the refusals in between are counted in the next line.
+#[derive(Default)]
+struct Refusals {
+    total: std::sync::atomic::AtomicU64,
+    /// By reason: when it was last logged, and how many since.
+    last: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+}
+
+impl Refusals {
+    fn report(&self, remote: std::net::SocketAddr, reason: &str) {
+        let total = self.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, suppressed)) = last.get_mut(reason)
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            *suppressed += 1;
+            return;
+        }
+        if last.len() >= 64 {
+            last.clear();
+        }
+        let suppressed = last.insert(reason.to_owned(), (std::time::Instant::now(), 0)).map_or(0, |(_, n)| n);
+        tracing::warn!(%remote, reason, suppressed, total, "TLS handshake refused");
+    }
+}
+
 impl Incoming {
     /// An empty set of listeners whose callers `authorizer` identifies.
     pub fn new(authorizer: Arc<Authorizer>) -> Self {
@@ -111,6 +139,7 @@ impl Incoming {
         let acceptor = TlsAcceptor::from(tls);
         let tx = self.tx.clone();
         let authorizer = self.authorizer.clone();
+        let refusals = Arc::new(Refusals::default());
         tokio::spawn(async move {
             while !tx.is_closed() {
                 let (tcp, remote) = match listener.accept().await {
@@ -124,6 +153,7 @@ impl Incoming {
                 };
                 let _ = tcp.set_nodelay(true);
                 let (acceptor, authorizer, tx) = (acceptor.clone(), authorizer.clone(), tx.clone());
+                let refusals = refusals.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
@@ -139,8 +169,8 @@ impl Incoming {
                                 Connection { io: Io::Tls(Box::new(stream)), peer: PeerInfo(Arc::new(peer)) };
                             let _ = tx.send(Ok(connection)).await;
                         }
-                        Ok(Err(err)) => tracing::info!(%remote, %err, "TLS handshake refused"),
-                        Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
+                        Ok(Err(err)) => refusals.report(remote, &err.to_string()),
+                        Err(_) => refusals.report(remote, "no complete handshake within the timeout"),
                     }
                 });
             }

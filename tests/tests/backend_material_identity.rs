@@ -128,7 +128,9 @@ async fn lost_rotation_races_leave_no_hsm_object_behind() {
     let mut replicas = Vec::new();
     for _ in 0..2 {
         let mut backends = Backends::default();
-        backends.insert(Arc::new(Pkcs11Backend::new("hsm", settings(4, Duration::from_secs(5)))));
+        // A timeout generous enough for a loaded CI machine: this test is
+        // about races, not about a slow HSM.
+        backends.insert(Arc::new(Pkcs11Backend::new("hsm", settings(4, Duration::from_secs(30)))));
         let store = Arc::new(SqliteStore::open(&path).await.unwrap());
         replicas.push(Arc::new(Keyring::new(store, backends, "hsm".into())));
     }

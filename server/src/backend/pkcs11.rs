@@ -319,11 +319,16 @@ impl Pkcs11Backend {
             .map_err(|e| self.unavailable(format!("HSM worker failed: {e}")))?;
             result.map_err(|e| match e {
                 OpError::Backend(err) => err,
-                OpError::Ck(what, err) => {
-                    if token_lost(&err) {
-                        self.disconnect(&err.to_string());
-                    }
+                // The token is gone: unavailable until it is back. Any other
+                // PKCS#11 error is the HSM's answer to this call (SoftHSM, for
+                // one, answers concurrent key generation with CKR_GENERAL_ERROR
+                // now and then): the call fails, the backend is not down.
+                OpError::Ck(what, err) if token_lost(&err) => {
+                    self.disconnect(&err.to_string());
                     self.unavailable(format!("{what}: {err}"))
+                }
+                OpError::Ck(what, err) => {
+                    BackendError::Refused { backend: self.name.clone(), reason: format!("{what}: {err}") }
                 }
             })
         };
@@ -399,14 +404,45 @@ impl Pkcs11Backend {
     async fn generate(&self, label: String) -> Result<BackendRef, BackendError> {
         let id = random_id();
         let backend = self.name.clone();
-        self.run(move |_, session| {
-            Self::refuse_existing_label(session, &backend, &label)?;
-            let mut template = Self::key_template(&label, &id);
-            template.push(Attribute::ValueLen(32u64.into()));
-            session.generate_key(&Mechanism::AesKeyGen, &template).map_err(|e| OpError::Ck("C_GenerateKey", e))
-        })
-        .await?;
+        let made = self
+            .run(move |_, session| {
+                Self::refuse_existing_label(session, &backend, &label)?;
+                let mut template = Self::key_template(&label, &id);
+                template.push(Attribute::ValueLen(32u64.into()));
+                session.generate_key(&Mechanism::AesKeyGen, &template).map_err(|e| OpError::Ck("C_GenerateKey", e))
+            })
+            .await;
+        self.abandon_on_timeout(&made, &id);
+        made?;
         Ok(id_reference(&id))
+    }
+
+    /// When a call that may have created object `id` did not answer in
+    /// time or failed part-way (PKCS#11 allows a failed call to have partly
+    /// succeeded), the object, if the HSM made it after all, belongs to
+    /// nobody: erase it once the HSM answers again, off the caller's path.
+    fn abandon_on_timeout<T>(&self, result: &Result<T, BackendError>, id: &[u8]) {
+        if !matches!(result, Err(BackendError::Unavailable { .. } | BackendError::Refused { .. })) {
+            return;
+        }
+        let Some(token) = lock(&self.token).clone() else { return };
+        let (id, backend) = (id.to_vec(), self.name.clone());
+        tokio::spawn(async move {
+            // Waits behind the call that timed out: it holds its permit until it returns.
+            let Ok(permit) = token.open.clone().acquire_owned().await else { return };
+            let _ = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let Ok(session) = token.ctx.open_rw_session(token.slot) else { return };
+                let found = session.find_objects(&Locator::Id(id.clone()).template()).unwrap_or_default();
+                for handle in found {
+                    if session.destroy_object(handle).is_ok() {
+                        tracing::info!(backend = %backend, object = %hex::encode(&id),
+                            "erased an HSM object made by a call that timed out");
+                    }
+                }
+            })
+            .await;
+        });
     }
 
     /// Whether the object `handle` holds `material`: it encrypts a random
@@ -619,7 +655,8 @@ impl KeyBackend for Pkcs11Backend {
         let label = object_label(key, version);
         let value = Zeroizing::new(material.to_vec());
         let backend = self.name.clone();
-        let id = self
+        let fresh = random_id();
+        let imported = self
             .run(move |_, session| {
                 // Importing again (a resumed migration) reuses an object
                 // that holds the same material, and replaces nothing: an
@@ -644,7 +681,7 @@ impl KeyBackend for Pkcs11Backend {
                         ),
                     }));
                 }
-                let id = random_id();
+                let id = fresh;
                 let mut template = Self::key_template(&label, &id);
                 template.push(Attribute::Value(value.to_vec()));
                 let created = session.create_object(&template);
@@ -666,8 +703,9 @@ impl KeyBackend for Pkcs11Backend {
                     }))
                 }
             })
-            .await?;
-        Ok(id_reference(&id))
+            .await;
+        self.abandon_on_timeout(&imported, &fresh);
+        Ok(id_reference(&imported?))
     }
 
     async fn destroy_version(&self, version: VersionRef<'_>) -> Result<(), BackendError> {

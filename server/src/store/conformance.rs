@@ -93,9 +93,9 @@ async fn keys_are_due_for_rotation_by_age_or_by_wraps(store: &dyn KeyStore) {
     assert!(due(1_700_000_050).await.is_empty(), "nothing is due yet");
     assert_eq!(due(1_700_000_101).await, vec![("due-by-age".to_owned(), 1)]);
     let wraps = |n| super::UsageRecord { key: "due-by-wraps".into(), version: 1, wraps: n, ..Default::default() };
-    store.record_usage(&[wraps(4)]).await.unwrap();
+    store.record_usage("due-1", &[wraps(4)]).await.unwrap();
     assert!(due(1_700_000_050).await.is_empty(), "4 of 5 wraps");
-    store.record_usage(&[wraps(1)]).await.unwrap();
+    store.record_usage("due-2", &[wraps(1)]).await.unwrap();
     assert_eq!(due(1_700_000_050).await, vec![("due-by-wraps".to_owned(), 1)]);
     // The broker's own limit caps a key's policy: seq-c has 3 wraps under a
     // policy of 2^32.
@@ -115,9 +115,12 @@ async fn every_write_of_a_key_is_a_numbered_change(store: &dyn KeyStore) {
 
     // Usage counts are not changes of the key.
     let usage = super::UsageRecord { key: "seq-c".into(), version: 1, wraps: 3, ..Default::default() };
-    store.record_usage(&[usage]).await.unwrap();
+    store.record_usage("seq-batch", std::slice::from_ref(&usage)).await.unwrap();
     assert_eq!(store.change_seq().await.unwrap(), after_create);
     assert_eq!(store.get("seq-c").await.unwrap().unwrap().versions[0].wrap_count, 3);
+    // A batch retried after its answer was lost is not applied twice.
+    store.record_usage("seq-batch", &[usage]).await.unwrap();
+    assert_eq!(store.get("seq-c").await.unwrap().unwrap().versions[0].wrap_count, 3, "a batch applied twice");
 
     c.min_decryption_version = 1;
     c.labels.insert("x".into(), "y".into());

@@ -97,9 +97,9 @@ impl KeyStore for GuardedStore {
         self.observe(self.inner.replace_keys(writes).await)
     }
 
-    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<(), StoreError> {
+    async fn record_usage(&self, batch: &str, usage: &[UsageRecord]) -> Result<(), StoreError> {
         self.admit()?;
-        self.observe(self.inner.record_usage(usage).await)
+        self.observe(self.inner.record_usage(batch, usage).await)
     }
 
     async fn create_job(&self, job: &JobRecord, keys: &[String]) -> Result<(), StoreError> {

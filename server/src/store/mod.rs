@@ -379,7 +379,9 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Adds unwrap, wrap and rewrap counts and raises the last-use times;
     /// versions that no longer exist are ignored. Does not touch revisions.
-    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<(), StoreError>;
+    /// Applies the batch `batch` of counts once: a batch id already applied
+    /// (a retry after an answer was lost) changes nothing and succeeds.
+    async fn record_usage(&self, batch: &str, usage: &[UsageRecord]) -> Result<(), StoreError>;
 
     /// Stores a new migration job and its keys (all pending). Returns
     /// `AlreadyExists` when the id is taken.

@@ -440,11 +440,28 @@ impl KeyStore for PostgresStore {
         Ok((u64::try_from(seq).unwrap_or(0), names))
     }
 
-    async fn record_usage(&self, usage: &[UsageRecord]) -> Result<(), StoreError> {
+    async fn record_usage(&self, batch: &str, usage: &[UsageRecord]) -> Result<(), StoreError> {
         if usage.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let now = now_secs();
+        let fresh = sqlx::query("INSERT INTO usage_batches (batch_id, applied_at) VALUES ($1, $2)")
+            .bind(batch)
+            .bind(now)
+            .execute(&mut *tx)
+            .await;
+        match fresh {
+            Ok(_) => {}
+            // Applied before: its answer was lost, this is the retry.
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => return Ok(()),
+            Err(e) => return Err(unavailable(e)),
+        }
+        sqlx::query("DELETE FROM usage_batches WHERE applied_at < $1")
+            .bind(now - 24 * 3600)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         for u in usage {
             sqlx::query(
                 "UPDATE key_versions SET unwrap_count = unwrap_count + $1, last_unwrap_at = GREATEST(last_unwrap_at, $2), \

@@ -176,6 +176,15 @@ impl CachedKey {
     }
 }
 
+/// Counts taken from the cache and not yet applied by the store.
+struct UsageBatch {
+    /// Unique per broker and batch: the store applies an id once.
+    id: String,
+    usage: Vec<UsageRecord>,
+    /// Where the counts came from, to count them as flushed once applied.
+    taken: Vec<(Arc<CachedKey>, usize, [u64; COUNTS])>,
+}
+
 /// The cached version table.
 pub struct Keyring {
     store: Arc<dyn KeyStore>,
@@ -189,6 +198,13 @@ pub struct Keyring {
     /// a flood of unknown names costs one query per name per TTL.
     absent: Mutex<HashMap<String, Instant>>,
     absent_ttl: Duration,
+    /// This broker's name on its usage batches.
+    broker_id: String,
+    batches: AtomicU64,
+    /// The batch being written (kept, under its id, until the store has it).
+    in_flight: Mutex<Option<UsageBatch>>,
+    /// One flush at a time.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 /// How long an unknown key name is answered NOT_FOUND without asking the
@@ -230,6 +246,14 @@ impl Keyring {
             seen_seq: AtomicU64::new(0),
             absent: Mutex::new(HashMap::new()),
             absent_ttl: DEFAULT_NEGATIVE_TTL,
+            broker_id: {
+                let mut id = [0u8; 8];
+                rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
+                id.iter().map(|b| format!("{b:02x}")).collect()
+            },
+            batches: AtomicU64::new(0),
+            in_flight: Mutex::new(None),
+            flushing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -300,12 +324,44 @@ impl Keyring {
         self.retirement_window_secs.store(seconds, Ordering::Relaxed);
     }
 
-    /// Writes this broker's unflushed counts to the store.
+    /// Writes this broker's unflushed counts to the store, as one batch
+    /// with an id of its own. A batch that failed is retried as it was,
+    /// under the same id, before new counts are taken: the store applies a
+    /// batch id once, so a flush whose answer was lost neither loses nor
+    /// doubles counts.
     pub async fn flush_usage(&self) -> ServiceResult<()> {
+        let _flushing = self.flushing.lock().await;
+        if self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none() {
+            let batch = self.take_pending();
+            if batch.usage.is_empty() {
+                return Ok(());
+            }
+            *self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(batch);
+        }
+        let (id, usage) = {
+            let in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(batch) = in_flight.as_ref() else { return Ok(()) };
+            (batch.id.clone(), batch.usage.clone())
+        };
+        self.store.record_usage(&id, &usage).await?;
+        let done = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        for (key, i, n) in done.map(|b| b.taken).unwrap_or_default() {
+            for (k, v) in n.iter().enumerate() {
+                key.counters[i].flushed[k].fetch_add(*v, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every cached key's unflushed counts into a new batch.
+    fn take_pending(&self) -> UsageBatch {
         let keys: Vec<Arc<CachedKey>> = self.read_cache().values().cloned().collect();
         let t = now();
-        let mut usage = Vec::new();
-        let mut taken = Vec::new();
+        let mut batch = UsageBatch {
+            id: format!("{}-{}", self.broker_id, self.batches.fetch_add(1, Ordering::Relaxed)),
+            usage: Vec::new(),
+            taken: Vec::new(),
+        };
         for key in &keys {
             for (i, c) in key.counters.iter().enumerate() {
                 let n: [u64; COUNTS] = std::array::from_fn(|k| c.pending[k].swap(0, Ordering::Relaxed));
@@ -313,7 +369,7 @@ impl Keyring {
                     continue;
                 }
                 let made = n[Count::Wraps as usize] + n[Count::RewrapsIn as usize];
-                usage.push(UsageRecord {
+                batch.usage.push(UsageRecord {
                     key: key.record.name.clone(),
                     version: i as u32 + 1,
                     unwraps: n[Count::Unwraps as usize],
@@ -324,18 +380,10 @@ impl Keyring {
                     // Wraps are timed at the flush, not on the hot path.
                     last_wrap_at: if made > 0 { t } else { 0 },
                 });
-                taken.push((key.clone(), i, n));
+                batch.taken.push((key.clone(), i, n));
             }
         }
-        let result = self.store.record_usage(&usage).await;
-        for (key, i, n) in taken {
-            for (k, v) in n.iter().enumerate() {
-                // Written: count them as flushed; failed: keep them for the next flush.
-                let into = if result.is_ok() { &key.counters[i].flushed[k] } else { &key.counters[i].pending[k] };
-                into.fetch_add(*v, Ordering::Relaxed);
-            }
-        }
-        result.map_err(Into::into)
+        batch
     }
 
     /// The configured backends.

@@ -1,7 +1,7 @@
 //! Wrap and unwrap a data key against `keybroker dev`.
 //!
 //! ```sh
-//! cargo run --release -p keybroker-server -- dev          # in one shell
+//! cargo build --workspace --all-targets && ./target/debug/keybroker dev   # in one shell
 //! cargo run -p keybroker-client --example wrap_unwrap      # in another
 //! KEYBROKER_DEV_DIR=/path/to/keybroker-dev cargo run -p keybroker-client --example wrap_unwrap -- https://127.0.0.1:50051
 //! ```

@@ -366,9 +366,67 @@ impl BlobEncryptor {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        self.open_stream_with(reader, writer, None, expected).await
+    }
+
+    /// Opens a blob held in memory whose wrapped DEK is kept up to date in
+    /// an external sidecar (`sidecar`, the file `keybroker rewrap` rewrites
+    /// when it moves the DEK to a newer key version). See
+    /// [`BlobEncryptor::open_stream_with_sidecar`].
+    pub async fn open_with_sidecar(&self, blob: &[u8], sidecar: &Sidecar, expected: &Context) -> Result<Opened> {
+        let mut out = Zeroizing::new(Vec::with_capacity(blob.len()));
+        let (_, context) = self.open_stream_with(&mut &blob[..], &mut *out, Some(sidecar), expected).await?;
+        Ok(Opened { plaintext: out, context })
+    }
+
+    /// Opens a blob with the wrapped DEK of an external sidecar instead of
+    /// the copy in the blob's header.
+    ///
+    /// One source of truth: the header's copy records how the blob was
+    /// sealed and cannot change (the header is authenticated with every
+    /// frame); where a blob has an external sidecar, that sidecar is the
+    /// truth for unwrapping, since a rewrap pass moves it to newer key
+    /// versions (and a version may then be retired). It must name the same
+    /// key and context as the header; its DEK must be the blob's, which the
+    /// frames prove.
+    pub async fn open_stream_with_sidecar<R, W>(
+        &self,
+        reader: &mut R,
+        writer: &mut W,
+        sidecar: &Sidecar,
+        expected: &Context,
+    ) -> Result<(u64, Context)>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        self.open_stream_with(reader, writer, Some(sidecar), expected).await
+    }
+
+    async fn open_stream_with<R, W>(
+        &self,
+        reader: &mut R,
+        writer: &mut W,
+        external: Option<&Sidecar>,
+        expected: &Context,
+    ) -> Result<(u64, Context)>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let header = BlobHeader::read(reader).await?;
         check_expected_context(&header.sidecar.context, expected)?;
-        let dek = self.unwrap_dek(&header.sidecar).await?;
+        let sidecar = match external {
+            Some(s) if s.key != header.sidecar.key || s.context != header.sidecar.context => {
+                return Err(Error::Blob(format!(
+                    "the sidecar names key {:?} and another context than the blob it should open (key {:?})",
+                    s.key, header.sidecar.key
+                )));
+            }
+            Some(s) => s,
+            None => &header.sidecar,
+        };
+        let dek = self.unwrap_dek(sidecar).await?;
         let len = open_frames(&dek, &header, reader, writer).await?;
         Ok((len, header.sidecar.context))
     }

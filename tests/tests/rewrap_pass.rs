@@ -92,6 +92,23 @@ async fn the_rewrap_pass_moves_every_sidecar_to_the_current_version_and_resumes(
         let sidecar = Sidecar::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(sidecar.version, 3, "{}", path.display());
     }
+    // The rewritten sidecar is the truth for its blob: once v1 and v2 are
+    // retired, the blob's own header copy (still v1) no longer opens it, the
+    // sidecar does, and the frames prove it is the same DEK.
+    let mut admin = broker.admin().await;
+    let raise = pb::SetMinDecryptionVersionRequest { key: "demo".into(), min_decryption_version: 3, force: true };
+    admin.set_min_decryption_version(raise).await.unwrap();
+    let (path, blob) = &blobs[3];
+    let sidecar = Sidecar::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let opener = BlobEncryptor::new(client.clone(), "demo");
+    let expected = Context::from([("blob".to_owned(), "b3".to_owned())]);
+    let err = opener.open(blob, &expected).await.unwrap_err();
+    assert!(err.to_string().contains("min_decryption_version"), "{err}");
+    let opened = opener.open_with_sidecar(blob, &sidecar, &expected).await.unwrap();
+    assert_eq!(opened.plaintext.as_slice(), b"payload 3");
+    let other = Sidecar::from_json(&std::fs::read_to_string(&blobs[4].0).unwrap()).unwrap();
+    assert!(opener.open_with_sidecar(blob, &other, &expected).await.is_err(), "another blob's sidecar opened it");
+
     // Rerunning the finished pass rewraps nothing: one probe per key, and
     // every file is known from the checkpoint of this pass.
     let (ok, out, err) = rewrap(&broker, &data, &[]);

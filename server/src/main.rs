@@ -44,7 +44,14 @@ enum Command {
         /// Configuration file (TOML).
         #[arg(long, env = ENV_CONFIG)]
         config: Option<PathBuf>,
+        /// Check this configuration file (with the environment's overrides)
+        /// and print the effective configuration, secrets redacted, instead
+        /// of serving.
+        #[arg(long, value_name = "FILE", conflicts_with = "config")]
+        check_config: Option<PathBuf>,
     },
+    /// Print the configuration reference (Markdown, docs/CONFIGURATION.md).
+    ConfigReference,
     /// Create a new random root key, seal it with the remote backend named
     /// by root_key.sealed_by under root_key.sealed_by_key, and write
     /// root_key.sealed_file (mode 0600; never overwritten).
@@ -202,7 +209,17 @@ async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
             let options = server::RunOptions { ensure_keys: vec![dev::DEV_KEY.to_owned()] };
             (config, options, Some(data_dir))
         }
-        Command::Serve { config } => {
+        Command::ConfigReference => {
+            print!("{}", keybroker_server::tools::config_reference::markdown());
+            return Ok(());
+        }
+        Command::Serve { check_config: Some(file), .. } => {
+            let config = Config::load(Some(&file), &env)?;
+            println!("# {}: valid; the effective configuration (secrets redacted):", file.display());
+            print!("{}", config.to_redacted_toml());
+            return Ok(());
+        }
+        Command::Serve { config, check_config: None } => {
             let loaded = Config::load(config.as_deref(), &env).map_err(|e| match &config {
                 Some(_) => anyhow::Error::new(e),
                 None => anyhow::anyhow!(

@@ -9,6 +9,7 @@ mod backends_in_the_broker;
 mod blob_encryption;
 mod client_examples;
 mod client_library;
+mod configuration_reference;
 mod crash_recovery;
 mod errors_and_limits;
 mod fleet_jobs;

@@ -44,7 +44,7 @@ macro_rules! version_columns {
 /// A PostgreSQL connection URL. Its Debug and Display show it with the
 /// password replaced by `***`; [`DatabaseUrl::expose`] gives the real one
 /// to the driver only.
-#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct DatabaseUrl(String);
 

@@ -256,6 +256,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Checks and decrypts a bundle held in memory, and returns how many keys
+/// it holds (for `cargo fuzz` and for tools that inspect a bundle). Errors
+/// say what is wrong with it; nothing is written anywhere.
+pub fn inspect_bundle(bundle: &[u8], key: &BundleKey) -> Result<usize, String> {
+    open_bundle(bundle, key).map(|body| body.keys.len())
+}
+
 fn open_bundle(bundle: &[u8], key: &BundleKey) -> Result<Body, String> {
     const DAMAGED: &str = "the bundle is truncated or damaged";
     if bundle.len() < HEADER_LEN + 16 || &bundle[..6] != MAGIC {

@@ -18,6 +18,7 @@ mod generated_code_is_fresh;
 mod grpcurl_reflection;
 mod live_migration;
 mod mtls_identity;
+mod no_secrets_in_logs;
 mod offline_tools;
 mod polyglot_clients;
 mod readme_config_examples;

@@ -1,6 +1,8 @@
-//! The backup bundle reader, under a fixed raw key (a passphrase bundle is
-//! refused before its Argon2id would run): any bytes are refused with a
-//! message or open; never a panic.
+//! The backup bundle reader.
+//!
+//! Under a fixed raw key (a passphrase bundle is refused before its
+//! Argon2id would run): any bytes are refused with a message or open; never
+//! a panic.
 #![no_main]
 
 use keybroker_server::tools::backup::{BundleKey, inspect_bundle};

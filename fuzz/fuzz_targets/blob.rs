@@ -1,6 +1,8 @@
-//! The KBB1 blob reader with a fixed DEK: the header, the sidecar inside it
-//! and every frame are checked; any bytes are refused or open; never a
-//! panic, and memory stays bounded by the frame size.
+//! The KBB1 blob reader.
+//!
+//! With a fixed DEK: the header, the sidecar inside it and every frame are
+//! checked; any bytes are refused or open; never a panic, and memory stays
+//! bounded by the frame size.
 #![no_main]
 
 use std::sync::OnceLock;

@@ -1,5 +1,7 @@
-//! The ciphertext envelope parser: any bytes either parse into a header
-//! whose fields are within bounds, or fail with an error; never a panic.
+//! The ciphertext envelope parser.
+//!
+//! Any bytes either parse into a header whose fields are within bounds, or
+//! fail with an error; never a panic.
 #![no_main]
 
 use keybroker_server::core::envelope::parse;

@@ -1,5 +1,7 @@
-//! The sidecar JSON reader: any text parses or fails; what parses writes
-//! back to JSON that reads as the same sidecar.
+//! The sidecar JSON reader.
+//!
+//! Any text parses or fails; what parses writes back to JSON that reads as
+//! the same sidecar.
 #![no_main]
 
 use keybroker_client::blob::Sidecar;

@@ -243,15 +243,22 @@ async fn hierarchy_mode_wraps_locally_while_direct_mode_calls_the_kms_each_time(
     assert_eq!(u.into_inner().plaintext, 0u32.to_be_bytes().repeat(8));
 }
 
-#[tokio::test]
-async fn an_aws_kms_outage_fails_only_its_keys_quickly_and_recovers_without_restart() {
-    let dir = tempdir();
-    let dev = dev_pki(dir.path());
+/// A broker with a local and an aws-kms backend on a fresh moto, and key
+/// `on-aws` in the KMS.
+async fn broker_with_aws(dir: &std::path::Path) -> (Moto, Broker) {
+    let dev = dev_pki(dir);
     let moto = Moto::start();
-    let config = config_with_backends(dir.path(), &dev, "local", &aws_backend_toml("aws", &moto));
+    let config = config_with_backends(dir, &dev, "local", &aws_backend_toml("aws", &moto));
     let mut conf = String::new();
     let broker = Broker::serve(&config, &dev, &env_for(None, &mut conf));
     create(&broker, "on-aws", "aws", pb::KeyMode::Direct).await;
+    (moto, broker)
+}
+
+#[tokio::test]
+async fn an_aws_kms_outage_fails_only_its_keys_quickly_and_recovers_without_restart() {
+    let dir = tempdir();
+    let (moto, broker) = broker_with_aws(dir.path()).await;
     create(&broker, "on-local", "local", pb::KeyMode::Direct).await;
     let before = wrap(&broker, "on-aws", 1).await.unwrap();
 
@@ -406,12 +413,7 @@ async fn a_root_key_sealed_by_aws_kms_or_an_hsm_leaves_no_plaintext_root_key_on_
 #[tokio::test]
 async fn application_callers_see_no_raw_kms_error() {
     let dir = tempdir();
-    let dev = dev_pki(dir.path());
-    let moto = Moto::start();
-    let config = config_with_backends(dir.path(), &dev, "local", &aws_backend_toml("aws", &moto));
-    let mut conf = String::new();
-    let broker = Broker::serve(&config, &dev, &env_for(None, &mut conf));
-    create(&broker, "on-aws", "aws", pb::KeyMode::Direct).await;
+    let (moto, broker) = broker_with_aws(dir.path()).await;
     let sealed = wrap(&broker, "on-aws", 1).await.unwrap();
     drop(moto);
     for err in [

@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 use crate::backend::{Aad, VersionRef};
 use crate::config::LimitsConfig;
 use crate::core::envelope::{self, write_header};
-use crate::core::keyring::{Count, Keyring, check_key_name};
+use crate::core::keyring::{CachedKey, Count, Keyring, check_key_name};
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
 
 /// Context keys keybroker reserves for itself (the AWS KMS backend adds
@@ -159,18 +159,19 @@ impl Broker {
     /// Unwraps a ciphertext, routing by the (key, version) of its header
     /// through the version table.
     pub async fn unwrap(&self, ciphertext: &[u8], context: &BTreeMap<String, String>) -> ServiceResult<Unwrapped> {
-        self.open(ciphertext, context, Usage::Counted).await
+        self.open(ciphertext, context, Usage::Counted).await.map(|(unwrapped, _)| unwrapped)
     }
 
-    /// Opens a ciphertext. `usage` says whether this is a use of the version
-    /// (an application reading its data) or a move off it (Rewrap): only uses
-    /// keep a version from being retired.
+    /// Opens a ciphertext; returns it with the cached key it was made under.
+    /// `usage` says whether this is a use of the version (an application
+    /// reading its data) or a move off it (Rewrap): only uses keep a version
+    /// from being retired.
     async fn open(
         &self,
         ciphertext: &[u8],
         context: &BTreeMap<String, String>,
         usage: Usage,
-    ) -> ServiceResult<Unwrapped> {
+    ) -> ServiceResult<(Unwrapped, Arc<CachedKey>)> {
         self.check_context(context)?;
         let env = envelope::parse(ciphertext).map_err(|e| ServiceError::invalid(e.to_string()))?;
         let cached = self.keyring.key_for_version(env.key, env.version).await?;
@@ -193,12 +194,13 @@ impl Broker {
         if usage == Usage::Counted {
             cached.count_unwrap(env.version, crate::core::keyring::now());
         }
-        Ok(Unwrapped {
+        let unwrapped = Unwrapped {
             plaintext,
             key: env.key.to_owned(),
             version: env.version,
             rewrap_advised: env.version != cached.record.current_version,
-        })
+        };
+        Ok((unwrapped, cached))
     }
 
     /// A fresh random DEK of `length` bytes (0 means 32) and its wrapped form.
@@ -231,14 +233,11 @@ impl Broker {
     ) -> ServiceResult<Wrapped> {
         // A rewrap moves data off its version: not a use that should keep the
         // version from being retired once the rewrap pass is done.
-        let unwrapped = self.open(ciphertext, context, Usage::NotCounted).await?;
+        let (unwrapped, source) = self.open(ciphertext, context, Usage::NotCounted).await?;
         let target = if target_key.is_empty() { unwrapped.key.as_str() } else { target_key };
         let wrapped = self.wrap_as(target, &unwrapped.plaintext, context, Count::RewrapsIn).await?;
         // The DEK moved off its version: one fewer outstanding there.
-        self.keyring
-            .key_for_version(&unwrapped.key, unwrapped.version)
-            .await?
-            .count(unwrapped.version, Count::RewrapsOut);
+        source.count(unwrapped.version, Count::RewrapsOut);
         Ok(wrapped)
     }
 }

@@ -13,7 +13,8 @@ use keybroker_server::backend::root_key::RootKey;
 use keybroker_server::backend::{Aad, Backends, KeyBackend, VersionRef};
 use keybroker_server::core::envelope::{Algorithm, additional_data, parse, write_header};
 use keybroker_server::core::keyring::{Keyring, NewKey};
-use keybroker_server::security::identity::{Peer, PeerInfo, Plane, require};
+use keybroker_server::security::identity::{Identity, Peer, Transport};
+use keybroker_server::security::policy::{AuthConfig, Gate, Policy, PolicyConfig, Rpc};
 use keybroker_server::store::sqlite::SqliteStore;
 
 fn root() -> RootKey {
@@ -59,14 +60,26 @@ fn local_backend(c: &mut Criterion) {
 }
 
 fn policy(c: &mut Criterion) {
-    let check = require(Plane::Data);
-    let peer = PeerInfo(Arc::new(Peer { identity: "spiffe://prod/app".into(), admin: false, app: true }));
-    c.bench_function("policy/data_plane_check", |b| {
-        b.iter(|| {
-            let mut request = tonic::Request::new(());
-            request.extensions_mut().insert(peer.clone());
-            black_box(check(request).is_ok())
-        })
+    // Three teams, the caller's role matched by a glob.
+    let config: PolicyConfig = toml::from_str(
+        r#"
+        [roles.payments]
+        "payments-*" = ["Wrap", "Unwrap", "GenerateDataKey"]
+        [roles.orders]
+        "orders-*" = ["data"]
+        [roles.ops]
+        "*" = ["admin"]
+        [identities]
+        "spiffe://prod/payments" = ["payments"]
+        "spiffe://prod/orders" = ["orders"]
+        "spiffe://prod/ops" = ["ops"]
+        "#,
+    )
+    .unwrap();
+    let gate = Gate::new(Policy::compile(&AuthConfig::default(), &config).unwrap());
+    let peer = Peer { identities: vec![Identity::parse("spiffe://prod/orders").unwrap()], transport: Transport::Tls };
+    c.bench_function("policy/unwrap_check_on_a_key_glob", |b| {
+        b.iter(|| black_box(gate.check(&peer, Rpc::Unwrap, black_box("orders-eu-1")).is_ok()))
     });
 }
 

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+pub use crate::security::audit::AuditConfig;
+pub use crate::security::policy::{AuthConfig, PolicyConfig};
 pub use crate::store::postgres::DatabaseUrl;
 
 /// Prefix of every environment variable keybroker reads.
@@ -63,9 +65,15 @@ pub struct Config {
     /// Backend of keys created without naming one.
     #[serde(default = "default_backend_name")]
     pub default_backend: String,
-    /// Which identities may call what.
+    /// Which certificate fields name a caller, and the two shorthand roles.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Roles (RPCs on key-name globs) and the identities holding them.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// The tamper-evident audit log.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Size limits.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -97,6 +105,17 @@ pub struct Config {
     /// the job over after at most this long.
     #[serde(default = "default_migration_lease")]
     pub migration_lease_ms: u64,
+    /// How often the configuration file and the TLS files are checked for
+    /// changes, in milliseconds (SIGHUP checks at once). `[auth]`,
+    /// `[policy]` and the TLS certificate, key, client CA and CRL take
+    /// effect without a restart; a file that does not parse leaves the
+    /// previous ones in force. 0 checks on SIGHUP only.
+    #[serde(default = "default_reload_check")]
+    pub reload_check_interval_ms: u64,
+}
+
+fn default_reload_check() -> u64 {
+    2_000
 }
 
 fn default_migration_lease() -> u64 {
@@ -147,6 +166,11 @@ pub struct TlsConfig {
     /// is dropped.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_seconds: u64,
+    /// PEM certificate revocation list(s) of the client CA; a revoked
+    /// client certificate is refused at the handshake. Reloaded like the
+    /// certificates.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 /// `[store]`: where the version table lives.
@@ -258,20 +282,6 @@ fn default_sessions() -> usize {
     8
 }
 
-/// `[auth]`: the minimal role split. An identity is a certificate's URI SAN
-/// (e.g. a SPIFFE ID), DNS SAN or subject CN. Deny by default: an identity in
-/// neither list can call nothing but health and reflection.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// Identities that may call `KeyAdmin`.
-    #[serde(default)]
-    pub admin_identities: Vec<String>,
-    /// Identities that may call `KeyBroker`.
-    #[serde(default)]
-    pub app_identities: Vec<String>,
-}
-
 /// `[limits]`.
 #[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -294,6 +304,30 @@ pub struct LimitsConfig {
     /// rotation policy's `max_wraps_per_version`, by default 2^30).
     #[serde(default = "default_max_wraps")]
     pub max_wraps_per_version: u64,
+    /// Most keybroker calls in flight at once, over every caller; more are
+    /// refused with RESOURCE_EXHAUSTED at once, never queued. 0: no bound.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Calls one identity may make per second, sustained (a batch counts
+    /// one per item); more are refused with RESOURCE_EXHAUSTED. 0: no rate.
+    #[serde(default)]
+    pub per_identity_rate: u32,
+    /// Calls one identity may make at once above its rate; 0 means one
+    /// second's worth.
+    #[serde(default)]
+    pub per_identity_burst: u32,
+    /// Every call, batches included, is cut off with DEADLINE_EXCEEDED
+    /// after this many milliseconds (or the caller's shorter deadline).
+    #[serde(default = "default_call_deadline")]
+    pub call_deadline_ms: u64,
+}
+
+fn default_max_in_flight() -> usize {
+    4096
+}
+
+fn default_call_deadline() -> u64 {
+    15_000
 }
 
 fn default_max_wraps() -> u64 {
@@ -308,6 +342,10 @@ impl Default for LimitsConfig {
             max_batch_items: default_max_batch(),
             max_message_bytes: default_max_message(),
             max_wraps_per_version: default_max_wraps(),
+            max_in_flight: default_max_in_flight(),
+            per_identity_rate: 0,
+            per_identity_burst: 0,
+            call_deadline_ms: default_call_deadline(),
         }
     }
 }
@@ -543,6 +581,12 @@ impl Config {
         resolve(&mut self.tls.cert);
         resolve(&mut self.tls.key);
         resolve(&mut self.tls.client_ca);
+        if let Some(crl) = &mut self.tls.crl {
+            resolve(crl);
+        }
+        if let Some(audit) = &mut self.audit.file {
+            resolve(audit);
+        }
         match &mut self.store {
             StoreConfig::Sqlite { path } => resolve(path),
             StoreConfig::Postgres { .. } => {}
@@ -577,6 +621,8 @@ impl Config {
                 });
             }
         }
+        crate::security::policy::Policy::compile(&self.auth, &self.policy)
+            .map_err(|message| ConfigError::Invalid { setting: "policy", message })?;
         if !self.backends.contains_key(&self.default_backend) {
             return Err(ConfigError::Invalid {
                 setting: "default_backend",
@@ -754,14 +800,14 @@ mod tests {
         let env = Environment::from_vars([
             ("KEYBROKER_LISTEN", "127.0.0.1:7000"),
             ("KEYBROKER_LIMITS__MAX_PLAINTEXT_BYTES", "64"),
-            ("KEYBROKER_AUTH__ADMIN_IDENTITIES", r#"["ops"]"#),
+            ("KEYBROKER_AUTH__ADMIN_IDENTITIES", r#"["cn:ops"]"#),
             ("KEYBROKER_ROOT_KEY", "not-a-setting"),
             ("OTHER", "ignored"),
         ]);
         let config = Config::load(Some(&file), &env).unwrap();
         assert_eq!(config.listen.port(), 7000);
         assert_eq!(config.limits.max_plaintext_bytes, 64);
-        assert_eq!(config.auth.admin_identities, vec!["ops".to_owned()]);
+        assert_eq!(config.auth.admin_identities, vec!["cn:ops".to_owned()]);
         assert_eq!(env.root_key_secret().as_deref().map(String::as_str), Some("not-a-setting"));
     }
 

@@ -206,7 +206,8 @@ async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
         Command::Dev { data_dir, listen } => {
             let path = dev::prepare(&data_dir, listen)?;
             let config = Config::load(Some(&path), &env)?;
-            let options = server::RunOptions { ensure_keys: vec![dev::DEV_KEY.to_owned()] };
+            let options =
+                server::RunOptions { ensure_keys: vec![dev::DEV_KEY.to_owned()], config_path: Some(path.clone()) };
             (config, options, Some(data_dir))
         }
         Command::ConfigReference => {
@@ -227,7 +228,7 @@ async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
                      can also come from a KEYBROKER_* variable)"
                 ),
             })?;
-            (loaded, server::RunOptions::default(), None)
+            (loaded, server::RunOptions { config_path: config, ..Default::default() }, None)
         }
         Command::SealRootKey { config } => {
             let config = Config::load(config.as_deref(), &env)?;

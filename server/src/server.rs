@@ -11,8 +11,8 @@ use keybroker_client::pb;
 use keybroker_client::pb::key_admin_server::KeyAdminServer;
 use keybroker_client::pb::key_broker_server::KeyBrokerServer;
 use tokio::net::TcpListener;
-use tonic::service::interceptor::InterceptedService;
 
+use crate::api::grpc::Guards;
 use crate::api::grpc::key_admin::KeyAdminService;
 use crate::api::grpc::key_broker::KeyBrokerService;
 use crate::api::listener::{Incoming, bind_unix};
@@ -28,7 +28,10 @@ use crate::core::broker::Broker;
 use crate::core::keyring::{Keyring, NewKey};
 use crate::core::migration::Migrator;
 use crate::error::ServiceError;
-use crate::security::identity::{Authorizer, Plane, require};
+use crate::security::audit::{AuditError, AuditLog};
+use crate::security::limits::{LimitLayer, Limits};
+use crate::security::policy::{Gate, Policy};
+use crate::security::reload::Reloader;
 use crate::security::tls::{self, TlsError};
 use crate::store::guarded::GuardedStore;
 use crate::store::postgres::PostgresStore;
@@ -62,6 +65,9 @@ pub enum StartError {
     /// The configured root key does not open the stored KEKs.
     #[error("root key does not open the stored keys: {0}")]
     WrongRootKey(BackendError),
+    /// The audit log cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     /// Something else at start (reflection setup, bootstrap key).
     #[error("{0}")]
     Other(String),
@@ -72,6 +78,8 @@ pub enum StartError {
 pub struct RunOptions {
     /// Keys created at start when missing.
     pub ensure_keys: Vec<String>,
+    /// The configuration file, read again on SIGHUP or when it changes.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// The PIN of a pkcs11 backend, from its file or environment variable.
@@ -287,6 +295,8 @@ pub async fn run(
     let keyring = Arc::new(Keyring::new(store, backends.clone(), config.default_backend.clone()));
     let loaded = keyring.load().await.map_err(|e: ServiceError| StartError::Other(e.to_string()))?;
     verify_root_key(&keyring).await?;
+    let audit = AuditLog::open(&config.audit)?;
+    keyring.set_audit(audit.clone());
     tracing::info!(keys = loaded, "version table loaded");
     for name in &options.ensure_keys {
         let missing = match keyring.key(name).await {
@@ -323,17 +333,22 @@ pub async fn run(
     let board = Arc::new(HealthBoard::default());
     let broker = Arc::new(Broker::new(keyring.clone(), config.limits.clone()));
     let max_message = config.limits.max_message_bytes;
-    let data_plane = InterceptedService::new(
-        KeyBrokerServer::new(KeyBrokerService::new(broker))
+    let gate = Arc::new(Gate::new(
+        Policy::compile(&config.auth, &config.policy).map_err(|e| StartError::Other(format!("policy: {e}")))?,
+    ));
+    let limits = Limits::new(&config.limits);
+    let guards = Guards { gate: gate.clone(), audit, limits: limits.clone() };
+    let data_plane = tower::Layer::layer(
+        &LimitLayer::new(guards.limits.clone()),
+        KeyBrokerServer::new(KeyBrokerService::new(broker, guards.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-        require(Plane::Data),
     );
-    let admin_plane = InterceptedService::new(
-        KeyAdminServer::new(KeyAdminService::new(keyring.clone(), board.clone(), migrator))
+    let admin_plane = tower::Layer::layer(
+        &LimitLayer::new(guards.limits.clone()),
+        KeyAdminServer::new(KeyAdminService::new(keyring.clone(), board.clone(), migrator, guards))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-        require(Plane::Admin),
     );
 
     health.set_serving::<KeyBrokerServer<KeyBrokerService>>().await;
@@ -356,12 +371,20 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1().map_err(|e| StartError::Other(format!("reflection: {e}")))?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| StartError::Other(format!("reflection: {e}")))?;
 
-    let tls_config = tls::server_config(&config.tls)?;
+    let tls_config = Arc::new(tls::TlsHolder::new(tls::server_config(&config.tls)?));
     let listener =
         TcpListener::bind(config.listen).await.map_err(|cause| StartError::Bind { addr: config.listen, cause })?;
     let addr = listener.local_addr().map_err(|cause| StartError::Bind { addr: config.listen, cause })?;
-    let incoming = Incoming::new(Arc::new(Authorizer::new(&config.auth)));
-    incoming.add_tls(listener, tls_config, Duration::from_secs(config.tls.handshake_timeout_seconds));
+    let incoming = Incoming::new(gate.clone());
+    incoming.add_tls(listener, tls_config.clone(), Duration::from_secs(config.tls.handshake_timeout_seconds));
+    Reloader {
+        path: options.config_path.clone(),
+        env: env.clone(),
+        gate,
+        tls: tls_config,
+        interval: Duration::from_millis(config.reload_check_interval_ms),
+    }
+    .spawn(&config);
     if let Some(unix) = &config.unix_socket {
         let listener = bind_unix(&unix.path).map_err(|e| {
             StartError::Other(format!("invalid setting `unix_socket.path`: {}: {e}", unix.path.display()))

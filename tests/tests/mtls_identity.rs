@@ -161,5 +161,9 @@ async fn each_identity_reaches_only_its_own_plane() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(broker.stderr().contains("permission_denied"), "policy decisions are audited");
+    let audit = std::fs::read_to_string(dir.path().join("kb/audit.log")).unwrap();
+    let denied = audit.lines().find(|l| l.contains(r#""rpc":"CreateKey""#)).expect("the denied CreateKey is audited");
+    assert!(denied.contains(r#""code":"PERMISSION_DENIED""#), "{denied}");
+    assert!(denied.contains(r#""identity":"spiffe://keybroker.dev/app""#), "{denied}");
+    assert!(denied.contains(r#""key":"sneaky""#), "{denied}");
 }

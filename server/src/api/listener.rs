@@ -18,7 +18,9 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::security::identity::{Authorizer, Peer, PeerInfo};
+use crate::security::identity::{Peer, PeerInfo, Transport};
+use crate::security::policy::Gate;
+use crate::security::tls::TlsHolder;
 
 /// The byte stream of an accepted connection.
 enum Io {
@@ -94,7 +96,7 @@ impl AsyncWrite for Connection {
 pub struct Incoming {
     tx: mpsc::Sender<io::Result<Connection>>,
     rx: mpsc::Receiver<io::Result<Connection>>,
-    authorizer: Arc<Authorizer>,
+    gate: Arc<Gate>,
 }
 
 /// Refused TLS handshakes, logged at WARN with the peer and the reason, each
@@ -126,19 +128,20 @@ impl Refusals {
 }
 
 impl Incoming {
-    /// An empty set of listeners whose callers `authorizer` identifies.
-    pub fn new(authorizer: Arc<Authorizer>) -> Self {
+    /// An empty set of listeners whose callers are named by the
+    /// certificate fields of `gate`'s policy.
+    pub fn new(gate: Arc<Gate>) -> Self {
         let (tx, rx) = mpsc::channel(128);
-        Self { tx, rx, authorizer }
+        Self { tx, rx, gate }
     }
 
     /// Accepts mTLS connections on `listener`. Each handshake runs in its own
     /// task (a slow client cannot stall others) under `handshake_timeout`;
     /// refused handshakes are logged with the peer address and the reason.
-    pub fn add_tls(&self, listener: TcpListener, tls: Arc<rustls::ServerConfig>, handshake_timeout: Duration) {
-        let acceptor = TlsAcceptor::from(tls);
+    /// Each handshake uses the TLS configuration in force when it starts.
+    pub fn add_tls(&self, listener: TcpListener, tls: Arc<TlsHolder>, handshake_timeout: Duration) {
         let tx = self.tx.clone();
-        let authorizer = self.authorizer.clone();
+        let gate = self.gate.clone();
         let refusals = Arc::new(Refusals::default());
         tokio::spawn(async move {
             while !tx.is_closed() {
@@ -152,7 +155,8 @@ impl Incoming {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let (acceptor, authorizer, tx) = (acceptor.clone(), authorizer.clone(), tx.clone());
+                let acceptor = TlsAcceptor::from(tls.load_full());
+                let (gate, tx) = (gate.clone(), tx.clone());
                 let refusals = refusals.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
@@ -162,9 +166,9 @@ impl Incoming {
                                 .1
                                 .peer_certificates()
                                 .and_then(|certs| certs.first())
-                                .map(|cert| authorizer.identify(cert))
-                                .unwrap_or_else(|| Peer { identity: "<none>".to_owned(), admin: false, app: false });
-                            tracing::debug!(%remote, identity = %peer.identity, "mTLS connection accepted");
+                                .map(|cert| gate.policy().certificate_fields().identify(cert))
+                                .unwrap_or_else(|| Peer { identities: Vec::new(), transport: Transport::Tls });
+                            tracing::debug!(%remote, identity = %peer.name(), "mTLS connection accepted");
                             let connection =
                                 Connection { io: Io::Tls(Box::new(stream)), peer: PeerInfo(Arc::new(peer)) };
                             let _ = tx.send(Ok(connection)).await;
@@ -181,7 +185,6 @@ impl Incoming {
     /// the socket's peer credentials.
     pub fn add_unix(&self, listener: UnixListener) {
         let tx = self.tx.clone();
-        let authorizer = self.authorizer.clone();
         tokio::spawn(async move {
             while !tx.is_closed() {
                 let stream = match listener.accept().await {
@@ -193,13 +196,13 @@ impl Incoming {
                     }
                 };
                 let peer = match stream.peer_cred() {
-                    Ok(cred) => authorizer.identify_unix(cred.uid()),
+                    Ok(cred) => Peer::unix(cred.uid()),
                     Err(err) => {
                         tracing::info!(%err, "unix socket peer without credentials refused");
                         continue;
                     }
                 };
-                tracing::debug!(identity = %peer.identity, "unix socket connection accepted");
+                tracing::debug!(identity = %peer.name(), "unix socket connection accepted");
                 let connection = Connection { io: Io::Unix(stream), peer: PeerInfo(Arc::new(peer)) };
                 if tx.send(Ok(connection)).await.is_err() {
                     break;

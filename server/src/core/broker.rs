@@ -36,6 +36,8 @@ pub struct Wrapped {
     pub key: String,
     /// Key version.
     pub version: u32,
+    /// Backend holding the version.
+    pub backend: String,
 }
 
 /// A plaintext and where it came from. The plaintext is zeroized on drop.
@@ -48,6 +50,8 @@ pub struct Unwrapped {
     pub version: u32,
     /// Whether a newer version is current.
     pub rewrap_advised: bool,
+    /// Backend holding the version.
+    pub backend: String,
 }
 
 impl std::fmt::Debug for Unwrapped {
@@ -153,7 +157,7 @@ impl Broker {
             .await
             .map_err(|e| e.for_caller(key, current.version))?;
         cached.count(current.version, count);
-        Ok(Wrapped { ciphertext, key: key.to_owned(), version: current.version })
+        Ok(Wrapped { ciphertext, key: key.to_owned(), version: current.version, backend: current.backend.clone() })
     }
 
     /// Unwraps a ciphertext, routing by the (key, version) of its header
@@ -199,6 +203,7 @@ impl Broker {
             key: env.key.to_owned(),
             version: env.version,
             rewrap_advised: env.version != cached.record.current_version,
+            backend: record.backend.clone(),
         };
         Ok((unwrapped, cached))
     }

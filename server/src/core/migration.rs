@@ -354,6 +354,10 @@ impl Migrator {
                 store.set_job_item(&job.id, &items[i]).await?;
                 self.migrate_key(&job, &key, resumed).await
             };
+            if !job.dry_run {
+                let action = outcome.as_ref().map(|o| format!("job {}: {}", job.id, o.action));
+                self.keyring.audit_action("MigrateStep", &key, 0, &job.to_backend, action);
+            }
             items[i] = match outcome {
                 Ok(o) => JobItem {
                     key: key.clone(),

@@ -21,6 +21,10 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("root_key.sealed_by", "\"aws\""),
     ("root_key.sealed_by_key", "\"arn:aws:kms:eu-west-1:111122223333:key/...\""),
     ("unix_socket.path", "\"/run/keybroker/kb.sock\""),
+    ("policy.roles.<name>", "{ \"payments-*\" = [\"Wrap\", \"Unwrap\", \"GenerateDataKey\"] }"),
+    ("policy.identities.<name>", "[\"payments\", \"readers\"]"),
+    ("audit.file", "\"/var/log/keybroker/audit.log\""),
+    ("tls.crl", "\"/etc/keybroker/clients.crl.pem\""),
     ("backends.<name>.region", "\"eu-west-1\""),
     ("backends.<name>.endpoint", "\"https://kms.eu-west-1.amazonaws.com\""),
     ("backends.<name>.module", "\"/usr/lib/softhsm/libsofthsm2.so\""),
@@ -86,13 +90,27 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ").replace('|', "\\|")
 }
 
-fn kind(node: &Value) -> String {
+fn kind(root: &Value, node: &Value) -> String {
     let base = |t: &str, node: &Value| match t {
         "array" => {
-            let item = node.get("items").and_then(|i| i.get("type")).and_then(Value::as_str).unwrap_or("value");
+            let items = node.get("items").map(|i| resolve(root, i));
+            let consts: Vec<String> = items
+                .and_then(|i| i.get("oneOf"))
+                .and_then(Value::as_array)
+                .map(|vs| {
+                    vs.iter().filter_map(|v| v.get("const").and_then(Value::as_str)).map(|c| format!("`{c}`")).collect()
+                })
+                .unwrap_or_default();
+            if !consts.is_empty() {
+                return format!("list of {}", consts.join(", "));
+            }
+            let item = items.and_then(|i| i.get("type")).and_then(Value::as_str).unwrap_or("value");
             format!("list of {item}s")
         }
-        "object" => "table".to_owned(),
+        "object" => match node.get("additionalProperties").filter(|a| a.is_object()) {
+            Some(values) => format!("table of {}", kind(root, values)),
+            None => "table".to_owned(),
+        },
         other => other.to_owned(),
     };
     match node.get("type") {
@@ -127,7 +145,19 @@ fn walk(root: &Value, node: &Value, prefix: &str, note: &str, rows: &mut Vec<Row
         let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
         let target = resolve(root, property);
         if let Some(entries) = property.get("additionalProperties").filter(|a| a.is_object()) {
-            walk(root, entries, &format!("{path}.<name>"), note, rows);
+            let values = resolve(root, entries);
+            if values.get("properties").is_some() || values.get("oneOf").is_some() {
+                walk(root, entries, &format!("{path}.<name>"), note, rows);
+            } else {
+                // A table of plain values: one row for its entries.
+                let description = property.get("description").and_then(Value::as_str).unwrap_or_default();
+                rows.push(Row {
+                    path: format!("{path}.<name>"),
+                    kind: kind(root, values),
+                    default: "—".to_owned(),
+                    description: format!("{note}{}", one_line(description)),
+                });
+            }
             continue;
         }
         if target.get("properties").is_some() || target.get("oneOf").is_some() {
@@ -137,7 +167,7 @@ fn walk(root: &Value, node: &Value, prefix: &str, note: &str, rows: &mut Vec<Row
         let description = property.get("description").or_else(|| target.get("description")).and_then(Value::as_str);
         let (kind, description) = match target.get("const").and_then(Value::as_str) {
             Some(tag) => (format!("`\"{tag}\"`"), "Selects this kind.".to_owned()),
-            None => (kind(target), one_line(description.unwrap_or_default())),
+            None => (kind(root, target), one_line(description.unwrap_or_default())),
         };
         let default = match property.get("default") {
             Some(Value::Null) => "none".to_owned(),

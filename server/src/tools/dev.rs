@@ -128,6 +128,9 @@ path = "keybroker.sock"
 [auth]
 admin_identities = ["{DEV_ADMIN_IDENTITY}"]
 app_identities = ["{DEV_APP_IDENTITY}", "uid:{uid}"]
+
+[audit]
+file = "audit.log"
 "#
     );
     write_file(&config_path, &config, 0o600)?;

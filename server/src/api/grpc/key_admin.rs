@@ -1,6 +1,8 @@
-//! `keybroker.v1.KeyAdmin`: key and version lifecycle. Migration RPCs are
-//! declared in the API and answer UNIMPLEMENTED until the migration engine
-//! lands.
+//! `keybroker.v1.KeyAdmin`: key and version lifecycle, and migration. Every
+//! call is authorized against the policy for each key it touches (Migrate:
+//! every key its pattern selects) and recorded in the audit log; calls that
+//! change something are refused while a fail-closed audit log cannot be
+//! written.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,11 +13,12 @@ use keybroker_client::pb::key_admin_server::KeyAdmin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{Audit, key_message, respond};
+use super::{Call, Guards, Touched, key_message, respond};
 use crate::backend::health::HealthBoard;
 use crate::core::keyring::{CachedKey, Keyring, NewKey, PolicyChange, VersionChange};
 use crate::core::migration::Migrator;
 use crate::error::{ServiceError, ServiceResult};
+use crate::security::policy::Rpc;
 use crate::store::KeyMode;
 
 /// Keys per ListKeys page when the caller does not say.
@@ -28,13 +31,42 @@ pub struct KeyAdminService {
     keyring: Arc<Keyring>,
     board: Arc<HealthBoard>,
     migrator: Arc<Migrator>,
+    guards: Guards,
+}
+
+/// The audit subject of a key message: its current version and backend.
+fn touched(key: &pb::Key) -> Touched {
+    let backend = key.versions.iter().find(|v| v.version == key.current_version).map(|v| v.backend.clone());
+    Touched {
+        key: key.name.clone(),
+        version: key.current_version,
+        backend: backend.unwrap_or_default(),
+        context_sha256: String::new(),
+    }
 }
 
 impl KeyAdminService {
-    /// A service over `keyring`, reporting backend health from `board` and
-    /// running migrations with `migrator`.
-    pub fn new(keyring: Arc<Keyring>, board: Arc<HealthBoard>, migrator: Arc<Migrator>) -> Self {
-        Self { keyring, board, migrator }
+    /// A service over `keyring`, reporting backend health from `board`,
+    /// running migrations with `migrator`, behind `guards`.
+    pub fn new(keyring: Arc<Keyring>, board: Arc<HealthBoard>, migrator: Arc<Migrator>, guards: Guards) -> Self {
+        Self { keyring, board, migrator, guards }
+    }
+
+    /// Authorizes a change of `key`: the policy allows it and the audit log
+    /// can record it.
+    fn allow_change(call: &Call<'_>, rpc: Rpc, key: &str) -> ServiceResult<()> {
+        call.allow(rpc, key)?;
+        call.ready()
+    }
+
+    /// Answers a call that returns a key, recorded with its current version.
+    async fn key_answer(
+        call: Call<'_>,
+        key: &str,
+        result: ServiceResult<pb::Key>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let subject = result.as_ref().map_or_else(|_| Touched::key(key), touched);
+        call.finish_admin(subject, result).await
     }
 
     fn message(&self, key: &CachedKey) -> pb::Key {
@@ -68,9 +100,12 @@ type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrateProgress, Stat
 #[tonic::async_trait]
 impl KeyAdmin for KeyAdminService {
     async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> Result<Response<pb::Key>, Status> {
-        let audit = Audit::start("CreateKey", &request);
+        let call = self.guards.call("CreateKey", &request)?;
         let req = request.into_inner();
         let policy = req.rotation_policy.unwrap_or_default();
+        if let Err(err) = Self::allow_change(&call, Rpc::CreateKey, &req.key) {
+            return Self::key_answer(call, &req.key, Err(err)).await;
+        }
         let result = self
             .keyring
             .create(NewKey {
@@ -88,18 +123,24 @@ impl KeyAdmin for KeyAdminService {
             })
             .await
             .map(|k| self.message(&k));
-        audit.finish(&req.key, 1, &result);
-        respond(result)
+        Self::key_answer(call, &req.key, result).await
     }
 
     async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
+        let call = self.guards.call("GetKey", &request)?;
         let req = request.get_ref();
-        respond(self.keyring.fresh(&req.key).await.map(|k| self.message(&k)))
+        let result = match call.allow(Rpc::GetKey, &req.key) {
+            Ok(()) => self.keyring.fresh(&req.key).await.map(|k| self.message(&k)),
+            Err(err) => Err(err),
+        };
+        Self::key_answer(call, &req.key, result).await
     }
 
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let call = self.guards.call("ListKeys", &request)?;
         let req = request.into_inner();
         let result = (|| {
+            call.allow_somewhere(Rpc::ListKeys)?;
             let matcher = glob(&req.pattern)?;
             let after = decode_page_token(&req.page_token)?;
             let limit = match req.page_size as usize {
@@ -111,72 +152,86 @@ impl KeyAdmin for KeyAdminService {
                 (true, Some(last)) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&last.record.name),
                 _ => String::new(),
             };
-            Ok(pb::ListKeysResponse { keys: keys.iter().map(|k| self.message(k)).collect(), next_page_token })
+            // Only the keys the caller may list; a page may come out shorter.
+            let keys =
+                keys.iter().filter(|k| call.peer_may(Rpc::ListKeys, &k.record.name)).map(|k| self.message(k)).collect();
+            Ok(pb::ListKeysResponse { keys, next_page_token })
         })();
-        respond(result)
+        call.finish_admin(Touched::key(&req.pattern), result).await
     }
 
     async fn rotate(&self, request: Request<pb::RotateRequest>) -> Result<Response<pb::Key>, Status> {
-        let audit = Audit::start("Rotate", &request);
+        let call = self.guards.call("Rotate", &request)?;
         let req = request.into_inner();
         let backend = Some(req.backend.as_str()).filter(|b| !b.is_empty());
         let key_id = Some(req.backend_key_id.as_str()).filter(|id| !id.is_empty());
-        let result = self
-            .keyring
-            .rotate(&req.key, req.expected_current_version, backend, key_id)
-            .await
-            .map(|k| self.message(&k));
-        audit.finish(&req.key, result.as_ref().map_or(0, |k| k.current_version), &result);
-        respond(result)
+        let result = match Self::allow_change(&call, Rpc::Rotate, &req.key) {
+            Ok(()) => self
+                .keyring
+                .rotate(&req.key, req.expected_current_version, backend, key_id)
+                .await
+                .map(|k| self.message(&k)),
+            Err(err) => Err(err),
+        };
+        Self::key_answer(call, &req.key, result).await
     }
 
     async fn set_min_decryption_version(
         &self,
         request: Request<pb::SetMinDecryptionVersionRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        let audit = Audit::start("SetMinDecryptionVersion", &request);
+        let call = self.guards.call("SetMinDecryptionVersion", &request)?;
         let req = request.into_inner();
-        let result = self
-            .keyring
-            .set_min_decryption_version(&req.key, req.min_decryption_version, req.force)
-            .await
-            .map(|k| self.message(&k));
-        audit.finish(&req.key, req.min_decryption_version, &result);
-        respond(result)
+        let result = match Self::allow_change(&call, Rpc::SetMinDecryptionVersion, &req.key) {
+            Ok(()) => self
+                .keyring
+                .set_min_decryption_version(&req.key, req.min_decryption_version, req.force)
+                .await
+                .map(|k| self.message(&k)),
+            Err(err) => Err(err),
+        };
+        let subject = Touched { version: req.min_decryption_version, ..Touched::key(&req.key) };
+        call.finish_admin(subject, result).await
     }
 
     async fn disable_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::Key>, Status> {
-        self.version_change("DisableKeyVersion", request, VersionChange::Disable).await
+        self.version_change(Rpc::DisableKeyVersion, request, VersionChange::Disable).await
     }
 
     async fn enable_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::Key>, Status> {
-        self.version_change("EnableKeyVersion", request, VersionChange::Enable).await
+        self.version_change(Rpc::EnableKeyVersion, request, VersionChange::Enable).await
     }
 
     async fn destroy_key_version(&self, request: Request<pb::KeyVersionRequest>) -> Result<Response<pb::Key>, Status> {
-        self.version_change("DestroyKeyVersion", request, VersionChange::Destroy).await
+        self.version_change(Rpc::DestroyKeyVersion, request, VersionChange::Destroy).await
     }
 
     async fn update_key_policy(
         &self,
         request: Request<pb::UpdateKeyPolicyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        let audit = Audit::start("UpdateKeyPolicy", &request);
+        let call = self.guards.call("UpdateKeyPolicy", &request)?;
         let req = request.into_inner();
         let change = PolicyChange {
             deletion_allowed: req.deletion_allowed,
             labels: req.replace_labels.then_some(req.labels),
             rotation: req.rotation_policy.map(|p| (p.rotation_period_seconds, p.max_wraps_per_version)),
         };
-        let result = self.keyring.update_policy(&req.key, change).await.map(|k| self.message(&k));
-        audit.finish(&req.key, 0, &result);
-        respond(result)
+        let result = match Self::allow_change(&call, Rpc::UpdateKeyPolicy, &req.key) {
+            Ok(()) => self.keyring.update_policy(&req.key, change).await.map(|k| self.message(&k)),
+            Err(err) => Err(err),
+        };
+        Self::key_answer(call, &req.key, result).await
     }
 
     async fn list_backends(
         &self,
-        _request: Request<pb::ListBackendsRequest>,
+        request: Request<pb::ListBackendsRequest>,
     ) -> Result<Response<pb::ListBackendsResponse>, Status> {
+        let call = self.guards.call("ListBackends", &request)?;
+        if let Err(err) = call.allow_somewhere(Rpc::ListBackends) {
+            return call.finish_admin(Touched::default(), Err(err)).await;
+        }
         let backends = self
             .keyring
             .backends()
@@ -190,25 +245,36 @@ impl KeyAdmin for KeyAdminService {
                 exportable: backend.exportable(),
             })
             .collect();
-        Ok(Response::new(pb::ListBackendsResponse { backends }))
+        call.finish_admin(Touched::default(), Ok(pb::ListBackendsResponse { backends })).await
     }
 
     type MigrateStream = ProgressStream;
 
     async fn migrate(&self, request: Request<pb::MigrateRequest>) -> Result<Response<Self::MigrateStream>, Status> {
-        let audit = Audit::start("Migrate", &request);
+        let call = self.guards.call("Migrate", &request)?;
         let req = request.into_inner();
-        let result = self.migrator.start(req.clone()).await;
-        let job_key = format!("{} -> {} ({})", req.from_backend, req.to_backend, req.pattern);
-        audit.finish(&job_key, 0, &result);
-        Ok(Response::new(progress_stream(result?)))
+        let result = match self.allow_migrate(&call, &req).await {
+            Ok(()) => self.migrator.start(req.clone()).await,
+            Err(err) => Err(err),
+        };
+        let subject = Touched { key: req.pattern.clone(), backend: req.to_backend.clone(), ..Touched::default() };
+        let rx = call.finish_admin(subject, result).await?.into_inner();
+        Ok(Response::new(progress_stream(rx)))
     }
 
     async fn get_migration(
         &self,
         request: Request<pb::GetMigrationRequest>,
     ) -> Result<Response<pb::MigrateProgress>, Status> {
-        respond(self.migrator.status(&request.get_ref().job_id).await)
+        let call = self.guards.call("GetMigration", &request)?;
+        let result = match call.allow_somewhere(Rpc::GetMigration) {
+            Ok(()) => self.migrator.status(&request.get_ref().job_id).await,
+            Err(err) => Err(err),
+        };
+        if result.is_err() {
+            return call.finish_admin(Touched::default(), result).await;
+        }
+        respond(result)
     }
 
     type WatchMigrationStream = ProgressStream;
@@ -217,6 +283,10 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::GetMigrationRequest>,
     ) -> Result<Response<Self::WatchMigrationStream>, Status> {
+        let call = self.guards.call("WatchMigration", &request)?;
+        if let Err(err) = call.allow_somewhere(Rpc::WatchMigration) {
+            return call.finish_admin(Touched::default(), Err(err)).await;
+        }
         let rx = self.migrator.attach_or_run(&request.get_ref().job_id).await.map_err(Status::from)?;
         Ok(Response::new(progress_stream(rx)))
     }
@@ -233,14 +303,42 @@ fn progress_stream(rx: tokio::sync::watch::Receiver<pb::MigrateProgress>) -> Pro
 impl KeyAdminService {
     async fn version_change(
         &self,
-        rpc: &'static str,
+        rpc: Rpc,
         request: Request<pb::KeyVersionRequest>,
         op: VersionChange,
     ) -> Result<Response<pb::Key>, Status> {
-        let audit = Audit::start(rpc, &request);
+        let call = self.guards.call(rpc.name(), &request)?;
         let req = request.into_inner();
-        let result = self.keyring.change_version(&req.key, req.version, op, req.force).await.map(|k| self.message(&k));
-        audit.finish(&req.key, req.version, &result);
-        respond(result)
+        let result = match Self::allow_change(&call, rpc, &req.key) {
+            Ok(()) => self.keyring.change_version(&req.key, req.version, op, req.force).await.map(|k| self.message(&k)),
+            Err(err) => Err(err),
+        };
+        let backend = result
+            .as_ref()
+            .ok()
+            .and_then(|k| k.versions.iter().find(|v| v.version == req.version))
+            .map(|v| v.backend.clone())
+            .unwrap_or_default();
+        let subject = Touched { version: req.version, backend, ..Touched::key(&req.key) };
+        call.finish_admin(subject, result).await
+    }
+
+    /// Migrate needs the Migrate right on every key it selects (for a
+    /// resumed job, the keys of its pattern now).
+    async fn allow_migrate(&self, call: &Call<'_>, req: &pb::MigrateRequest) -> ServiceResult<()> {
+        call.allow_somewhere(Rpc::Migrate)?;
+        // A resumed job migrates its own pattern; a new one (with or
+        // without a chosen id) the request's.
+        let pattern = match self.migrator.status(&req.job_id).await {
+            Ok(job) if !req.job_id.is_empty() => job.pattern,
+            Err(err) if !req.job_id.is_empty() && err.code() != crate::error::ErrorCode::NotFound => return Err(err),
+            _ => req.pattern.clone(),
+        };
+        let matcher = glob(&pattern)?;
+        let (keys, _) = self.keyring.list(&matcher, "", usize::MAX);
+        for key in &keys {
+            call.allow(Rpc::Migrate, &key.record.name)?;
+        }
+        call.ready()
     }
 }

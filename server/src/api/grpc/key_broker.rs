@@ -1,5 +1,7 @@
 //! `keybroker.v1.KeyBroker`: Wrap, Unwrap, GenerateDataKey, Rewrap and their
-//! batch forms.
+//! batch forms. Every call, and every batch item, is authorized against the
+//! policy for the key it touches (for Unwrap and Rewrap, the key named in
+//! the ciphertext's header) and recorded in the audit log.
 
 use std::sync::Arc;
 
@@ -7,88 +9,157 @@ use keybroker_client::pb;
 use keybroker_client::pb::key_broker_server::KeyBroker;
 use tonic::{Request, Response, Status};
 
-use super::{Audit, item_error, respond};
+use super::{Call, Guards, Touched, item_error};
 use crate::core::broker::Broker;
+use crate::core::envelope;
 use crate::error::{ServiceError, ServiceResult};
+use crate::security::audit::{code_name, context_hash};
+use crate::security::policy::Rpc;
 
 /// The data-plane service.
 pub struct KeyBrokerService {
     broker: Arc<Broker>,
+    guards: Guards,
+}
+
+type Groups = super::BatchGroups;
+
+fn tally<T>(groups: &mut Groups, touched: Touched, result: &ServiceResult<T>) {
+    let code = result.as_ref().err().map(ServiceError::code);
+    let entry = groups.entry((touched.key, touched.version, touched.backend, code_name(code))).or_insert((0, code));
+    entry.0 += 1;
+}
+
+/// The key and version a ciphertext's header names, if it parses.
+fn header_of(ciphertext: &[u8]) -> Option<(String, u32)> {
+    envelope::parse(ciphertext).ok().map(|e| (e.key.to_owned(), e.version))
 }
 
 impl KeyBrokerService {
-    /// A service over `broker`.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+    /// A service over `broker`, behind `guards`.
+    pub fn new(broker: Arc<Broker>, guards: Guards) -> Self {
+        Self { broker, guards }
     }
 
-    fn check_batch(&self, len: usize) -> ServiceResult<()> {
+    fn check_batch(&self, call: &Call<'_>, len: usize) -> ServiceResult<()> {
         let max = self.broker.limits().max_batch_items;
         if len > max {
             return Err(ServiceError::invalid(format!(
                 "batch has {len} items; the limit is {max} (limits.max_batch_items)"
             )));
         }
-        Ok(())
+        // The call itself was charged one by the limit layer.
+        self.guards.limits.charge(call.identity(), len.saturating_sub(1))
     }
 
-    async fn wrap_one(&self, req: &pb::WrapRequest) -> ServiceResult<pb::WrapResponse> {
-        let w = self.broker.wrap(&req.key, &req.plaintext, &req.context).await?;
-        Ok(pb::WrapResponse { ciphertext: w.ciphertext, key: w.key, version: w.version })
+    async fn wrap_one(&self, call: &Call<'_>, req: &pb::WrapRequest) -> (ServiceResult<pb::WrapResponse>, Touched) {
+        let mut touched = Touched { context_sha256: context_hash(&req.context), ..Touched::key(&req.key) };
+        let result = match call.allow(Rpc::Wrap, &req.key) {
+            Ok(()) => self.broker.wrap(&req.key, &req.plaintext, &req.context).await,
+            Err(err) => Err(err),
+        };
+        let result = result.map(|w| {
+            touched.version = w.version;
+            touched.backend = w.backend;
+            pb::WrapResponse { ciphertext: w.ciphertext, key: w.key, version: w.version }
+        });
+        (result, touched)
     }
 
-    async fn unwrap_one(&self, req: &pb::UnwrapRequest) -> ServiceResult<pb::UnwrapResponse> {
-        let u = self.broker.unwrap(&req.ciphertext, &req.context).await?;
-        Ok(pb::UnwrapResponse {
-            plaintext: u.plaintext.to_vec(),
-            key: u.key,
-            version: u.version,
-            rewrap_advised: u.rewrap_advised,
-        })
+    async fn unwrap_one(
+        &self,
+        call: &Call<'_>,
+        req: &pb::UnwrapRequest,
+    ) -> (ServiceResult<pb::UnwrapResponse>, Touched) {
+        let mut touched = Touched { context_sha256: context_hash(&req.context), ..Touched::default() };
+        let allowed = match header_of(&req.ciphertext) {
+            Some((key, version)) => {
+                let allowed = call.allow(Rpc::Unwrap, &key);
+                (touched.key, touched.version) = (key, version);
+                allowed
+            }
+            // Malformed: the broker says how, to a caller that may unwrap.
+            None => call.allow_somewhere(Rpc::Unwrap),
+        };
+        let result = match allowed {
+            Ok(()) => self.broker.unwrap(&req.ciphertext, &req.context).await,
+            Err(err) => Err(err),
+        };
+        let result = result.map(|u| {
+            touched.backend = u.backend;
+            pb::UnwrapResponse {
+                plaintext: u.plaintext.to_vec(),
+                key: u.key,
+                version: u.version,
+                rewrap_advised: u.rewrap_advised,
+            }
+        });
+        (result, touched)
     }
 
-    async fn rewrap_one(&self, req: &pb::RewrapRequest) -> ServiceResult<pb::RewrapResponse> {
-        let w = self.broker.rewrap(&req.ciphertext, &req.context, &req.target_key).await?;
-        Ok(pb::RewrapResponse { ciphertext: w.ciphertext, key: w.key, version: w.version })
-    }
-}
-
-/// Key and version to audit for a result that carries them.
-fn audited<T>(result: &ServiceResult<T>, key_of: impl Fn(&T) -> (&str, u32)) -> (String, u32) {
-    match result {
-        Ok(r) => {
-            let (k, v) = key_of(r);
-            (k.to_owned(), v)
+    /// Rewrap under the same key needs Rewrap on it; into another key,
+    /// Unwrap on the source and Wrap on the target.
+    fn allow_rewrap(call: &Call<'_>, source: Option<&str>, target: &str) -> ServiceResult<()> {
+        match source {
+            None => call.allow_somewhere(Rpc::Rewrap),
+            Some(source) if target.is_empty() || target == source => call.allow(Rpc::Rewrap, source),
+            Some(source) => {
+                call.allow(Rpc::Unwrap, source)?;
+                call.allow(Rpc::Wrap, target)
+            }
         }
-        Err(_) => (String::new(), 0),
+    }
+
+    async fn rewrap_one(
+        &self,
+        call: &Call<'_>,
+        req: &pb::RewrapRequest,
+    ) -> (ServiceResult<pb::RewrapResponse>, Touched) {
+        let mut touched = Touched { context_sha256: context_hash(&req.context), ..Touched::default() };
+        let source = header_of(&req.ciphertext);
+        if let Some((key, version)) = &source {
+            (touched.key, touched.version) = (key.clone(), *version);
+        }
+        let result = match Self::allow_rewrap(call, source.as_ref().map(|(k, _)| k.as_str()), &req.target_key) {
+            Ok(()) => self.broker.rewrap(&req.ciphertext, &req.context, &req.target_key).await,
+            Err(err) => Err(err),
+        };
+        let result = result.map(|w| {
+            (touched.key, touched.version, touched.backend) = (w.key.clone(), w.version, w.backend);
+            pb::RewrapResponse { ciphertext: w.ciphertext, key: w.key, version: w.version }
+        });
+        (result, touched)
     }
 }
 
 #[tonic::async_trait]
 impl KeyBroker for KeyBrokerService {
     async fn wrap(&self, request: Request<pb::WrapRequest>) -> Result<Response<pb::WrapResponse>, Status> {
-        let audit = Audit::start("Wrap", &request);
-        let req = request.into_inner();
-        let result = self.wrap_one(&req).await;
-        audit.finish(&req.key, result.as_ref().map_or(0, |r| r.version), &result);
-        respond(result)
+        let call = self.guards.call("Wrap", &request)?;
+        let (result, touched) = self.wrap_one(&call, request.get_ref()).await;
+        call.finish_data(touched, result).await
     }
 
     async fn unwrap(&self, request: Request<pb::UnwrapRequest>) -> Result<Response<pb::UnwrapResponse>, Status> {
-        let audit = Audit::start("Unwrap", &request);
-        let result = self.unwrap_one(request.get_ref()).await;
-        let (key, version) = audited(&result, |r| (r.key.as_str(), r.version));
-        audit.finish(&key, version, &result);
-        respond(result)
+        let call = self.guards.call("Unwrap", &request)?;
+        let (result, touched) = self.unwrap_one(&call, request.get_ref()).await;
+        call.finish_data(touched, result).await
     }
 
     async fn generate_data_key(
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        let audit = Audit::start("GenerateDataKey", &request);
+        let call = self.guards.call("GenerateDataKey", &request)?;
         let req = request.into_inner();
-        let result = self.broker.generate_data_key(&req.key, req.length, &req.context).await.map(|(dek, w)| {
+        let mut touched = Touched { context_sha256: context_hash(&req.context), ..Touched::key(&req.key) };
+        let result = match call.allow(Rpc::GenerateDataKey, &req.key) {
+            Ok(()) => self.broker.generate_data_key(&req.key, req.length, &req.context).await,
+            Err(err) => Err(err),
+        };
+        let result = result.map(|(dek, w)| {
+            touched.version = w.version;
+            touched.backend = w.backend;
             pb::GenerateDataKeyResponse {
                 plaintext: if req.without_plaintext { Vec::new() } else { dek.to_vec() },
                 ciphertext: w.ciphertext,
@@ -96,30 +167,30 @@ impl KeyBroker for KeyBrokerService {
                 version: w.version,
             }
         });
-        audit.finish(&req.key, result.as_ref().map_or(0, |r| r.version), &result);
-        respond(result)
+        call.finish_data(touched, result).await
     }
 
     async fn rewrap(&self, request: Request<pb::RewrapRequest>) -> Result<Response<pb::RewrapResponse>, Status> {
-        let audit = Audit::start("Rewrap", &request);
-        let result = self.rewrap_one(request.get_ref()).await;
-        let (key, version) = audited(&result, |r| (r.key.as_str(), r.version));
-        audit.finish(&key, version, &result);
-        respond(result)
+        let call = self.guards.call("Rewrap", &request)?;
+        let (result, touched) = self.rewrap_one(&call, request.get_ref()).await;
+        call.finish_data(touched, result).await
     }
 
     async fn batch_wrap(
         &self,
         request: Request<pb::BatchWrapRequest>,
     ) -> Result<Response<pb::BatchWrapResponse>, Status> {
-        let audit = Audit::start("BatchWrap", &request);
+        let call = self.guards.call("BatchWrap", &request)?;
         let req = request.into_inner();
+        let mut groups = Groups::new();
         let result = async {
-            self.check_batch(req.items.len())?;
+            self.check_batch(&call, req.items.len())?;
             let mut results = Vec::with_capacity(req.items.len());
             for item in &req.items {
+                let (result, touched) = self.wrap_one(&call, item).await;
+                tally(&mut groups, touched, &result);
                 results.push(pb::BatchWrapResult {
-                    result: Some(match self.wrap_one(item).await {
+                    result: Some(match result {
                         Ok(ok) => pb::batch_wrap_result::Result::Ok(ok),
                         Err(err) => pb::batch_wrap_result::Result::Error(item_error(&err)),
                     }),
@@ -128,22 +199,24 @@ impl KeyBroker for KeyBrokerService {
             Ok(pb::BatchWrapResponse { results })
         }
         .await;
-        audit.finish("", 0, &result);
-        respond(result)
+        call.finish_batch(groups, result).await
     }
 
     async fn batch_unwrap(
         &self,
         request: Request<pb::BatchUnwrapRequest>,
     ) -> Result<Response<pb::BatchUnwrapResponse>, Status> {
-        let audit = Audit::start("BatchUnwrap", &request);
+        let call = self.guards.call("BatchUnwrap", &request)?;
         let req = request.into_inner();
+        let mut groups = Groups::new();
         let result = async {
-            self.check_batch(req.items.len())?;
+            self.check_batch(&call, req.items.len())?;
             let mut results = Vec::with_capacity(req.items.len());
             for item in &req.items {
+                let (result, touched) = self.unwrap_one(&call, item).await;
+                tally(&mut groups, touched, &result);
                 results.push(pb::BatchUnwrapResult {
-                    result: Some(match self.unwrap_one(item).await {
+                    result: Some(match result {
                         Ok(ok) => pb::batch_unwrap_result::Result::Ok(ok),
                         Err(err) => pb::batch_unwrap_result::Result::Error(item_error(&err)),
                     }),
@@ -152,22 +225,24 @@ impl KeyBroker for KeyBrokerService {
             Ok(pb::BatchUnwrapResponse { results })
         }
         .await;
-        audit.finish("", 0, &result);
-        respond(result)
+        call.finish_batch(groups, result).await
     }
 
     async fn batch_rewrap(
         &self,
         request: Request<pb::BatchRewrapRequest>,
     ) -> Result<Response<pb::BatchRewrapResponse>, Status> {
-        let audit = Audit::start("BatchRewrap", &request);
+        let call = self.guards.call("BatchRewrap", &request)?;
         let req = request.into_inner();
+        let mut groups = Groups::new();
         let result = async {
-            self.check_batch(req.items.len())?;
+            self.check_batch(&call, req.items.len())?;
             let mut results = Vec::with_capacity(req.items.len());
             for item in &req.items {
+                let (result, touched) = self.rewrap_one(&call, item).await;
+                tally(&mut groups, touched, &result);
                 results.push(pb::BatchRewrapResult {
-                    result: Some(match self.rewrap_one(item).await {
+                    result: Some(match result {
                         Ok(ok) => pb::batch_rewrap_result::Result::Ok(ok),
                         Err(err) => pb::batch_rewrap_result::Result::Error(item_error(&err)),
                     }),
@@ -176,7 +251,6 @@ impl KeyBroker for KeyBrokerService {
             Ok(pb::BatchRewrapResponse { results })
         }
         .await;
-        audit.finish("", 0, &result);
-        respond(result)
+        call.finish_batch(groups, result).await
     }
 }

@@ -1,10 +1,13 @@
 //! The gRPC services: `KeyBroker` (data plane) and `KeyAdmin` (admin plane),
 //! thin layers that check input, call the [`crate::core::broker`] or
-//! [`crate::core::keyring`], convert, and write one audit event per call.
+//! [`crate::core::keyring`], convert, authorize every key they touch
+//! against the policy, and write the call's audit event.
 
 pub mod key_admin;
 pub mod key_broker;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use keybroker_client::pb;
@@ -13,8 +16,11 @@ use tonic::{Request, Status};
 use crate::backend::Backends;
 use crate::backend::health::HealthBoard;
 use crate::core::keyring::{CachedKey, Count};
-use crate::error::ServiceError;
-use crate::security::identity;
+use crate::error::{ErrorCode, ServiceError, ServiceResult};
+use crate::security::audit::{AuditLog, Record};
+use crate::security::identity::{self, Peer};
+use crate::security::limits::Limits;
+use crate::security::policy::{Gate, Rpc};
 use crate::store::{KeyMode, VersionState};
 
 /// Converts a cached key into its API message, with the health of the
@@ -85,35 +91,164 @@ pub fn item_error(err: &ServiceError) -> pb::ItemError {
     pb::ItemError { code: err.code().grpc() as i32, message: err.message().to_owned() }
 }
 
-/// One audit record in progress: who called what; finished with the key,
-/// version and outcome. Never holds key material.
-pub struct Audit {
+/// What both services share to authorize, shed and record calls.
+#[derive(Clone, Debug)]
+pub struct Guards {
+    /// The policy in force.
+    pub gate: Arc<Gate>,
+    /// The audit log.
+    pub audit: Arc<AuditLog>,
+    /// The load limits (batches are charged per item).
+    pub limits: Arc<Limits>,
+}
+
+impl Guards {
+    /// Starts a call of `rpc` for the caller of `request`.
+    pub fn call<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<Call<'_>, Status> {
+        let peer = identity::peer(request)?;
+        Ok(Call { guards: self, rpc, identity: peer.name(), peer, started: Instant::now() })
+    }
+}
+
+/// The outcomes of a batch: per key, version, backend and outcome, how many
+/// items.
+pub type BatchGroups = BTreeMap<(String, u32, String, &'static str), (u64, Option<ErrorCode>)>;
+
+/// What an audit event says about the key a call touched.
+#[derive(Debug, Default, Clone)]
+pub struct Touched {
+    /// Key name.
+    pub key: String,
+    /// Key version; 0 when none applies.
+    pub version: u32,
+    /// Backend of the version.
+    pub backend: String,
+    /// SHA-256 of the encryption context.
+    pub context_sha256: String,
+}
+
+impl Touched {
+    /// A key, with no version.
+    pub fn key(key: &str) -> Self {
+        Self { key: key.to_owned(), ..Self::default() }
+    }
+}
+
+/// One call in progress: who called what, since when.
+pub struct Call<'a> {
+    guards: &'a Guards,
     rpc: &'static str,
+    peer: Arc<Peer>,
     identity: String,
     started: Instant,
 }
 
-impl Audit {
-    /// Starts the record of `rpc` for the caller of `request`.
-    pub fn start<T>(rpc: &'static str, request: &Request<T>) -> Self {
-        let identity = identity::peer(request).map(|p| p.identity.clone()).unwrap_or_else(|_| "<none>".to_owned());
-        Self { rpc, identity, started: Instant::now() }
+impl Call<'_> {
+    /// The caller.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
     }
 
-    /// Emits the event for a finished call.
-    pub fn finish<T>(self, key: &str, version: u32, result: &Result<T, ServiceError>) {
-        let latency_us = self.started.elapsed().as_micros() as u64;
-        match result {
-            Ok(_) => tracing::info!(
-                target: "keybroker::audit",
-                rpc = self.rpc, identity = %self.identity, key, version, result = "ok", latency_us
-            ),
-            Err(err) => tracing::info!(
-                target: "keybroker::audit",
-                rpc = self.rpc, identity = %self.identity, key, version,
-                result = ?err.code(), error = %err.message(), latency_us
-            ),
+    /// The caller's name.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// PERMISSION_DENIED unless the caller may call `rpc` on `key`.
+    pub fn allow(&self, rpc: Rpc, key: &str) -> ServiceResult<()> {
+        self.guards.gate.check(&self.peer, rpc, key)
+    }
+
+    /// Whether the caller may call `rpc` on `key` (to filter a listing).
+    pub fn peer_may(&self, rpc: Rpc, key: &str) -> bool {
+        self.guards.gate.policy().allows(&self.peer, rpc, key)
+    }
+
+    /// PERMISSION_DENIED unless the caller may call `rpc` on some key.
+    pub fn allow_somewhere(&self, rpc: Rpc) -> ServiceResult<()> {
+        self.guards.gate.check_somewhere(&self.peer, rpc)
+    }
+
+    /// The audit record of one outcome.
+    pub fn record(&self, touched: Touched, code: Option<ErrorCode>, count: u64, detail: String) -> Record {
+        if code == Some(ErrorCode::PermissionDenied) {
+            tracing::info!(identity = %self.identity, rpc = self.rpc, key = %touched.key, "permission denied");
         }
+        Record {
+            identity: self.identity.clone(),
+            rpc: self.rpc,
+            key: touched.key,
+            version: touched.version,
+            backend: touched.backend,
+            code,
+            latency_us: self.started.elapsed().as_micros() as u64,
+            count,
+            context_sha256: touched.context_sha256,
+            detail,
+        }
+    }
+
+    /// Records a data-plane call and answers it. Fails closed: a call whose
+    /// event cannot be written answers UNAVAILABLE, and its result (a
+    /// plaintext, a ciphertext) is withheld.
+    pub async fn finish_data<T>(
+        self,
+        touched: Touched,
+        result: ServiceResult<T>,
+    ) -> Result<tonic::Response<T>, Status> {
+        let (code, detail) = outcome(&result);
+        let record = self.record(touched, code, 1, detail);
+        self.guards.audit.record(record).await?;
+        respond(result)
+    }
+
+    /// Records the events of a batch (one per key, version and outcome,
+    /// with its count) and answers it, failing closed like a single call.
+    pub async fn finish_batch<T>(
+        self,
+        groups: BatchGroups,
+        result: ServiceResult<T>,
+    ) -> Result<tonic::Response<T>, Status> {
+        if let Err(err) = &result {
+            let record = self.record(Touched::default(), Some(err.code()), 1, err.message().to_owned());
+            self.guards.audit.record(record).await?;
+            return respond(result);
+        }
+        for ((key, version, backend, _), (count, code)) in groups {
+            let touched = Touched { key, version, backend, context_sha256: String::new() };
+            self.guards.audit.record(self.record(touched, code, count, String::new())).await?;
+        }
+        respond(result)
+    }
+
+    /// Records an admin call and answers it. The change is made already, so
+    /// a failed audit write does not turn it into an error (admin calls are
+    /// refused beforehand while the audit sink fails, see [`Call::ready`]);
+    /// it is logged and counted.
+    pub async fn finish_admin<T>(
+        self,
+        touched: Touched,
+        result: ServiceResult<T>,
+    ) -> Result<tonic::Response<T>, Status> {
+        let (code, detail) = outcome(&result);
+        let record = self.record(touched, code, 1, detail);
+        if let Err(err) = self.guards.audit.record(record).await {
+            tracing::error!(rpc = self.rpc, %err, "an admin call's audit event was not written");
+        }
+        respond(result)
+    }
+
+    /// UNAVAILABLE while a fail-closed audit log cannot be written: admin
+    /// calls check this before they change anything.
+    pub fn ready(&self) -> ServiceResult<()> {
+        self.guards.audit.ready()
+    }
+}
+
+fn outcome<T>(result: &ServiceResult<T>) -> (Option<ErrorCode>, String) {
+    match result {
+        Ok(_) => (None, String::new()),
+        Err(err) => (Some(err.code()), err.message().to_owned()),
     }
 }
 

@@ -276,11 +276,17 @@ impl Keyring {
             match self.rotate(&name, Some(version), None, None).await {
                 Ok(key) => {
                     tracing::info!(key = %name, from = version, to = key.record.current_version, "rotated automatically");
+                    let backend = key.current().map(|v| v.backend.clone()).unwrap_or_default();
+                    let action = Ok(format!("rotated automatically from version {version}"));
+                    self.audit_action("AutoRotate", &name, key.record.current_version, &backend, action);
                     rotated.push((name, key.record.current_version));
                 }
                 // Another broker rotated it first.
                 Err(err) if err.code() == ErrorCode::Aborted => {}
-                Err(err) => tracing::warn!(key = %name, version, %err, "automatic rotation failed; will retry"),
+                Err(err) => {
+                    tracing::warn!(key = %name, version, %err, "automatic rotation failed; will retry");
+                    self.audit_action("AutoRotate", &name, version, "", Err(&err));
+                }
             }
         }
         Ok(rotated)

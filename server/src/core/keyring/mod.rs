@@ -205,6 +205,9 @@ pub struct Keyring {
     in_flight: Mutex<Option<UsageBatch>>,
     /// One flush at a time.
     flushing: tokio::sync::Mutex<()>,
+    /// Where the broker's own actions (automatic rotation, migration
+    /// steps) are recorded.
+    audit: std::sync::OnceLock<Arc<crate::security::audit::AuditLog>>,
 }
 
 /// How long an unknown key name is answered NOT_FOUND without asking the
@@ -254,6 +257,7 @@ impl Keyring {
             batches: AtomicU64::new(0),
             in_flight: Mutex::new(None),
             flushing: tokio::sync::Mutex::new(()),
+            audit: std::sync::OnceLock::new(),
         }
     }
 
@@ -318,8 +322,40 @@ impl Keyring {
         &self.store
     }
 
-    /// Sets how recently a version may have been unwrapped and still be
-    /// retired without `force`.
+    /// Sets the audit log of the broker's own actions.
+    pub fn set_audit(&self, audit: Arc<crate::security::audit::AuditLog>) {
+        let _ = self.audit.set(audit);
+    }
+
+    /// Records an action the broker took on its own (identity `keybroker`).
+    pub fn audit_action(
+        &self,
+        rpc: &'static str,
+        key: &str,
+        version: u32,
+        backend: &str,
+        result: Result<String, &ServiceError>,
+    ) {
+        let Some(audit) = self.audit.get() else { return };
+        let (code, detail) = match result {
+            Ok(action) => (None, action),
+            Err(err) => (Some(err.code()), err.message().to_owned()),
+        };
+        audit.record_detached(crate::security::audit::Record {
+            identity: "keybroker".to_owned(),
+            rpc,
+            key: key.to_owned(),
+            version,
+            backend: backend.to_owned(),
+            code,
+            count: 1,
+            detail,
+            ..Default::default()
+        });
+    }
+
+    /// Sets how long after its last unwrap a version is kept from being
+    /// retired without force.
     pub fn set_retirement_window(&self, seconds: i64) {
         self.retirement_window_secs.store(seconds, Ordering::Relaxed);
     }

@@ -1,5 +1,8 @@
 //! mTLS with rustls: TLS 1.3 only, client certificates verified against the
-//! configured CA. The listener that uses it is in [`crate::api::listener`].
+//! configured CA (and CRL), clientAuth usage required. The configuration is
+//! held in a [`TlsHolder`] so new certificates take effect for new
+//! connections without a restart. The listener that uses it is in
+//! [`crate::api::listener`].
 
 pub mod pki;
 
@@ -56,9 +59,22 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, Tl
             reason: e.to_string(),
         })?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if let Some(crl) = &config.crl {
+        let pem_err = |reason: String| TlsError::Pem { setting: "tls.crl", path: crl.display().to_string(), reason };
+        let crls = rustls::pki_types::CertificateRevocationListDer::pem_file_iter(crl)
+            .map_err(|e| pem_err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(e.to_string()))?;
+        if crls.is_empty() {
+            return Err(pem_err("no PEM X509 CRL in the file".to_owned()));
+        }
+        verifier = verifier.with_crls(crls);
+    }
+    // webpki requires the clientAuth extended key usage of client
+    // certificates (a certificate without it, or with serverAuth only, is
+    // refused at the handshake).
+    let verifier = verifier.build().map_err(|e| TlsError::Rustls(e.to_string()))?;
     let chain = read_certs("tls.cert", &config.cert)?;
     let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| TlsError::Pem {
         setting: "tls.key",
@@ -73,4 +89,19 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, Tl
         .map_err(|e| TlsError::Rustls(format!("tls.cert and tls.key do not form a usable pair: {e}")))?;
     server.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(server))
+}
+
+/// The TLS configuration in force, swapped whole when the files change.
+pub type TlsHolder = arc_swap::ArcSwap<rustls::ServerConfig>;
+
+/// The bytes of every TLS file of `config`, to tell when one changed.
+pub fn fingerprint(config: &TlsConfig) -> Vec<u8> {
+    let mut all = Vec::new();
+    for path in
+        [Some(&config.cert), Some(&config.key), Some(&config.client_ca), config.crl.as_ref()].into_iter().flatten()
+    {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        all.extend_from_slice(&sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &bytes)));
+    }
+    all
 }

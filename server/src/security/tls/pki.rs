@@ -34,12 +34,16 @@ pub struct ClientSpec<'a> {
     pub valid_days: (i64, i64),
     /// Extended key usage: clientAuth when true, serverAuth otherwise.
     pub client_auth: bool,
+    /// Leave the extended key usage extension out altogether.
+    pub no_eku: bool,
+    /// DNS SAN.
+    pub dns: Option<&'a str>,
 }
 
 impl<'a> ClientSpec<'a> {
     /// A valid client certificate for `common_name` with an optional URI SAN.
     pub fn new(common_name: &'a str, uri: Option<&'a str>) -> Self {
-        Self { common_name, uri, valid_days: (-1, 3650), client_auth: true }
+        Self { common_name, uri, valid_days: (-1, 3650), client_auth: true, no_eku: false, dns: None }
     }
 }
 
@@ -106,16 +110,53 @@ impl Ca {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, spec.common_name);
         if let Some(uri) = spec.uri {
-            params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+            params.subject_alt_names.push(SanType::URI(uri.try_into()?));
         }
-        params.extended_key_usages = vec![if spec.client_auth {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
+        if let Some(dns) = spec.dns {
+            params.subject_alt_names.push(SanType::DnsName(dns.try_into()?));
+        }
+        if !spec.no_eku {
+            params.extended_key_usages = vec![if spec.client_auth {
+                ExtendedKeyUsagePurpose::ClientAuth
+            } else {
+                ExtendedKeyUsagePurpose::ServerAuth
+            }];
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         validity(&mut params, spec.valid_days);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert { cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
+    }
+}
+
+impl Ca {
+    /// A CRL of this CA revoking the certificates `revoked` (PEM), valid a
+    /// day.
+    pub fn crl(&self, revoked: &[&str]) -> Result<String, rcgen::Error> {
+        use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let mut revoked_certs = Vec::new();
+        for pem in revoked {
+            let der = rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+                .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+                .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+            let (_, cert) = X509Certificate::from_der(&der).map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+            revoked_certs.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(cert.raw_serial()),
+                revocation_time: OffsetDateTime::now_utc() - Duration::minutes(1),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::minutes(1),
+            next_update: now + Duration::days(1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer)?.pem()
     }
 }

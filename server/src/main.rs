@@ -52,6 +52,11 @@ enum Command {
     },
     /// Print the configuration reference (Markdown, docs/CONFIGURATION.md).
     ConfigReference,
+    /// Work with the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Create a new random root key, seal it with the remote backend named
     /// by root_key.sealed_by under root_key.sealed_by_key, and write
     /// root_key.sealed_file (mode 0600; never overwritten).
@@ -169,6 +174,18 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain and report the first removed, reordered or
+    /// edited line. One file: its rotated predecessors (FILE.<UTC time>)
+    /// are checked first. Several files: checked in the order given.
+    Verify {
+        /// Audit log file(s).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
 fn conflict(force: bool, merge: bool) -> ConflictMode {
     match (force, merge) {
         (true, _) => ConflictMode::Force,
@@ -209,6 +226,11 @@ async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
             let options =
                 server::RunOptions { ensure_keys: vec![dev::DEV_KEY.to_owned()], config_path: Some(path.clone()) };
             (config, options, Some(data_dir))
+        }
+        Command::Audit { command: AuditCommand::Verify { files } } => {
+            let report = keybroker_server::tools::audit::verify(&files).map_err(anyhow::Error::msg)?;
+            println!("{report}");
+            return Ok(());
         }
         Command::ConfigReference => {
             print!("{}", keybroker_server::tools::config_reference::markdown());

@@ -53,6 +53,12 @@ impl Broker {
         Self::start(&args, &[], data_dir)
     }
 
+    /// `keybroker dev` with extra environment `env` (settings to try).
+    pub fn start_dev_with(data_dir: &Path, env: &[(&str, &str)]) -> Broker {
+        let args = ["dev", "--data-dir", data_dir.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+        Self::start(&args, env, data_dir)
+    }
+
     /// Starts the binary with `args` and extra environment `env`, and waits
     /// for its "keybroker listening on ADDR" line.
     pub fn start(args: &[&str], env: &[(&str, &str)], data_dir: &Path) -> Broker {
@@ -342,7 +348,7 @@ impl Drop for Moto {
 /// The SoftHSM2 PKCS#11 module from Debian `softhsm2`.
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// The user PIN of every test token.
-pub const SOFTHSM_PIN: &str = "1234";
+pub const SOFTHSM_PIN: &str = "pin-canary-4c1e9a";
 
 /// A SoftHSM2 token store in a folder of its own: a `softhsm2.conf` whose
 /// tokens live under `dir/tokens`.

@@ -2,6 +2,7 @@
 //! one test binary, so the suite links once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod audit_log;
 mod automatic_rotation;
 mod backend_conformance;
 mod backend_material_identity;

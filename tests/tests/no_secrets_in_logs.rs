@@ -1,8 +1,9 @@
 //! A whole scenario with logging at TRACE (every crate: tonic, h2, rustls,
-//! sqlx, the AWS SDK's neighbours, keybroker): create, wrap, unwrap,
-//! generate, rewrap, rotate, migrate to an HSM, a denied call, a backup
-//! with a passphrase. No DEK, plaintext, root key or passphrase appears in
-//! any log line, in any encoding a logger would use.
+//! sqlx, the AWS SDK's neighbours, keybroker) and the audit log on: create,
+//! wrap, unwrap, generate, rewrap, rotate, migrate to an HSM, a denied call,
+//! a backup with a passphrase. No DEK, plaintext, root key, passphrase or
+//! HSM PIN appears in any log line or audit event, in any encoding a logger
+//! would use.
 
 use std::process::Command;
 
@@ -39,6 +40,10 @@ async fn no_key_material_reaches_a_log_at_trace() {
     let dev = dev_pki(dir.path());
     let hsm = SoftHsm::new(&dir.path().join("hsm"), "kb");
     let config = config_with_backends(dir.path(), &dev, "local", &hsm_backend_toml("hsm", "kb"));
+    let audit_file = dir.path().join("audit.log");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("\n[audit]\nfile = \"{}\"\n", audit_file.display()));
+    std::fs::write(&config, text).unwrap();
     let conf = hsm.env().1;
     let env = [
         ("KB_TEST_HSM_PIN", SOFTHSM_PIN),
@@ -97,8 +102,14 @@ async fn no_key_material_reaches_a_log_at_trace() {
         .unwrap();
     assert!(backup.status.success(), "{}", String::from_utf8_lossy(&backup.stderr));
 
-    let log = format!("{}{}", broker.stderr(), String::from_utf8_lossy(&backup.stderr));
+    let audit = std::fs::read_to_string(&audit_file).unwrap();
+    for rpc in ["CreateKey", "Wrap", "Unwrap", "GenerateDataKey", "Rotate", "Rewrap", "Migrate", "MigrateStep"] {
+        assert!(audit.contains(&format!(r#""rpc":"{rpc}""#)), "no {rpc} event in the audit log:\n{audit}");
+    }
+    assert!(audit.contains(r#""code":"PERMISSION_DENIED""#), "the denied call is audited");
+    let log = format!("{}{}{audit}", broker.stderr(), String::from_utf8_lossy(&backup.stderr));
     assert!(log.lines().count() > 100, "TRACE logging is not on: the test would prove nothing");
+    assert_absent(&log, "the HSM PIN", SOFTHSM_PIN.as_bytes());
     assert_absent(&log, "the wrapped DEK's plaintext", &dek);
     assert_absent(&log, "a generated DEK", &generated.plaintext);
     let root = std::fs::read_to_string(dev.join("root.key")).unwrap();

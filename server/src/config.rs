@@ -675,7 +675,10 @@ impl Config {
                 }
             }
         }
-        if self.auth.admin_identities.is_empty() && self.auth.app_identities.is_empty() {
+        if self.auth.admin_identities.is_empty()
+            && self.auth.app_identities.is_empty()
+            && self.policy.identities.is_empty()
+        {
             return Err(ConfigError::Invalid {
                 setting: "auth",
                 message: "auth.admin_identities and auth.app_identities are both empty: no caller could \

@@ -2,6 +2,7 @@
 //! one test binary, so the suite links once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod access_policy;
 mod audit_log;
 mod automatic_rotation;
 mod backend_conformance;

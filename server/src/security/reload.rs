@@ -35,7 +35,7 @@ struct Seen {
 }
 
 fn access_of(config: &Config) -> String {
-    toml::to_string(&(&config.auth, &config.policy)).unwrap_or_default()
+    serde_json::to_string(&(&config.auth, &config.policy)).unwrap_or_default()
 }
 
 impl Reloader {

@@ -10,9 +10,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::RootCertStore;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::config::TlsConfig;
 
@@ -71,10 +75,10 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, Tl
         }
         verifier = verifier.with_crls(crls);
     }
-    // webpki requires the clientAuth extended key usage of client
-    // certificates (a certificate without it, or with serverAuth only, is
-    // refused at the handshake).
-    let verifier = verifier.build().map_err(|e| TlsError::Rustls(e.to_string()))?;
+    // webpki refuses a client certificate whose extended key usage lacks
+    // clientAuth, but accepts one without the extension: require it.
+    let verifier: Arc<dyn ClientCertVerifier> =
+        Arc::new(RequireClientAuth(verifier.build().map_err(|e| TlsError::Rustls(e.to_string()))?));
     let chain = read_certs("tls.cert", &config.cert)?;
     let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| TlsError::Pem {
         setting: "tls.key",
@@ -104,4 +108,70 @@ pub fn fingerprint(config: &TlsConfig) -> Vec<u8> {
         all.extend_from_slice(&sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &bytes)));
     }
     all
+}
+
+/// Client certificates must name the clientAuth extended key usage; then
+/// webpki verifies them as usual.
+#[derive(Debug)]
+struct RequireClientAuth(Arc<dyn ClientCertVerifier>);
+
+/// Whether a certificate (DER) has an extended key usage extension that
+/// lists clientAuth.
+pub fn has_client_auth_usage(der: &[u8]) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(der)
+        .ok()
+        .and_then(|(_, cert)| cert.extended_key_usage().ok().flatten().map(|eku| eku.value.client_auth))
+        .unwrap_or(false)
+}
+
+impl ClientCertVerifier for RequireClientAuth {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if !has_client_auth_usage(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::InvalidPurposeContext {
+                required: rustls::ExtendedKeyPurpose::ClientAuth,
+                presented: Vec::new(),
+            }));
+        }
+        self.0.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }

@@ -19,6 +19,7 @@ mod fleet_propagation;
 mod generated_code_is_fresh;
 mod grpcurl_reflection;
 mod live_migration;
+mod load_limits;
 mod mtls_identity;
 mod no_secrets_in_logs;
 mod offline_tools;

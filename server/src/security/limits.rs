@@ -215,3 +215,26 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callers_grpc_timeout_is_read_in_every_unit() {
+        let header = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&h)
+        };
+        assert_eq!(header("200m"), Some(Duration::from_millis(200)));
+        assert_eq!(header("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(header("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(header("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(header("500u"), Some(Duration::from_micros(500)));
+        assert_eq!(header("90n"), Some(Duration::from_nanos(90)));
+        assert_eq!(header("5x"), None);
+        assert_eq!(header("m"), None);
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+}

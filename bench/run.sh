@@ -89,8 +89,8 @@ taskset -c 1 python3 bench/pykmip/peer.py 127.0.0.1 "$PYKMIP_PORT" "$work/kb" "$
 taskset -c 1 cargo bench --locked -p keybroker-bench --bench micro -- --warm-up-time 1 --measurement-time 3 2>/dev/null \
   | tee "$work/criterion.txt" | grep -E "^[a-z_]+/|time:" || true
 
-# The fleet section (bench/fleet.sh) is kept as it is.
-fleet=$(python3 -c 'import re; m = re.search(r"<!-- fleet:start -->.*?<!-- fleet:end -->", open("BENCHMARKS.md").read(), re.S); print(m.group(0) if m else "")')
+# The fleet and throttling sections (bench/fleet.sh, bench/throttle.sh) are kept as they are.
+fleet=$(python3 -c 'import re; t = open("BENCHMARKS.md").read(); print("\n\n".join(m.group(0) for m in re.finditer(r"<!-- (fleet|throttle):start -->.*?<!-- (fleet|throttle):end -->", t, re.S)))')
 python3 bench/report.py "$results" "$work/criterion.txt" "$KB_BASE_RSS" \
   "DURATION=$DURATION ROUNDS=$ROUNDS CONC=$CONC bench/run.sh" > "$work/report.md"
 { cat "$work/report.md"; if [ -n "$fleet" ]; then printf '\n%s\n' "$fleet"; fi; } > BENCHMARKS.md

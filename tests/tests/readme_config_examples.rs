@@ -28,6 +28,15 @@ fn readme_toml_examples_use_real_settings() {
         if let Some(root) = table.get("root_key") {
             root.clone().try_into::<RootKeyConfig>().unwrap_or_else(|e| panic!("README [root_key]: {e}"));
         }
+        if table.contains_key("policy") || table.contains_key("auth") {
+            // The policy examples compile: roles, RPC names, typed identities.
+            let auth: keybroker_server::config::AuthConfig =
+                table.get("auth").cloned().map(|a| a.try_into().unwrap()).unwrap_or_default();
+            let policy: keybroker_server::config::PolicyConfig =
+                table.get("policy").cloned().map(|p| p.try_into().unwrap()).unwrap_or_default();
+            keybroker_server::security::policy::Policy::compile(&auth, &policy)
+                .unwrap_or_else(|e| panic!("README policy example: {e}\n{block}"));
+        }
         if table.contains_key("tls") && table.contains_key("store") {
             // A whole configuration: every section must deserialize.
             toml::Value::Table(table.clone())

@@ -67,6 +67,14 @@ struct Args {
     /// Also write the result as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Pace the load to this many requests per second in all (0: as fast
+    /// as the server answers).
+    #[arg(long, default_value_t = 0.0)]
+    target_rate: f64,
+    /// Connect over this Unix socket (the broker's sidecar listener, as the
+    /// socket's uid) instead of mTLS.
+    #[arg(long)]
+    unix: Option<std::path::PathBuf>,
     /// Instead of a load: open this many connections, make one call on
     /// each, hold them idle, and report the server's RSS per connection.
     #[arg(long)]
@@ -183,13 +191,16 @@ async fn main() -> anyhow::Result<()> {
     if let Some(n) = args.hold_connections {
         return hold(&args, &identity, n).await;
     }
-    let mut channels = Vec::new();
+    let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
-        channels.push(connect(&args.url, &identity).await?);
+        match &args.unix {
+            Some(path) => clients.push(keybroker_client::Client::unix(path).connect().await?.data_plane()),
+            None => clients.push(KeyBrokerClient::new(connect(&args.url, &identity).await?)),
+        }
     }
     // A ciphertext to unwrap / rewrap.
     let ciphertext = if matches!(args.rpc, Rpc::Unwrap | Rpc::BatchUnwrap | Rpc::Rewrap | Rpc::BatchRewrap) {
-        let mut c = KeyBrokerClient::new(channels[0].clone());
+        let mut c = clients[0].clone();
         c.wrap(pb::WrapRequest { key: args.key.clone(), plaintext: vec![7; args.payload], ..Default::default() })
             .await?
             .into_inner()
@@ -202,16 +213,25 @@ async fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for i in 0..args.concurrency.max(1) {
-        let mut client = KeyBrokerClient::new(channels[i % channels.len()].clone())
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+        let mut client =
+            clients[i % clients.len()].clone().max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         let (args, ciphertext, measuring, stop) = (args.clone(), ciphertext.clone(), measuring.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let Ok(mut histogram) = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3) else {
                 return (Histogram::<u64>::new(1).unwrap_or_else(|_| unreachable!("1 significant digit is valid")), 0);
             };
             let mut errors = 0u64;
+            // Each task's share of the target rate, as a fixed schedule.
+            let mut pace = (args.target_rate > 0.0).then(|| {
+                let period = Duration::from_secs_f64(args.concurrency.max(1) as f64 / args.target_rate);
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick
+            });
             while !stop.load(Ordering::Relaxed) {
+                if let Some(tick) = &mut pace {
+                    tick.tick().await;
+                }
                 let started = Instant::now();
                 let result = one_request(&mut client, args.rpc, &args, &ciphertext).await;
                 if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {

@@ -45,9 +45,18 @@ pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// Log filter (`tracing` env-filter syntax), e.g. `info` or
-    /// `keybroker=debug`.
+    /// `keybroker=debug`; `RUST_LOG`, when set, takes precedence.
     #[serde(default = "default_log")]
     pub log: String,
+    /// `text` (human-readable lines) or `json` (one object per line).
+    #[serde(default)]
+    pub log_format: crate::telemetry::LogFormat,
+    /// Trace export over OTLP.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
+    /// The Prometheus endpoint, `/healthz` and `/readyz`.
+    #[serde(default)]
+    pub metrics: crate::telemetry::metrics::MetricsConfig,
     /// On SIGTERM, in-flight calls get this many seconds to finish before
     /// the remaining connections are closed.
     #[serde(default = "default_shutdown_grace")]

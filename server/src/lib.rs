@@ -5,7 +5,8 @@
 //! data plane, cached version table and key lifecycle, migration),
 //! [`backend`] (where KEKs live, one file per backend), [`store`] (the
 //! version table, one file per database), [`security`] (mTLS, identities
-//! and roles), [`tools`] (commands that do not serve); then [`config`],
+//! and roles, policy, audit, limits), [`telemetry`] (logs, traces,
+//! metrics), [`tools`] (commands that do not serve); then [`config`],
 //! [`error`] (the one mapping to gRPC codes), [`material`] and [`breaker`]
 //! (what backends and stores share) and [`server`] (assembly).
 
@@ -19,4 +20,5 @@ pub mod material;
 pub mod security;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tools;

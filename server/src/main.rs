@@ -208,9 +208,12 @@ fn init_logging(filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn announce(addr: SocketAddr, banner: Option<String>) {
+fn announce(addr: SocketAddr, metrics: Option<SocketAddr>, banner: Option<String>) {
     let mut out = std::io::stdout().lock();
-    // Harnesses and scripts wait for this exact line.
+    // Harnesses and scripts wait for these exact lines.
+    if let Some(metrics) = metrics {
+        let _ = writeln!(out, "keybroker metrics on http://{metrics}/metrics");
+    }
     let _ = writeln!(out, "keybroker listening on {addr}");
     if let Some(banner) = banner {
         let _ = writeln!(out, "{banner}");
@@ -330,8 +333,12 @@ async fn start(cli: Cli, env: Environment) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    init_logging(&config.log)?;
-    server::run(config, &env, options, |addr| announce(addr, data_dir.map(|d| dev::banner(&d, addr)))).await?;
+    let _telemetry = keybroker_server::telemetry::init(&config.log, config.log_format, &config.telemetry)
+        .map_err(anyhow::Error::msg)?;
+    server::run(config, &env, options, |addr, metrics| {
+        announce(addr, metrics, data_dir.map(|d| dev::banner(&d, addr)))
+    })
+    .await?;
     Ok(())
 }
 

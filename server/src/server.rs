@@ -37,6 +37,9 @@ use crate::store::guarded::GuardedStore;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{KeyStore, StoreError, VersionState};
+use crate::telemetry::http::Readiness;
+use crate::telemetry::metrics;
+use crate::telemetry::state::BrokerSources;
 
 /// Why a broker could not start. Each message names the setting or file.
 #[derive(Debug, thiserror::Error)]
@@ -283,13 +286,25 @@ async fn verify_root_key(keyring: &Keyring) -> Result<(), StartError> {
 }
 
 /// Serves `config` until SIGINT or SIGTERM. `on_listening` is called with
-/// the bound address once the port accepts connections.
+/// the bound gRPC address (and the metrics listener's, when on) once the
+/// port accepts connections.
 pub async fn run(
     config: Config,
     env: &Environment,
     options: RunOptions,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<(), StartError> {
+    // The metrics listener comes first: /readyz says "not ready" while the
+    // rest starts.
+    let readiness = Arc::new(Readiness::default());
+    let metrics_server = match config.metrics.listen {
+        Some(addr) => {
+            Some(crate::telemetry::http::serve(addr, metrics::enable(), readiness.clone()).await.map_err(|e| {
+                StartError::Other(format!("invalid setting `metrics.listen`: cannot listen on {addr}: {e}"))
+            })?)
+        }
+        None => None,
+    };
     let backends = build_backends(&config, env).await?;
     let store = open_store(&config).await?;
     let keyring = Arc::new(Keyring::new(store, backends.clone(), config.default_backend.clone()));
@@ -316,7 +331,13 @@ pub async fn run(
     keyring.set_retirement_window(i64::try_from(config.retirement_window_seconds).unwrap_or(i64::MAX));
     spawn_usage_flusher(keyring.clone(), Duration::from_millis(config.usage_flush_interval_ms.max(10)));
     let (health, health_service) = tonic_health::server::health_reporter();
-    spawn_change_follower(keyring.clone(), Duration::from_millis(config.propagation_interval_ms), health.clone());
+    readiness.set_loaded();
+    spawn_change_follower(
+        keyring.clone(),
+        Duration::from_millis(config.propagation_interval_ms),
+        health.clone(),
+        readiness.clone(),
+    );
     spawn_rotation_scheduler(
         keyring.clone(),
         Duration::from_millis(config.rotation_check_interval_ms),
@@ -331,6 +352,17 @@ pub async fn run(
     }
     spawn_job_follower(migrator.clone(), lease / 2);
     let board = Arc::new(HealthBoard::default());
+    if let Some(server) = &metrics_server {
+        server.set_sources(Arc::new(BrokerSources::new(
+            keyring.clone(),
+            board.clone(),
+            migrator.clone(),
+            audit.clone(),
+            readiness.clone(),
+            config.metrics.max_key_series,
+            config.limits.max_wraps_per_version,
+        )));
+    }
     let broker = Arc::new(Broker::new(keyring.clone(), config.limits.clone()));
     let max_message = config.limits.max_message_bytes;
     let gate = Arc::new(Gate::new(
@@ -394,7 +426,7 @@ pub async fn run(
     }
     let incoming = incoming.into_stream();
     tracing::info!(%addr, "keybroker serving (mTLS, TLS 1.3)");
-    on_listening(addr);
+    on_listening(addr, metrics_server.as_ref().map(|m| m.addr));
 
     let stop = Arc::new(tokio::sync::Notify::new());
     let serve = tonic::transport::Server::builder()
@@ -432,7 +464,12 @@ pub const STORE_HEALTH_SERVICE: &str = "keybroker.store";
 
 /// Follows the changes other brokers make to the table: every `interval`,
 /// and at once when the store signals one (PostgreSQL NOTIFY).
-fn spawn_change_follower(keyring: Arc<Keyring>, interval: Duration, health: tonic_health::server::HealthReporter) {
+fn spawn_change_follower(
+    keyring: Arc<Keyring>,
+    interval: Duration,
+    health: tonic_health::server::HealthReporter,
+    readiness: Arc<Readiness>,
+) {
     tokio::spawn(async move {
         let signal = keyring.store().change_signal();
         let mut tick = tokio::time::interval(interval);
@@ -452,7 +489,7 @@ fn spawn_change_follower(keyring: Arc<Keyring>, interval: Duration, health: toni
                 Ok(n) => {
                     if failing {
                         tracing::info!("following the version table's changes again");
-                        health.set_service_status(STORE_HEALTH_SERVICE, tonic_health::ServingStatus::Serving).await;
+                        set_store_health(&health, &readiness, true).await;
                     }
                     failing = false;
                     if n > 0 {
@@ -461,13 +498,24 @@ fn spawn_change_follower(keyring: Arc<Keyring>, interval: Duration, health: toni
                 }
                 Err(err) if !failing => {
                     failing = true;
-                    health.set_service_status(STORE_HEALTH_SERVICE, tonic_health::ServingStatus::NotServing).await;
+                    set_store_health(&health, &readiness, false).await;
                     tracing::warn!(%err, "cannot follow the version table's changes; serving from the cache");
                 }
                 Err(_) => {}
             }
         }
     });
+}
+
+/// Publishes whether the version table answers: its own health service,
+/// the whole server's (`""`: NOT_SERVING while the store is unreachable;
+/// keys are still served from the cache, but a new or changed key would not
+/// be seen), and `/readyz`.
+async fn set_store_health(health: &tonic_health::server::HealthReporter, readiness: &Readiness, reachable: bool) {
+    let status = if reachable { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+    health.set_service_status(STORE_HEALTH_SERVICE, status).await;
+    health.set_service_status("", status).await;
+    readiness.set_store_reachable(reachable);
 }
 
 /// Follows the unfinished migration jobs of the table (started on any

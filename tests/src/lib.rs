@@ -44,6 +44,8 @@ pub struct Broker {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     pub stderr_path: PathBuf,
+    /// The metrics listener, when on (`keybroker dev` turns it on).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Broker {
@@ -93,10 +95,14 @@ impl Broker {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
+            let mut metrics = None;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("keybroker metrics on http://") {
+                    metrics = url.trim().trim_end_matches("/metrics").parse::<SocketAddr>().ok();
+                }
                 if !sent && let Some(addr) = line.strip_prefix("keybroker listening on ") {
-                    let _ = tx.send(addr.trim().parse::<SocketAddr>().ok());
+                    let _ = tx.send(addr.trim().parse::<SocketAddr>().ok().map(|a| (a, metrics)));
                     sent = true;
                 }
             }
@@ -104,8 +110,14 @@ impl Broker {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(Some(addr)) => {
-                    return Ok(Broker { child: Some(child), addr, data_dir: data_dir.to_owned(), stderr_path });
+                Ok(Some((addr, metrics))) => {
+                    return Ok(Broker {
+                        child: Some(child),
+                        addr,
+                        data_dir: data_dir.to_owned(),
+                        stderr_path,
+                        metrics,
+                    });
                 }
                 Ok(None) => panic!("unparsable listening line"),
                 Err(_) => {
@@ -156,6 +168,27 @@ impl Broker {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// GETs `path` on the metrics listener: (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self.metrics.expect("this broker has no metrics listener");
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+
+    /// The value of the series `name{labels}` (labels exactly as written,
+    /// e.g. `rpc="Wrap",code="OK"`) in a scrape, if present.
+    pub fn metric(scrape: &str, series: &str) -> Option<f64> {
+        scrape.lines().find_map(|l| {
+            l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
+        })
     }
 
     /// Everything the broker wrote to stderr so far.

@@ -22,6 +22,7 @@ mod live_migration;
 mod load_limits;
 mod mtls_identity;
 mod no_secrets_in_logs;
+mod observability;
 mod offline_tools;
 mod polyglot_clients;
 mod readme_config_examples;

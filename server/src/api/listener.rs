@@ -111,6 +111,9 @@ struct Refusals {
 
 impl Refusals {
     fn report(&self, remote: std::net::SocketAddr, reason: &str) {
+        if let Some(m) = crate::telemetry::metrics::get() {
+            m.handshake_refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let total = self.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((at, suppressed)) = last.get_mut(reason)

@@ -11,17 +11,68 @@ use zeroize::Zeroizing;
 use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef};
 use crate::breaker::Breaker;
 use crate::core::envelope::Algorithm;
+use crate::telemetry::metrics::{BACKEND_OPS, BackendInstruments};
 
-/// A backend behind a circuit breaker.
+/// A backend behind a circuit breaker, with a span and metrics per call.
 pub struct GuardedBackend {
     inner: std::sync::Arc<dyn KeyBackend>,
     breaker: Breaker,
+    instruments: Option<std::sync::Arc<BackendInstruments>>,
 }
+
+/// Indexes in [`crate::telemetry::metrics::BACKEND_OPS`].
+const WRAP: usize = 0;
+const UNWRAP: usize = 1;
+const CREATE: usize = 2;
+const ATTACH: usize = 3;
+const EXPORT: usize = 4;
+const IMPORT: usize = 5;
+const DESTROY: usize = 6;
+const HEALTH: usize = 7;
 
 impl GuardedBackend {
     /// Guards `inner`.
     pub fn new(inner: std::sync::Arc<dyn KeyBackend>) -> Self {
-        Self { inner, breaker: Breaker::default() }
+        let instruments = crate::telemetry::metrics::get().map(|m| m.backend(inner.name()));
+        Self { inner, breaker: Breaker::default(), instruments }
+    }
+
+    /// Runs one call of operation `op`: through the breaker (unless
+    /// `always`), in a span, timed and counted.
+    async fn call<T>(
+        &self,
+        op: usize,
+        key: &str,
+        version: u32,
+        always: bool,
+        call: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        use tracing::Instrument;
+        if !always {
+            self.admit()?;
+        }
+        let span = crate::traced_span!(
+            "backend",
+            otel.name = format!("backend.{}", BACKEND_OPS[op]),
+            otel.kind = "client",
+            keybroker.backend = self.inner.name(),
+            keybroker.backend_type = self.inner.kind(),
+            keybroker.key = key,
+            keybroker.version = version,
+            otel.status_code = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let result = call.instrument(span.clone()).await;
+        // A refused ciphertext or request is the caller's error, not the
+        // backend's.
+        let failed = matches!(result, Err(BackendError::Unavailable { .. } | BackendError::Material { .. }));
+        if failed {
+            span.record("otel.status_code", "ERROR");
+        }
+        if let Some(instruments) = &self.instruments {
+            instruments.call(op, !failed, started.elapsed());
+        }
+        self.observe(result)
     }
 
     fn admit(&self) -> Result<(), BackendError> {
@@ -75,18 +126,15 @@ impl KeyBackend for GuardedBackend {
     }
 
     async fn create_version(&self, key: &str, version: u32) -> Result<BackendRef, BackendError> {
-        self.admit()?;
-        self.observe(self.inner.create_version(key, version).await)
+        self.call(CREATE, key, version, false, self.inner.create_version(key, version)).await
     }
 
     async fn create_root_key(&self, label: &str) -> Result<BackendRef, BackendError> {
-        self.admit()?;
-        self.observe(self.inner.create_root_key(label).await)
+        self.call(CREATE, label, 0, false, self.inner.create_root_key(label)).await
     }
 
     async fn attach(&self, key: &str, version: u32, backend_key_id: &str) -> Result<BackendRef, BackendError> {
-        self.admit()?;
-        self.observe(self.inner.attach(key, version, backend_key_id).await)
+        self.call(ATTACH, key, version, false, self.inner.attach(key, version, backend_key_id)).await
     }
 
     fn backend_key_id(&self, reference: &BackendRef) -> String {
@@ -100,8 +148,7 @@ impl KeyBackend for GuardedBackend {
         aad: Aad<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
-        self.admit()?;
-        self.observe(self.inner.wrap(version, plaintext, aad, out).await)
+        self.call(WRAP, version.key, version.version, false, self.inner.wrap(version, plaintext, aad, out)).await
     }
 
     async fn unwrap(
@@ -110,28 +157,25 @@ impl KeyBackend for GuardedBackend {
         payload: &[u8],
         aad: Aad<'_>,
     ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
-        self.admit()?;
-        self.observe(self.inner.unwrap(version, payload, aad).await)
+        self.call(UNWRAP, version.key, version.version, false, self.inner.unwrap(version, payload, aad)).await
     }
 
     async fn export(&self, version: VersionRef<'_>) -> Result<Zeroizing<Vec<u8>>, BackendError> {
-        self.admit()?;
-        self.observe(self.inner.export(version).await)
+        self.call(EXPORT, version.key, version.version, false, self.inner.export(version)).await
     }
 
     async fn import(&self, key: &str, version: u32, material: &[u8]) -> Result<BackendRef, BackendError> {
-        self.admit()?;
-        self.observe(self.inner.import(key, version, material).await)
+        self.call(IMPORT, key, version, false, self.inner.import(key, version, material)).await
     }
 
     async fn destroy_version(&self, version: VersionRef<'_>) -> Result<(), BackendError> {
         // Erasing material (a destroyed version, a lost race's leftover) is
         // always tried: an unrelated failure must not leave it behind.
-        self.observe(self.inner.destroy_version(version).await)
+        self.call(DESTROY, version.key, version.version, true, self.inner.destroy_version(version)).await
     }
 
     async fn health(&self) -> Result<(), BackendError> {
         // The health monitor always probes: it is how recovery is found.
-        self.observe(self.inner.health().await)
+        self.call(HEALTH, "", 0, true, self.inner.health()).await
     }
 }

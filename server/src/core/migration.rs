@@ -313,6 +313,12 @@ impl Migrator {
     }
 
     /// The latest progress of a job.
+    /// The progress of every job this broker is running now.
+    pub fn running(&self) -> Vec<pb::MigrateProgress> {
+        lock(&self.running).values().map(|rx| rx.borrow().clone()).collect()
+    }
+
+    /// The stored progress of a job.
     pub async fn status(&self, id: &str) -> ServiceResult<pb::MigrateProgress> {
         if let Some(rx) = lock(&self.running).get(id) {
             return Ok(rx.borrow().clone());

@@ -86,6 +86,9 @@ impl Limits {
     }
 
     fn rate_exceeded(&self, identity: &str) -> ServiceError {
+        if let Some(m) = crate::telemetry::metrics::get() {
+            m.refused_rate.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         self.reject(format!(
             "identity {identity:?} is over its rate limit (limits.per_identity_rate = {} calls per second)",
             self.rate_setting
@@ -113,6 +116,9 @@ impl Limits {
         match &self.in_flight {
             None => Ok(None),
             Some(semaphore) => semaphore.clone().try_acquire_owned().map(Some).map_err(|_| {
+                if let Some(m) = crate::telemetry::metrics::get() {
+                    m.refused_in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 self.reject(format!(
                     "too many calls in flight (limits.max_in_flight = {}); retry with backoff",
                     self.max_in_flight
@@ -186,10 +192,34 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use tracing::Instrument;
+        let started = std::time::Instant::now();
+        let path = request.uri().path();
+        let method = path.rsplit('/').next().unwrap_or_default();
+        let rpc = crate::telemetry::metrics::rpc_index(method);
         let identity = request.extensions().get::<PeerInfo>().map(|p| p.0.name()).unwrap_or_default();
+        // The call's span, a child of the caller's trace when it sent one.
+        let span = crate::traced_span!(
+            "rpc",
+            otel.name = path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = path.trim_start_matches('/').split('/').next().unwrap_or_default(),
+            rpc.method = method,
+            keybroker.identity = identity.as_str(),
+            keybroker.key = tracing::field::Empty,
+            keybroker.version = tracing::field::Empty,
+            keybroker.backend = tracing::field::Empty,
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        crate::telemetry::continue_trace(&span, request.headers());
         let permit = match self.limits.admit(&identity) {
             Ok(permit) => permit,
             Err(err) => {
+                if let Some(m) = crate::telemetry::metrics::get() {
+                    m.request(rpc, tonic::Code::ResourceExhausted as usize, started.elapsed());
+                }
                 let response = Status::from(err).into_http();
                 return Box::pin(async move { Ok(response) });
             }
@@ -201,9 +231,13 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let _permit = permit;
-            match tokio::time::timeout(deadline, inner.call(request)).await {
+            match tokio::time::timeout(deadline, inner.call(request).instrument(span)).await {
                 Ok(response) => response,
                 Err(_) => {
+                    if let Some(m) = crate::telemetry::metrics::get() {
+                        m.deadline_exceeded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        m.request(rpc, tonic::Code::DeadlineExceeded as usize, started.elapsed());
+                    }
                     let message = if deadline < configured {
                         format!("the call's deadline of {} ms passed", deadline.as_millis())
                     } else {

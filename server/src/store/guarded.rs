@@ -34,6 +34,19 @@ impl GuardedStore {
         self.breaker.admit().map_err(|why| StoreError::Unavailable(format!("{} is {why}", self.name)))
     }
 
+    /// One call through the breaker, in a span.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        use tracing::Instrument;
+        self.admit()?;
+        let span =
+            crate::traced_span!("store", otel.name = format!("store.{op}"), otel.kind = "client", db.operation = op);
+        self.observe(call.instrument(span).await)
+    }
+
     fn observe<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         match &result {
             Err(StoreError::Unavailable(reason)) => {
@@ -58,77 +71,62 @@ impl KeyStore for GuardedStore {
     }
 
     async fn load_all(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.admit()?;
-        self.observe(self.inner.load_all().await)
+        self.call("load_all", self.inner.load_all()).await
     }
 
     async fn get(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
-        self.admit()?;
-        self.observe(self.inner.get(name).await)
+        self.call("get", self.inner.get(name)).await
     }
 
     async fn create(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        self.admit()?;
-        self.observe(self.inner.create(key).await)
+        self.call("create", self.inner.create(key)).await
     }
 
     async fn update(&self, key: &KeyRecord) -> Result<KeyRecord, StoreError> {
-        self.admit()?;
-        self.observe(self.inner.update(key).await)
+        self.call("update", self.inner.update(key)).await
     }
 
     async fn change_seq(&self) -> Result<u64, StoreError> {
-        self.admit()?;
-        self.observe(self.inner.change_seq().await)
+        self.call("change_seq", self.inner.change_seq()).await
     }
 
     async fn changed_since(&self, since: u64) -> Result<(u64, Vec<String>), StoreError> {
-        self.admit()?;
-        self.observe(self.inner.changed_since(since).await)
+        self.call("changed_since", self.inner.changed_since(since)).await
     }
 
     async fn due_for_rotation(&self, now: i64, default_max_wraps: u64) -> Result<Vec<(String, u32)>, StoreError> {
-        self.admit()?;
-        self.observe(self.inner.due_for_rotation(now, default_max_wraps).await)
+        self.call("due_for_rotation", self.inner.due_for_rotation(now, default_max_wraps)).await
     }
 
     async fn replace_keys(&self, writes: &[KeyReplacement]) -> Result<(), StoreError> {
-        self.admit()?;
-        self.observe(self.inner.replace_keys(writes).await)
+        self.call("replace_keys", self.inner.replace_keys(writes)).await
     }
 
     async fn record_usage(&self, batch: &str, usage: &[UsageRecord]) -> Result<(), StoreError> {
-        self.admit()?;
-        self.observe(self.inner.record_usage(batch, usage).await)
+        self.call("record_usage", self.inner.record_usage(batch, usage)).await
     }
 
     async fn create_job(&self, job: &JobRecord, keys: &[String]) -> Result<(), StoreError> {
-        self.admit()?;
-        self.observe(self.inner.create_job(job, keys).await)
+        self.call("create_job", self.inner.create_job(job, keys)).await
     }
 
     async fn get_job(&self, id: &str) -> Result<Option<(JobRecord, Vec<JobItem>)>, StoreError> {
-        self.admit()?;
-        self.observe(self.inner.get_job(id).await)
+        self.call("get_job", self.inner.get_job(id)).await
     }
 
     async fn set_job_phase(&self, id: &str, phase: JobPhase, error: &str) -> Result<(), StoreError> {
-        self.admit()?;
-        self.observe(self.inner.set_job_phase(id, phase, error).await)
+        self.call("set_job_phase", self.inner.set_job_phase(id, phase, error)).await
     }
 
     async fn set_job_item(&self, id: &str, item: &JobItem) -> Result<(), StoreError> {
-        self.admit()?;
-        self.observe(self.inner.set_job_item(id, item).await)
+        self.call("set_job_item", self.inner.set_job_item(id, item)).await
     }
 
     async fn lease_job(&self, id: &str, owner: &str, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError> {
-        self.admit()?;
-        self.observe(self.inner.lease_job(id, owner, now_ms, ttl_ms).await)
+        self.call("lease_job", self.inner.lease_job(id, owner, now_ms, ttl_ms)).await
     }
 
     async fn unfinished_jobs(&self) -> Result<Vec<String>, StoreError> {
-        self.admit()?;
-        self.observe(self.inner.unfinished_jobs().await)
+        self.call("unfinished_jobs", self.inner.unfinished_jobs()).await
     }
 }

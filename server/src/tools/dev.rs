@@ -131,6 +131,9 @@ app_identities = ["{DEV_APP_IDENTITY}", "uid:{uid}"]
 
 [audit]
 file = "audit.log"
+
+[metrics]
+listen = "127.0.0.1:0"  # /metrics, /healthz, /readyz; the address is printed at start
 "#
     );
     write_file(&config_path, &config, 0o600)?;

@@ -13,7 +13,7 @@ use keybroker_client::pb::key_admin_server::KeyAdmin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{Call, Guards, Touched, key_message, respond};
+use super::{Call, Guards, Touched, key_message};
 use crate::backend::health::HealthBoard;
 use crate::core::keyring::{CachedKey, Keyring, NewKey, PolicyChange, VersionChange};
 use crate::core::migration::Migrator;
@@ -271,10 +271,7 @@ impl KeyAdmin for KeyAdminService {
             Ok(()) => self.migrator.status(&request.get_ref().job_id).await,
             Err(err) => Err(err),
         };
-        if result.is_err() {
-            return call.finish_admin(Touched::default(), result).await;
-        }
-        respond(result)
+        call.finish_admin(Touched::default(), result).await
     }
 
     type WatchMigrationStream = ProgressStream;

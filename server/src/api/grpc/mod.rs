@@ -169,6 +169,24 @@ impl Call<'_> {
         self.guards.gate.check_somewhere(&self.peer, rpc)
     }
 
+    /// Counts the call in the metrics and names its key in its span.
+    fn observe(&self, touched: &Touched, code: Option<ErrorCode>) {
+        if let Some(m) = crate::telemetry::metrics::get() {
+            let code = code.map_or(0, |c| c.grpc() as usize);
+            m.request(crate::telemetry::metrics::rpc_index(self.rpc), code, self.started.elapsed());
+        }
+        if crate::telemetry::exporting() {
+            let span = tracing::Span::current();
+            span.record("keybroker.key", touched.key.as_str());
+            span.record("keybroker.version", touched.version);
+            span.record("keybroker.backend", touched.backend.as_str());
+            if let Some(code) = code {
+                span.record("rpc.grpc.status_code", code.grpc() as i32);
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+    }
+
     /// The audit record of one outcome.
     pub fn record(&self, touched: Touched, code: Option<ErrorCode>, count: u64, detail: String) -> Record {
         if code == Some(ErrorCode::PermissionDenied) {
@@ -197,6 +215,7 @@ impl Call<'_> {
         result: ServiceResult<T>,
     ) -> Result<tonic::Response<T>, Status> {
         let (code, detail) = outcome(&result);
+        self.observe(&touched, code);
         let record = self.record(touched, code, 1, detail);
         self.guards.audit.record(record).await?;
         respond(result)
@@ -209,6 +228,13 @@ impl Call<'_> {
         groups: BatchGroups,
         result: ServiceResult<T>,
     ) -> Result<tonic::Response<T>, Status> {
+        let first = groups.keys().next().map(|(k, v, b, _)| Touched {
+            key: k.clone(),
+            version: *v,
+            backend: b.clone(),
+            ..Touched::default()
+        });
+        self.observe(&first.unwrap_or_default(), result.as_ref().err().map(ServiceError::code));
         if let Err(err) = &result {
             let record = self.record(Touched::default(), Some(err.code()), 1, err.message().to_owned());
             self.guards.audit.record(record).await?;
@@ -231,6 +257,7 @@ impl Call<'_> {
         result: ServiceResult<T>,
     ) -> Result<tonic::Response<T>, Status> {
         let (code, detail) = outcome(&result);
+        self.observe(&touched, code);
         let record = self.record(touched, code, 1, detail);
         if let Err(err) = self.guards.audit.record(record).await {
             tracing::error!(rpc = self.rpc, %err, "an admin call's audit event was not written");

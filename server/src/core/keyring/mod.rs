@@ -208,6 +208,9 @@ pub struct Keyring {
     /// Where the broker's own actions (automatic rotation, migration
     /// steps) are recorded.
     audit: std::sync::OnceLock<Arc<crate::security::audit::AuditLog>>,
+    /// Lookups answered from the cache, and those that went to the store.
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 /// How long an unknown key name is answered NOT_FOUND without asking the
@@ -258,6 +261,8 @@ impl Keyring {
             in_flight: Mutex::new(None),
             flushing: tokio::sync::Mutex::new(()),
             audit: std::sync::OnceLock::new(),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
         }
     }
 
@@ -485,8 +490,10 @@ impl Keyring {
     /// not cost a query per request).
     pub async fn key(&self, name: &str) -> ServiceResult<Arc<CachedKey>> {
         if let Some(key) = self.read_cache().get(name).cloned() {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(key);
         }
+        self.cache_misses.fetch_add(1, Ordering::Relaxed);
         check_key_name(name)?;
         if self.known_absent(name) {
             return Err(ServiceError::key_not_found(name));
@@ -513,11 +520,20 @@ impl Keyring {
     /// from the store when the cached record does not have it yet.
     pub async fn key_for_version(&self, name: &str, version: u32) -> ServiceResult<Arc<CachedKey>> {
         let cached = self.read_cache().get(name).cloned();
+        let hit = matches!(&cached, Some(key) if version <= key.record.current_version);
+        let counter = if hit { &self.cache_hits } else { &self.cache_misses };
+        counter.fetch_add(1, Ordering::Relaxed);
         match cached {
             Some(key) if version <= key.record.current_version => Ok(key),
             None if self.known_absent(name) => Err(ServiceError::key_not_found(name)),
             _ => self.reload(name).await?.ok_or_else(|| ServiceError::key_not_found(name)),
         }
+    }
+
+    /// Lookups answered from the cache and lookups that went to the store
+    /// (or were answered from the list of unknown names), since start.
+    pub fn cache_counts(&self) -> (u64, u64) {
+        (self.cache_hits.load(Ordering::Relaxed), self.cache_misses.load(Ordering::Relaxed))
     }
 
     /// Keys whose names match `pattern`, after `after`, in name order, at

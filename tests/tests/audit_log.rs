@@ -226,6 +226,10 @@ async fn calls_fail_closed_while_the_audit_log_cannot_be_written() {
     // Admin calls are refused before they change anything.
     let err = admin.rotate(pb::RotateRequest { key: "demo".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
+    // The metrics say so.
+    let (_, scrape) = broker.http_get("/metrics");
+    assert_eq!(Broker::metric(&scrape, "keybroker_audit_up"), Some(0.0));
+    assert!(Broker::metric(&scrape, "keybroker_audit_write_failures_total").unwrap() >= 2.0, "{scrape}");
     // The file is writable again: calls succeed, and the first event says
     // how many could not be written.
     std::fs::remove_file(&log).unwrap();

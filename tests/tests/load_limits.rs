@@ -117,6 +117,9 @@ async fn an_identity_over_its_rate_is_throttled_and_others_are_not() {
     let err = socket.data_plane().batch_wrap(pb::BatchWrapRequest { items }).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains(&format!("uid:{}", unsafe_getuid())), "{}", err.message());
+    let (_, scrape) = broker.http_get("/metrics");
+    let rejected = Broker::metric(&scrape, r#"keybroker_limit_rejections_total{limit="per_identity_rate"}"#);
+    assert_eq!(rejected, Some(refused.len() as f64 + 1.0), "every refusal counted, the batch once");
     // The rate refills.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     app.wrap(pb::WrapRequest { key: "demo".into(), plaintext: vec![1; 32], ..Default::default() }).await.unwrap();

@@ -13,6 +13,7 @@ mod client_examples;
 mod client_library;
 mod configuration_reference;
 mod crash_recovery;
+mod deploy_files;
 mod errors_and_limits;
 mod fleet_jobs;
 mod fleet_propagation;

@@ -285,3 +285,42 @@ async fn logs_are_json_with_a_setting() {
     }
     assert!(stderr.contains(r#""message":"keybroker serving (mTLS, TLS 1.3)""#), "{stderr}");
 }
+
+async fn overall_health(broker: &Broker) -> i32 {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(broker.channel("client").await);
+    health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_version_table_and_liveness_stays_up() {
+    let dir = tempdir();
+    let dev = keybroker_tests::dev_pki(dir.path());
+    let pg = keybroker_tests::Postgres::start();
+    let config = keybroker_tests::config_with_postgres(dir.path(), &dev, &pg.url(), "propagation_interval_ms = 200", "");
+    let broker = Broker::serve(&config, &dev, &[("KEYBROKER_METRICS__LISTEN", "127.0.0.1:0")]);
+    assert_eq!(broker.http_get("/readyz").0, 200);
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    assert_eq!(overall_health(&broker).await, serving);
+
+    pg.stop_server();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.http_get("/readyz").0 != 503 {
+        assert!(Instant::now() < deadline, "/readyz still ready with the database down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, why) = broker.http_get("/readyz");
+    assert!(why.contains("version table is unreachable"), "{why}");
+    assert_eq!(overall_health(&broker).await, not_serving);
+    assert_eq!(broker.http_get("/healthz").0, 200, "liveness stays up");
+    let (_, scrape) = broker.http_get("/metrics");
+    assert_eq!(Broker::metric(&scrape, "keybroker_ready"), Some(0.0));
+
+    pg.start_server();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while broker.http_get("/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "/readyz not ready again after the database came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(overall_health(&broker).await, serving);
+}

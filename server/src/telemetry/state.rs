@@ -169,14 +169,14 @@ impl Sources for BrokerSources {
                 ("skipped", job.keys_skipped),
                 ("failed", job.keys_failed),
             ] {
-                states.push((vec![("job", job.job_id.clone()), ("state", state.to_owned())], f64::from(n)));
+                states.push((vec![("job_id", job.job_id.clone()), ("state", state.to_owned())], f64::from(n)));
             }
             let handled = job.keys_done + job.keys_skipped + job.keys_failed;
             let entry = seen.entry(job.job_id.clone()).or_insert((handled, now));
             if entry.0 != handled {
                 *entry = (handled, now);
             }
-            moved.push((vec![("job", job.job_id.clone())], entry.1 as f64));
+            moved.push((vec![("job_id", job.job_id.clone())], entry.1 as f64));
         }
         out.family("keybroker_migration_keys", "Keys of each running migration job, by state.", gauge, &states)?;
         out.family(

@@ -88,8 +88,9 @@ for round in $(seq 1 "$ROUNDS"); do
   for name in bare audit metrics policy all; do run "$name"; done
 done
 audit_lines=$(wc -l <"$work/audit.log")
+verified=$("$T/keybroker" audit verify "$work/audit.log" 2>&1 | sed "s#$work/##g" || true)
 
-python3 - "$results" "$audit_lines" "DURATION=$DURATION ROUNDS=$ROUNDS CONC=$CONC bench/features.sh" > "$work/section.md" <<'PY'
+python3 - "$results" "$audit_lines" "DURATION=$DURATION ROUNDS=$ROUNDS CONC=$CONC bench/features.sh" "$verified" > "$work/section.md" <<'PY'
 import json, statistics, sys
 runs = {}
 for r in map(json.loads, open(sys.argv[1])):
@@ -103,7 +104,8 @@ print(f"`{sys.argv[3]}`: Wrap of 32 bytes, {runs['bare'][0]['concurrency']} in f
 print("per configuration, restarted for each run; server on core 0, load generator on core 1, median of the rounds.")
 print("`audit`: every call's event written to a file (fail closed: each answer waits for its line); `metrics`: the")
 print("Prometheus listener on; `policy`: a three-team policy decides every call by key glob; `all`: the three plus a")
-print(f"per-identity rate limit. The audit file had {sys.argv[2]} lines at the end, all chained.\n")
+print(f"per-identity rate limit. The audit file had {sys.argv[2]} lines at the end (written by {len(runs['audit']) + len(runs['all'])} broker runs);")
+print(f"`keybroker audit verify`: {sys.argv[4]}.\n")
 print("| configuration | Wrap req/s | vs bare | p50 µs | p99 µs | server CPU µs/req |")
 print("|---|---:|---:|---:|---:|---:|")
 for label in ["bare", "audit", "metrics", "policy", "all"]:

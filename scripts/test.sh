@@ -38,6 +38,13 @@ if ! command -v softhsm2-util >/dev/null 2>&1 || [ ! -f /usr/lib/softhsm/libsoft
   apt-get update -qq && apt-get install -y -qq softhsm2
 fi
 
+# The Helm engine (Helm's Go SDK) and the Kubernetes schemas, for the chart.
+if ! have_py helm_python || ! have_py kubernetes_validate || ! have_py yaml; then
+  python3 -m pip install --quiet --disable-pip-version-check helm-python-sdk kubernetes-validate pyyaml
+fi
+command -v pyenv >/dev/null 2>&1 && pyenv rehash >/dev/null 2>&1 || true
+command -v kubernetes-validate >/dev/null 2>&1 || { echo "kubernetes-validate is not on PATH after pip install" >&2; exit 1; }
+
 # PostgreSQL for the fleet store (the tests run their own server with initdb).
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq postgresql

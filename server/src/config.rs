@@ -114,6 +114,12 @@ pub struct Config {
     /// the job over after at most this long.
     #[serde(default = "default_migration_lease")]
     pub migration_lease_ms: u64,
+    /// A plain-text listener serving only the gRPC health service
+    /// (`grpc.health.v1.Health`), for probes that cannot speak mTLS (the
+    /// kubelet's native gRPC probes). Service `keybroker.liveness` is
+    /// SERVING while the process runs; `""` follows readiness. Off when unset.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
     /// How often the configuration file and the TLS files are checked for
     /// changes, in milliseconds (SIGHUP checks at once). `[auth]`,
     /// `[policy]` and the TLS certificate, key, client CA and CRL take
@@ -159,6 +165,32 @@ fn default_health_interval() -> u64 {
 pub struct UnixSocketConfig {
     /// Path of the socket; a stale socket there is replaced.
     pub path: PathBuf,
+    /// File mode of the socket, octal. `0600` admits only the broker's own
+    /// user; `0660` also admits the socket's group (in a Kubernetes pod, the
+    /// pod's `fsGroup` on a shared emptyDir), for a sidecar whose
+    /// application runs as another user. Callers are still identified and
+    /// authorized by their uid.
+    #[serde(default = "default_socket_mode")]
+    pub mode: String,
+}
+
+fn default_socket_mode() -> String {
+    "0600".to_owned()
+}
+
+impl UnixSocketConfig {
+    /// The mode as a number; only owner and group bits are allowed.
+    pub fn mode_bits(&self) -> Result<u32, String> {
+        let bits = u32::from_str_radix(self.mode.trim_start_matches("0o"), 8)
+            .map_err(|_| format!("{:?} is not an octal file mode such as \"0600\"", self.mode))?;
+        if bits & 0o007 != 0 || bits & 0o600 != 0o600 || bits > 0o777 {
+            return Err(format!(
+                "{:?}: the owner needs read and write, and others may not connect (0600 or 0660)",
+                self.mode
+            ));
+        }
+        Ok(bits)
+    }
 }
 
 /// `[tls]`: mTLS with rustls, TLS 1.3 only.
@@ -629,6 +661,9 @@ impl Config {
                     message: format!("file {} does not exist", path.display()),
                 });
             }
+        }
+        if let Some(unix) = &self.unix_socket {
+            unix.mode_bits().map_err(|message| ConfigError::Invalid { setting: "unix_socket.mode", message })?;
         }
         crate::security::policy::Policy::compile(&self.auth, &self.policy)
             .map_err(|message| ConfigError::Invalid { setting: "policy", message })?;

@@ -386,6 +386,22 @@ pub async fn run(
     health.set_serving::<KeyBrokerServer<KeyBrokerService>>().await;
     health.set_service_status(STORE_HEALTH_SERVICE, tonic_health::ServingStatus::Serving).await;
     health.set_serving::<KeyAdminServer<KeyAdminService>>().await;
+    health.set_service_status(LIVENESS_HEALTH_SERVICE, tonic_health::ServingStatus::Serving).await;
+    if let Some(addr) = config.health_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| StartError::Other(format!("invalid setting `health_listen`: cannot listen on {addr}: {e}")))?;
+        let health_only = health_service.clone();
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            if let Err(err) =
+                tonic::transport::Server::builder().add_service(health_only).serve_with_incoming(incoming).await
+            {
+                tracing::error!(%err, "the plain-text health listener stopped");
+            }
+        });
+        tracing::info!(%addr, "health service (plain text) listening");
+    }
     crate::backend::health::check_all(&backends, &board, &health).await;
     spawn_monitor(
         backends.clone(),
@@ -418,11 +434,13 @@ pub async fn run(
     }
     .spawn(&config);
     if let Some(unix) = &config.unix_socket {
-        let listener = bind_unix(&unix.path).map_err(|e| {
+        let mode =
+            unix.mode_bits().map_err(|e| StartError::Other(format!("invalid setting `unix_socket.mode`: {e}")))?;
+        let listener = bind_unix(&unix.path, mode).map_err(|e| {
             StartError::Other(format!("invalid setting `unix_socket.path`: {}: {e}", unix.path.display()))
         })?;
         incoming.add_unix(listener);
-        tracing::info!(path = %unix.path.display(), "keybroker serving on unix socket (mode 0600)");
+        tracing::info!(path = %unix.path.display(), mode = %unix.mode, "keybroker serving on unix socket");
     }
     let incoming = incoming.into_stream();
     tracing::info!(%addr, "keybroker serving (mTLS, TLS 1.3)");
@@ -458,6 +476,9 @@ pub async fn run(
     tracing::info!("keybroker stopped");
     Ok(())
 }
+
+/// The health service that is SERVING while the process runs (liveness).
+pub const LIVENESS_HEALTH_SERVICE: &str = "keybroker.liveness";
 
 /// The health service that reports whether the version table is reachable.
 pub const STORE_HEALTH_SERVICE: &str = "keybroker.store";

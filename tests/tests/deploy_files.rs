@@ -22,20 +22,28 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 
 /// The metric families a scrape declares (`# TYPE name kind`).
 fn families(scrape: &str) -> BTreeSet<String> {
-    scrape.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect()
+    scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn declared(families: &BTreeSet<String>, name: &str) -> bool {
     families.contains(name)
-        || ["_bucket", "_sum", "_count"].iter().any(|s| name.strip_suffix(s).is_some_and(|base| families.contains(base)))
+        || ["_bucket", "_sum", "_count"]
+            .iter()
+            .any(|s| name.strip_suffix(s).is_some_and(|base| families.contains(base)))
 }
 
 #[tokio::test]
 async fn dashboards_and_alerts_reference_only_real_metrics() {
     let root = keybroker_codegen::workspace_root();
-    let alerts: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("deploy/prometheus/keybroker-alerts.yaml")).unwrap())
-            .unwrap();
+    let alerts: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(root.join("deploy/prometheus/keybroker-alerts.yaml")).unwrap(),
+    )
+    .unwrap();
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("deploy/grafana/keybroker-dashboard.json")).unwrap())
             .unwrap();

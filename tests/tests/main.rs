@@ -19,6 +19,7 @@ mod fleet_jobs;
 mod fleet_propagation;
 mod generated_code_is_fresh;
 mod grpcurl_reflection;
+mod helm_chart;
 mod live_migration;
 mod load_limits;
 mod mtls_identity;

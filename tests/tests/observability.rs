@@ -296,7 +296,8 @@ async fn readiness_follows_the_version_table_and_liveness_stays_up() {
     let dir = tempdir();
     let dev = keybroker_tests::dev_pki(dir.path());
     let pg = keybroker_tests::Postgres::start();
-    let config = keybroker_tests::config_with_postgres(dir.path(), &dev, &pg.url(), "propagation_interval_ms = 200", "");
+    let config =
+        keybroker_tests::config_with_postgres(dir.path(), &dev, &pg.url(), "propagation_interval_ms = 200", "");
     let broker = Broker::serve(&config, &dev, &[("KEYBROKER_METRICS__LISTEN", "127.0.0.1:0")]);
     assert_eq!(broker.http_get("/readyz").0, 200);
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;

@@ -220,9 +220,9 @@ impl Incoming {
     }
 }
 
-/// Binds a Unix socket at `path` readable and writable by the broker's user
-/// only (0600), replacing a stale socket left by a previous run.
-pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+/// Binds a Unix socket at `path` with file mode `mode` (0600: the broker's
+/// user only), replacing a stale socket left by a previous run.
+pub fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
@@ -232,6 +232,6 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         }
     }
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }

@@ -859,6 +859,16 @@ mod tests {
     }
 
     #[test]
+    fn socket_modes_admit_the_owner_and_at_most_the_group() {
+        let mode = |m: &str| UnixSocketConfig { path: "/x".into(), mode: m.into() }.mode_bits();
+        assert_eq!(mode("0600"), Ok(0o600));
+        assert_eq!(mode("0660"), Ok(0o660));
+        for bad in ["0666", "0400", "0777", "rw", "9"] {
+            assert!(mode(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_settings_are_named() {
         let dir = tempfile::tempdir().unwrap();
         write_files(dir.path());

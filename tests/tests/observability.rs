@@ -325,3 +325,30 @@ async fn readiness_follows_the_version_table_and_liveness_stays_up() {
     }
     assert_eq!(overall_health(&broker).await, serving);
 }
+
+#[tokio::test]
+async fn the_plain_text_health_listener_answers_probes() {
+    let dir = tempdir();
+    let port = keybroker_tests::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _broker = Broker::start_dev_with(&dir.path().join("kb"), &[("KEYBROKER_HEALTH_LISTEN", addr.as_str())]);
+    // No TLS, as the kubelet's gRPC probe dials it.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    for service in ["keybroker.liveness", "", "keybroker.store", "keybroker.backend.local"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, serving, "{service:?}");
+    }
+    // Only health: the key services are not on this listener.
+    let err = pb::key_broker_client::KeyBrokerClient::new(channel)
+        .wrap(pb::WrapRequest { key: "demo".into(), plaintext: vec![1; 32], ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+}

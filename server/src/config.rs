@@ -114,6 +114,9 @@ pub struct Config {
     /// the job over after at most this long.
     #[serde(default = "default_migration_lease")]
     pub migration_lease_ms: u64,
+    /// The AWS KMS External Key Store proxy API (HTTPS, SigV4).
+    #[serde(default)]
+    pub xks: Option<crate::api::xks::XksConfig>,
     /// A plain-text listener serving only the gRPC health service
     /// (`grpc.health.v1.Health`), for probes that cannot speak mTLS (the
     /// kubelet's native gRPC probes). Service `keybroker.liveness` is
@@ -627,6 +630,20 @@ impl Config {
         }
         if let Some(audit) = &mut self.audit.file {
             resolve(audit);
+        }
+        if let Some(xks) = &mut self.xks {
+            resolve(&mut xks.cert);
+            resolve(&mut xks.key);
+            if let Some(ca) = &mut xks.client_ca {
+                resolve(ca);
+            }
+            for prefix in &mut xks.prefixes {
+                for c in &mut prefix.credentials {
+                    if let Some(f) = &mut c.secret_access_key_file {
+                        resolve(f);
+                    }
+                }
+            }
         }
         match &mut self.store {
             StoreConfig::Sqlite { path } => resolve(path),

@@ -369,7 +369,17 @@ pub async fn run(
         Policy::compile(&config.auth, &config.policy).map_err(|e| StartError::Other(format!("policy: {e}")))?,
     ));
     let limits = Limits::new(&config.limits);
-    let guards = Guards { gate: gate.clone(), audit, limits: limits.clone() };
+    let guards = Guards { gate: gate.clone(), audit: audit.clone(), limits: limits.clone() };
+    if let Some(xks) = &config.xks {
+        let service = crate::api::xks::XksService::new(xks, env, broker.clone(), gate.clone(), audit.clone())
+            .map_err(StartError::Other)?;
+        let tls = crate::api::xks::tls_config(xks).map_err(StartError::Other)?;
+        let listener = TcpListener::bind(xks.listen).await.map_err(|e| {
+            StartError::Other(format!("invalid setting `xks.listen`: cannot listen on {}: {e}", xks.listen))
+        })?;
+        crate::api::xks::serve(Arc::new(service), listener, tls, xks.client_cns.clone());
+        tracing::info!(addr = %xks.listen, "XKS proxy API listening (HTTPS, SigV4)");
+    }
     let data_plane = tower::Layer::layer(
         &LimitLayer::new(guards.limits.clone()),
         KeyBrokerServer::new(KeyBrokerService::new(broker, guards.clone()))

@@ -36,3 +36,4 @@ mod serve_configuration;
 mod store_conformance;
 mod tampering_is_rejected;
 mod wrap_unwrap;
+mod xks_proxy;

@@ -215,16 +215,8 @@ async fn the_metrics_count_a_scripted_workload_exactly() {
     admin.rotate(pb::RotateRequest { key: "demo".into(), ..Default::default() }).await.unwrap();
     admin.get_key(pb::GetKeyRequest { key: "demo".into() }).await.unwrap();
     app.wrap(wrap("demo")).await.unwrap();
-    // A handshake without a client certificate.
-    let no_cert = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(
-            std::fs::read(broker.data_dir.join("tls/ca.pem")).unwrap(),
-        ))
-        .domain_name("localhost");
-    let channel = tonic::transport::Endpoint::from_shared(broker.url()).unwrap().tls_config(no_cert).unwrap();
-    if let Ok(channel) = channel.connect().await {
-        let _ = pb::key_broker_client::KeyBrokerClient::new(channel).wrap(wrap("demo")).await;
-    }
+    // Exactly one handshake without a client certificate.
+    handshake_without_certificate(&broker);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let (status, scrape) = broker.http_get("/metrics");
@@ -351,4 +343,21 @@ async fn the_plain_text_health_listener_answers_probes() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+}
+
+/// One TLS connection that presents no client certificate (refused by the
+/// server once the handshake ends).
+fn handshake_without_certificate(broker: &Broker) {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let ca = rustls::pki_types::CertificateDer::from_pem_file(broker.data_dir.join("tls/ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+    let mut socket = std::net::TcpStream::connect(broker.addr).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut socket);
+    let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\n");
+    let _ = tls.read(&mut [0u8; 64]);
 }

@@ -246,3 +246,106 @@ impl Broker {
         Ok(wrapped)
     }
 }
+
+/// A payload sealed by a version's backend with the caller's own additional
+/// data: for front doors whose protocol carries the IV, ciphertext and tag
+/// apart (the XKS proxy API). Only AES-256-GCM backends (local, pkcs11,
+/// hierarchy mode) can: their payload is `nonce(12) || ciphertext || tag(16)`.
+#[derive(Debug)]
+pub struct Detached {
+    /// The key version that sealed it.
+    pub version: u32,
+    /// Its backend.
+    pub backend: String,
+    /// `nonce || ciphertext || tag`.
+    pub payload: Vec<u8>,
+}
+
+/// Why a detached open failed.
+#[derive(Debug)]
+pub enum OpenFailure {
+    /// The payload, nonce, tag or additional data does not authenticate.
+    Authentication,
+    /// Anything else (unknown key, disabled version, backend down).
+    Service(ServiceError),
+}
+
+impl From<ServiceError> for OpenFailure {
+    fn from(err: ServiceError) -> Self {
+        OpenFailure::Service(err)
+    }
+}
+
+/// The payload shape of the AES-GCM backends.
+pub const GCM_NONCE_LEN: usize = 12;
+/// The tag length of the AES-GCM backends.
+pub const GCM_TAG_LEN: usize = 16;
+
+impl Broker {
+    fn gcm_backend(
+        &self,
+        backend: &str,
+        mode: crate::store::KeyMode,
+    ) -> ServiceResult<Arc<dyn crate::backend::KeyBackend>> {
+        let b = self.keyring.backends().get_mode(backend, mode)?;
+        if mode == crate::store::KeyMode::Direct && b.kind() == "aws-kms" {
+            return Err(ServiceError::new(
+                ErrorCode::Unimplemented,
+                format!(
+                    "backend {backend:?} (aws-kms, direct mode) does not expose AES-GCM; use a local, pkcs11 or hierarchy-mode key"
+                ),
+            ));
+        }
+        Ok(b.clone())
+    }
+
+    /// Seals `plaintext` under the current version of `key` with
+    /// `aad_for(version)` as additional data (a protocol may bind the
+    /// version); counted as a wrap.
+    pub async fn seal_detached(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        aad_for: impl FnOnce(u32) -> Vec<u8>,
+    ) -> ServiceResult<Detached> {
+        check_key_name(key)?;
+        let cached = self.keyring.key(key).await?;
+        let current = cached.current()?;
+        let backend = self.gcm_backend(&current.backend, current.mode)?;
+        let version = VersionRef { key, version: current.version, reference: &current.backend_ref };
+        let context = BTreeMap::new();
+        let aad = aad_for(current.version);
+        let mut payload = Vec::with_capacity(plaintext.len() + GCM_NONCE_LEN + GCM_TAG_LEN);
+        backend
+            .wrap(version, plaintext, Aad { header: &aad, context: &context }, &mut payload)
+            .await
+            .map_err(|e| e.for_caller(key, current.version))?;
+        cached.count(current.version, Count::Wraps);
+        Ok(Detached { version: current.version, backend: current.backend.clone(), payload })
+    }
+
+    /// Opens a payload sealed by [`Broker::seal_detached`] under `version` of
+    /// `key`; counted as an unwrap.
+    pub async fn open_detached(
+        &self,
+        key: &str,
+        version: u32,
+        payload: &[u8],
+        aad: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, String), OpenFailure> {
+        check_key_name(key)?;
+        let cached = self.keyring.key_for_version(key, version).await?;
+        let record = cached.unwrappable(version)?;
+        let backend = self.gcm_backend(&record.backend, record.mode)?;
+        let v = VersionRef { key, version, reference: &record.backend_ref };
+        let context = BTreeMap::new();
+        match backend.unwrap(v, payload, Aad { header: aad, context: &context }).await {
+            Ok(plaintext) => {
+                cached.count_unwrap(version, crate::core::keyring::now());
+                Ok((plaintext, record.backend.clone()))
+            }
+            Err(crate::backend::BackendError::AuthenticationFailed { .. }) => Err(OpenFailure::Authentication),
+            Err(e) => Err(OpenFailure::Service(e.for_caller(key, version))),
+        }
+    }
+}

@@ -33,6 +33,8 @@ pub enum IdentityKind {
     Spki256,
     /// The uid of the Unix socket's peer.
     Uid,
+    /// An AWS principal ARN (`awsPrincipalArn` of an XKS request).
+    Aws,
 }
 
 impl IdentityKind {
@@ -43,6 +45,7 @@ impl IdentityKind {
             Self::Cn => "cn:",
             Self::Spki256 => "spki-sha256:",
             Self::Uid => "uid:",
+            Self::Aws => "aws:",
         }
     }
 }
@@ -78,11 +81,18 @@ impl Identity {
         if text.starts_with("spiffe://") {
             return Ok(Self::new(IdentityKind::Uri, text));
         }
-        let kinds = [IdentityKind::Uri, IdentityKind::Dns, IdentityKind::Cn, IdentityKind::Spki256, IdentityKind::Uid];
+        let kinds = [
+            IdentityKind::Uri,
+            IdentityKind::Dns,
+            IdentityKind::Cn,
+            IdentityKind::Spki256,
+            IdentityKind::Uid,
+            IdentityKind::Aws,
+        ];
         let Some((kind, value)) = kinds.iter().find_map(|k| text.strip_prefix(k.prefix()).map(|v| (*k, v))) else {
             return Err(format!(
                 "identity {text:?} does not say its kind: write spiffe://…, uri:…, dns:…, cn:…, \
-                 spki-sha256:<64 hex digits> or uid:<number>"
+                 spki-sha256:<64 hex digits>, uid:<number> or aws:<principal ARN>"
             ));
         };
         if value.is_empty() {
@@ -124,6 +134,8 @@ pub enum Transport {
     Tls,
     /// The pod-local Unix socket.
     Unix,
+    /// The XKS proxy API (a SigV4-signed request).
+    Xks,
 }
 
 /// The authenticated caller of a connection.
@@ -161,8 +173,10 @@ pub struct CertificateFields(Vec<IdentityKind>);
 impl CertificateFields {
     /// The configured fields; `uid` is not a certificate field.
     pub fn new(kinds: &[IdentityKind]) -> Result<Self, String> {
-        if kinds.contains(&IdentityKind::Uid) {
-            return Err("uid is the Unix socket's identity, never a certificate's".to_owned());
+        if kinds.contains(&IdentityKind::Uid) || kinds.contains(&IdentityKind::Aws) {
+            return Err(
+                "uid (the Unix socket's) and aws (an XKS request's) are never a certificate's identity".to_owned()
+            );
         }
         if kinds.is_empty() {
             return Err("at least one certificate field must count (uri, dns, cn, spki-sha256)".to_owned());
@@ -208,7 +222,7 @@ pub fn certificate_identities(cert_der: &[u8], kinds: &[IdentityKind]) -> Vec<Id
                 let digest = sha2::Sha256::digest(cert.public_key().raw);
                 out.push(Identity::new(*kind, hex::encode(digest)));
             }
-            IdentityKind::Uid => {}
+            IdentityKind::Uid | IdentityKind::Aws => {}
         }
     }
     out

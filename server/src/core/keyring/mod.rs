@@ -44,13 +44,15 @@ pub enum Count {
 
 const COUNTS: usize = 4;
 
-/// Per-version counters of a cached key.
+/// Per-version counters of this broker, shared by every cached record of
+/// the key (a reload installs a new record over the same counters, so a
+/// count made through an older record is neither lost nor copied twice).
 #[derive(Debug, Default)]
 struct VersionCounters {
-    /// Counts not yet written to the store, by [`Count`].
+    /// Counts not yet taken into a batch, by [`Count`].
     pending: [AtomicU64; COUNTS],
-    /// Counts written to the store since the record was loaded.
-    flushed: [AtomicU64; COUNTS],
+    /// Counts taken into the batch being written.
+    in_flight: [AtomicU64; COUNTS],
     /// Latest unwrap seen by this broker, Unix seconds.
     last_unwrap: AtomicI64,
 }
@@ -60,32 +62,23 @@ struct VersionCounters {
 pub struct CachedKey {
     /// The stored record.
     pub record: KeyRecord,
-    counters: Vec<VersionCounters>,
+    counters: Vec<Arc<VersionCounters>>,
+    /// Counts of this broker's batches the store applied after this record
+    /// was read (so not in it), by version index.
+    flushed: Vec<[AtomicU64; COUNTS]>,
 }
 
 impl CachedKey {
     fn new(record: KeyRecord, previous: Option<&CachedKey>) -> Self {
-        let counters = record
-            .versions
-            .iter()
-            .enumerate()
-            .map(|(i, _)| {
-                let old = previous.and_then(|p| p.counters.get(i));
-                VersionCounters {
-                    // Unflushed counts carry over; flushed ones are in the new record.
-                    pending: std::array::from_fn(|c| {
-                        AtomicU64::new(old.map_or(0, |o| o.pending[c].load(Ordering::Relaxed)))
-                    }),
-                    flushed: Default::default(),
-                    last_unwrap: AtomicI64::new(old.map_or(0, |c| c.last_unwrap.load(Ordering::Relaxed))),
-                }
-            })
+        let counters = (0..record.versions.len())
+            .map(|i| previous.and_then(|p| p.counters.get(i).cloned()).unwrap_or_default())
             .collect();
-        Self { record, counters }
+        let flushed = record.versions.iter().map(|_| Default::default()).collect();
+        Self { record, counters, flushed }
     }
 
     fn counters(&self, version: u32) -> Option<&VersionCounters> {
-        version.checked_sub(1).and_then(|i| self.counters.get(i as usize))
+        version.checked_sub(1).and_then(|i| self.counters.get(i as usize)).map(|c| c.as_ref())
     }
 
     /// Counts one event of `count` under `version`.
@@ -112,10 +105,15 @@ impl CachedKey {
             Count::RewrapsIn => v.rewrap_in_count,
             Count::RewrapsOut => v.rewrap_out_count,
         });
+        let flushed = version
+            .checked_sub(1)
+            .and_then(|i| self.flushed.get(i as usize))
+            .map_or(0, |f| f[count as usize].load(Ordering::Relaxed));
         self.counters(version).map_or(stored, |c| {
             stored
-                + c.flushed[count as usize].load(Ordering::Relaxed)
+                + flushed
                 + c.pending[count as usize].load(Ordering::Relaxed)
+                + c.in_flight[count as usize].load(Ordering::Relaxed)
         })
     }
 
@@ -386,9 +384,22 @@ impl Keyring {
         };
         self.store.record_usage(&id, &usage).await?;
         let done = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        for (key, i, n) in done.map(|b| b.taken).unwrap_or_default() {
+        let taken = done.map(|b| b.taken).unwrap_or_default();
+        for (key, i, n) in &taken {
             for (k, v) in n.iter().enumerate() {
-                key.counters[i].flushed[k].fetch_add(*v, Ordering::Relaxed);
+                // Applied: now in the store, and in the record taken from.
+                key.flushed[*i][k].fetch_add(*v, Ordering::Relaxed);
+                key.counters[*i].in_flight[k].fetch_sub(*v, Ordering::Relaxed);
+            }
+        }
+        // A record read while the batch was on its way holds neither its
+        // counts nor their in-flight share any more: read those keys again.
+        let mut names: Vec<&str> = taken.iter().map(|(key, _, _)| key.record.name.as_str()).collect();
+        names.dedup();
+        for name in names {
+            let current = self.read_cache().get(name).cloned();
+            if current.is_some_and(|current| !taken.iter().any(|(key, _, _)| Arc::ptr_eq(key, &current))) {
+                let _ = self.reload(name).await;
             }
         }
         Ok(())
@@ -405,7 +416,12 @@ impl Keyring {
         };
         for key in &keys {
             for (i, c) in key.counters.iter().enumerate() {
-                let n: [u64; COUNTS] = std::array::from_fn(|k| c.pending[k].swap(0, Ordering::Relaxed));
+                let n: [u64; COUNTS] = std::array::from_fn(|k| {
+                    // Moved, not copied: a reader sees each count exactly once.
+                    let v = c.pending[k].swap(0, Ordering::Relaxed);
+                    c.in_flight[k].fetch_add(v, Ordering::Relaxed);
+                    v
+                });
                 if n.iter().all(|v| *v == 0) {
                     continue;
                 }

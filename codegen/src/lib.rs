@@ -24,6 +24,11 @@ pub const PLAINTEXT_MESSAGES: &[&str] =
 pub const GENERATED_RS: &str = "client/src/generated/keybroker.v1.rs";
 /// Where the encoded `FileDescriptorSet` (served by reflection) goes.
 pub const DESCRIPTOR_BIN: &str = "client/src/generated/keybroker_v1_descriptor.bin";
+/// The Kubernetes KMS v2 plugin API, relative to `proto/`.
+pub const KMS_V2_PROTO: &str = "kubernetes/kms/v2/api.proto";
+/// Where its generated server code goes (the server crate only).
+pub const KMS_V2_RS: &str = "server/src/api/kms_v2/generated.rs";
+
 /// Where the proto files are copied so the published crate carries them.
 pub const CLIENT_PROTO_DIR: &str = "client/proto";
 
@@ -58,9 +63,24 @@ pub fn generate(root: &Path) -> Result<Vec<GeneratedFile>> {
         .context("generating Rust code from the descriptor set")?;
     let rust = std::fs::read(out.path().join("keybroker.v1.rs")).context("reading the generated keybroker.v1.rs")?;
 
+    let kms = protox::compile([KMS_V2_PROTO], [&proto_dir]).context("compiling the KMS v2 proto")?;
+    let kms_out = tempfile::tempdir().context("creating a temporary output directory")?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .build_transport(false)
+        .btree_map(".")
+        // Plaintext data keys: no derived Debug (the server writes one).
+        .skip_debug([".v2.EncryptRequest", ".v2.DecryptResponse"])
+        .out_dir(kms_out.path())
+        .compile_fds(kms)
+        .context("generating the KMS v2 server code")?;
+    let kms_rust = std::fs::read(kms_out.path().join("v2.rs")).context("reading the generated v2.rs")?;
+
     let mut files = vec![
         GeneratedFile { path: GENERATED_RS.into(), contents: rust },
         GeneratedFile { path: DESCRIPTOR_BIN.into(), contents: descriptor },
+        GeneratedFile { path: KMS_V2_RS.into(), contents: kms_rust },
     ];
     for proto in PROTO_FILES {
         let contents = std::fs::read(proto_dir.join(proto)).with_context(|| format!("reading proto/{proto}"))?;

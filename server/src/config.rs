@@ -114,6 +114,9 @@ pub struct Config {
     /// the job over after at most this long.
     #[serde(default = "default_migration_lease")]
     pub migration_lease_ms: u64,
+    /// The Kubernetes KMS v2 plugin socket.
+    #[serde(default)]
+    pub kms_v2: Option<crate::api::kms_v2::KmsV2Config>,
     /// The AWS KMS External Key Store proxy API (HTTPS, SigV4).
     #[serde(default)]
     pub xks: Option<crate::api::xks::XksConfig>,
@@ -630,6 +633,9 @@ impl Config {
         }
         if let Some(audit) = &mut self.audit.file {
             resolve(audit);
+        }
+        if let Some(kms) = &mut self.kms_v2 {
+            resolve(&mut kms.socket);
         }
         if let Some(xks) = &mut self.xks {
             resolve(&mut xks.cert);

@@ -370,6 +370,28 @@ pub async fn run(
     ));
     let limits = Limits::new(&config.limits);
     let guards = Guards { gate: gate.clone(), audit: audit.clone(), limits: limits.clone() };
+    if let Some(kms) = &config.kms_v2 {
+        crate::core::keyring::check_key_name(&kms.key)
+            .map_err(|e| StartError::Other(format!("invalid setting `kms_v2.key`: {e}")))?;
+        let listener = bind_unix(&kms.socket, 0o600).map_err(|e| {
+            StartError::Other(format!("invalid setting `kms_v2.socket`: {}: {e}", kms.socket.display()))
+        })?;
+        let incoming = Incoming::new(gate.clone());
+        incoming.add_unix(listener);
+        let service =
+            crate::api::kms_v2::KmsV2Service::new(broker.clone(), gate.clone(), audit.clone(), kms.key.clone())
+                .into_server();
+        tokio::spawn(async move {
+            if let Err(err) = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming.into_stream())
+                .await
+            {
+                tracing::error!(%err, "the KMS v2 plugin socket stopped");
+            }
+        });
+        tracing::info!(socket = %kms.socket.display(), key = %kms.key, "Kubernetes KMS v2 plugin listening");
+    }
     if let Some(xks) = &config.xks {
         let service = crate::api::xks::XksService::new(xks, env, broker.clone(), gate.clone(), audit.clone())
             .map_err(StartError::Other)?;

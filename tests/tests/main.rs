@@ -20,6 +20,7 @@ mod fleet_propagation;
 mod generated_code_is_fresh;
 mod grpcurl_reflection;
 mod helm_chart;
+mod kms_v2_plugin;
 mod live_migration;
 mod load_limits;
 mod mtls_identity;

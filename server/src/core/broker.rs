@@ -109,17 +109,36 @@ impl Broker {
         plaintext: &[u8],
         context: &BTreeMap<String, String>,
     ) -> ServiceResult<Wrapped> {
-        self.wrap_as(key, plaintext, context, Count::Wraps).await
+        self.wrap_as(key, plaintext, context, Some(Count::Wraps)).await
+    }
+
+    /// Wraps without counting a DEK (a health probe's round trip).
+    pub async fn wrap_uncounted(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        context: &BTreeMap<String, String>,
+    ) -> ServiceResult<Wrapped> {
+        self.wrap_as(key, plaintext, context, None).await
+    }
+
+    /// Unwraps without counting a use of the version (a health probe).
+    pub async fn unwrap_uncounted(
+        &self,
+        ciphertext: &[u8],
+        context: &BTreeMap<String, String>,
+    ) -> ServiceResult<Unwrapped> {
+        self.open(ciphertext, context, Usage::NotCounted).await.map(|(unwrapped, _)| unwrapped)
     }
 
     /// Wraps, counting the new DEK under the version as `count` (a wrap,
-    /// or a rewrap into it).
+    /// or a rewrap into it; none for a probe).
     async fn wrap_as(
         &self,
         key: &str,
         plaintext: &[u8],
         context: &BTreeMap<String, String>,
-        count: Count,
+        count: Option<Count>,
     ) -> ServiceResult<Wrapped> {
         if plaintext.is_empty() {
             return Err(ServiceError::invalid("plaintext is empty"));
@@ -156,7 +175,9 @@ impl Broker {
             .wrap(version, plaintext, Aad { header: &header, context }, &mut ciphertext)
             .await
             .map_err(|e| e.for_caller(key, current.version))?;
-        cached.count(current.version, count);
+        if let Some(count) = count {
+            cached.count(current.version, count);
+        }
         Ok(Wrapped { ciphertext, key: key.to_owned(), version: current.version, backend: current.backend.clone() })
     }
 
@@ -240,7 +261,7 @@ impl Broker {
         // version from being retired once the rewrap pass is done.
         let (unwrapped, source) = self.open(ciphertext, context, Usage::NotCounted).await?;
         let target = if target_key.is_empty() { unwrapped.key.as_str() } else { target_key };
-        let wrapped = self.wrap_as(target, &unwrapped.plaintext, context, Count::RewrapsIn).await?;
+        let wrapped = self.wrap_as(target, &unwrapped.plaintext, context, Some(Count::RewrapsIn)).await?;
         // The DEK moved off its version: one fewer outstanding there.
         source.count(unwrapped.version, Count::RewrapsOut);
         Ok(wrapped)

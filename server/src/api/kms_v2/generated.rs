@@ -25,8 +25,10 @@ pub struct DecryptRequest {
     pub key_id: ::prost::alloc::string::String,
     /// The annotations Encrypt answered.
     #[prost(btree_map = "string, bytes", tag = "4")]
-    pub annotations:
-        ::prost::alloc::collections::BTreeMap<::prost::alloc::string::String, ::prost::alloc::vec::Vec<u8>>,
+    pub annotations: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::vec::Vec<u8>,
+    >,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 #[prost(skip_debug)]
@@ -50,12 +52,20 @@ pub struct EncryptResponse {
     #[prost(string, tag = "2")]
     pub key_id: ::prost::alloc::string::String,
     #[prost(btree_map = "string, bytes", tag = "3")]
-    pub annotations:
-        ::prost::alloc::collections::BTreeMap<::prost::alloc::string::String, ::prost::alloc::vec::Vec<u8>>,
+    pub annotations: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::vec::Vec<u8>,
+    >,
 }
 /// Generated server implementations.
 pub mod key_management_service_server {
-    #![allow(unused_variables, dead_code, missing_docs, clippy::wildcard_imports, clippy::let_unit_value)]
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
     use tonic::codegen::*;
     /// Generated trait containing gRPC methods that should be implemented for use with KeyManagementServiceServer.
     #[async_trait]
@@ -98,7 +108,10 @@ pub mod key_management_service_server {
                 max_encoding_message_size: None,
             }
         }
-        pub fn with_interceptor<F>(inner: T, interceptor: F) -> InterceptedService<Self, F>
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
         where
             F: tonic::service::Interceptor,
         {
@@ -133,7 +146,8 @@ pub mod key_management_service_server {
             self
         }
     }
-    impl<T, B> tonic::codegen::Service<http::Request<B>> for KeyManagementServiceServer<T>
+    impl<T, B> tonic::codegen::Service<http::Request<B>>
+    for KeyManagementServiceServer<T>
     where
         T: KeyManagementService,
         B: Body + std::marker::Send + 'static,
@@ -142,7 +156,10 @@ pub mod key_management_service_server {
         type Response = http::Response<tonic::body::Body>;
         type Error = std::convert::Infallible;
         type Future = BoxFuture<Self::Response, Self::Error>;
-        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::result::Result<(), Self::Error>> {
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
             Poll::Ready(Ok(()))
         }
         fn call(&mut self, req: http::Request<B>) -> Self::Future {
@@ -150,12 +167,23 @@ pub mod key_management_service_server {
                 "/v2.KeyManagementService/Status" => {
                     #[allow(non_camel_case_types)]
                     struct StatusSvc<T: KeyManagementService>(pub Arc<T>);
-                    impl<T: KeyManagementService> tonic::server::UnaryService<super::StatusRequest> for StatusSvc<T> {
+                    impl<
+                        T: KeyManagementService,
+                    > tonic::server::UnaryService<super::StatusRequest>
+                    for StatusSvc<T> {
                         type Response = super::StatusResponse;
-                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
-                        fn call(&mut self, request: tonic::Request<super::StatusRequest>) -> Self::Future {
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StatusRequest>,
+                        ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
-                            let fut = async move { <T as KeyManagementService>::status(&inner, request).await };
+                            let fut = async move {
+                                <T as KeyManagementService>::status(&inner, request).await
+                            };
                             Box::pin(fut)
                         }
                     }
@@ -168,8 +196,14 @@ pub mod key_management_service_server {
                         let method = StatusSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
-                            .apply_compression_config(accept_compression_encodings, send_compression_encodings)
-                            .apply_max_message_size_config(max_decoding_message_size, max_encoding_message_size);
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
                         let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
@@ -178,12 +212,23 @@ pub mod key_management_service_server {
                 "/v2.KeyManagementService/Decrypt" => {
                     #[allow(non_camel_case_types)]
                     struct DecryptSvc<T: KeyManagementService>(pub Arc<T>);
-                    impl<T: KeyManagementService> tonic::server::UnaryService<super::DecryptRequest> for DecryptSvc<T> {
+                    impl<
+                        T: KeyManagementService,
+                    > tonic::server::UnaryService<super::DecryptRequest>
+                    for DecryptSvc<T> {
                         type Response = super::DecryptResponse;
-                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
-                        fn call(&mut self, request: tonic::Request<super::DecryptRequest>) -> Self::Future {
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DecryptRequest>,
+                        ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
-                            let fut = async move { <T as KeyManagementService>::decrypt(&inner, request).await };
+                            let fut = async move {
+                                <T as KeyManagementService>::decrypt(&inner, request).await
+                            };
                             Box::pin(fut)
                         }
                     }
@@ -196,8 +241,14 @@ pub mod key_management_service_server {
                         let method = DecryptSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
-                            .apply_compression_config(accept_compression_encodings, send_compression_encodings)
-                            .apply_max_message_size_config(max_decoding_message_size, max_encoding_message_size);
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
                         let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
@@ -206,12 +257,23 @@ pub mod key_management_service_server {
                 "/v2.KeyManagementService/Encrypt" => {
                     #[allow(non_camel_case_types)]
                     struct EncryptSvc<T: KeyManagementService>(pub Arc<T>);
-                    impl<T: KeyManagementService> tonic::server::UnaryService<super::EncryptRequest> for EncryptSvc<T> {
+                    impl<
+                        T: KeyManagementService,
+                    > tonic::server::UnaryService<super::EncryptRequest>
+                    for EncryptSvc<T> {
                         type Response = super::EncryptResponse;
-                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
-                        fn call(&mut self, request: tonic::Request<super::EncryptRequest>) -> Self::Future {
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::EncryptRequest>,
+                        ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
-                            let fut = async move { <T as KeyManagementService>::encrypt(&inner, request).await };
+                            let fut = async move {
+                                <T as KeyManagementService>::encrypt(&inner, request).await
+                            };
                             Box::pin(fut)
                         }
                     }
@@ -224,20 +286,38 @@ pub mod key_management_service_server {
                         let method = EncryptSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
-                            .apply_compression_config(accept_compression_encodings, send_compression_encodings)
-                            .apply_max_message_size_config(max_decoding_message_size, max_encoding_message_size);
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
                         let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
                 }
-                _ => Box::pin(async move {
-                    let mut response = http::Response::new(tonic::body::Body::default());
-                    let headers = response.headers_mut();
-                    headers.insert(tonic::Status::GRPC_STATUS, (tonic::Code::Unimplemented as i32).into());
-                    headers.insert(http::header::CONTENT_TYPE, tonic::metadata::GRPC_CONTENT_TYPE);
-                    Ok(response)
-                }),
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
             }
         }
     }

@@ -10,6 +10,7 @@
 //! (Encrypt as Wrap, Decrypt as Unwrap) and audited with the request uid.
 
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
+#[rustfmt::skip]
 mod generated;
 
 use std::collections::BTreeMap;

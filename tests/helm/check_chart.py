@@ -132,6 +132,10 @@ def check_pod(pod_spec, container, cfg, cm, label, values, sidecar_app=None):
         paths.append(cfg["root_key"]["sealed_file"])
     if "unix_socket" in cfg:
         paths.append(cfg["unix_socket"]["path"])
+    if "xks" in cfg:
+        paths += [cfg["xks"]["cert"], cfg["xks"]["key"]]
+    if "kms_v2" in cfg:
+        paths.append(cfg["kms_v2"]["socket"])
     for p in paths:
         m = mounted(container, volumes, p)
         expect(m is not None and m[1] is not None, f"{label}: {p} is on no volume")
@@ -194,8 +198,12 @@ def check_config_accepted(text, env_from, label):
     os.makedirs(root + "/etc/keybroker/client-ca")
     shutil.copy(f"{DEV}/tls/ca.pem", root + "/etc/keybroker/client-ca/ca.crt")
     for d in ["/var/lib/keybroker", "/run/keybroker", "/etc/keybroker/crl", "/etc/keybroker/root-key",
-              "/etc/keybroker/config"]:
+              "/etc/keybroker/config", "/var/run/kmsplugin"]:
         os.makedirs(root + d, exist_ok=True)
+    mapped = mapped.replace("/var/run/kmsplugin", root + "/var/run/kmsplugin")
+    os.makedirs(root + "/etc/keybroker/xks")
+    shutil.copy(f"{DEV}/tls/server.pem", root + "/etc/keybroker/xks/tls.crt")
+    shutil.copy(f"{DEV}/tls/server.key", root + "/etc/keybroker/xks/tls.key")
     path = root + "/etc/keybroker/config/keybroker.toml"
     with open(path, "w") as f:
         f.write(mapped)
@@ -203,7 +211,8 @@ def check_config_accepted(text, env_from, label):
     # The Secrets the pod's environment names, with stand-in values.
     for name in env_from:
         env[name] = {"KEYBROKER_STORE_URL": "postgres://kb:pw@db:5432/kb",
-                     "KEYBROKER_ROOT_KEY": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}.get(name, "stand-in")
+                     "KEYBROKER_ROOT_KEY": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}.get(
+                         name, "stand-in-secret-of-forty-three-characters-or-more")
     env.pop("KEYBROKER_CONFIG", None)
     r = subprocess.run([KEYBROKER, "serve", "--check-config", path], capture_output=True, text=True, env=env)
     expect(r.returncode == 0, f"{label}: keybroker serve --check-config refused the ConfigMap's configuration:\n{r.stderr}")
@@ -319,6 +328,31 @@ def main():
 
     standalone({"metrics": {"enabled": False}, "networkPolicy": {"enabled": False}}, "metrics off")
 
+    def doors_checks(objs, cfg, dep):
+        pod = dep["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        expect(ports["xks"] == port_of(cfg["xks"]["listen"]), "xks: the container port is the listener's")
+        svc = one(objs, "Service", "doors")
+        expect(any(p["name"] == "xks" for p in svc["spec"]["ports"]), "xks: the Service port")
+        env = {e["name"]: e for e in container["env"]}
+        for c in cfg["xks"]["prefixes"][0]["credentials"]:
+            ref = env[c["secret_access_key_env"]]["valueFrom"]["secretKeyRef"]
+            expect(ref["name"].startswith("xks-"), f"xks: the secret access key from a Secret: {ref}")
+        host = [v for v in pod["volumes"] if v["name"] == "keybroker-kms-v2"][0]["hostPath"]
+        expect(host["path"] == "/etc/kubernetes/kms", "kms v2: the socket on the host for the API server")
+        expect(cfg["kms_v2"]["key"] == "k8s-secrets" and cfg["policy"]["identities"]["uid:0"] == ["ops", "keybroker-kms-v2"],
+               f"kms v2: the API server's uid may use the key: {cfg['policy']}")
+        expect(cfg["policy"]["roles"]["keybroker-kms-v2"] == {"k8s-secrets": ["Wrap", "Unwrap"]}, "kms v2: the role")
+    standalone({"xks": {"enabled": True, "tlsSecretName": "xks-tls", "authorizePrincipals": True,
+                        "prefixes": [{"path": "/keystores/orders", "requestsPerSecond": 1800, "credentials": [
+                            {"accessKeyId": "AKIAXKSORDERSCURRENTAA", "secretName": "xks-orders-current"},
+                            {"accessKeyId": "AKIAXKSORDERSNEXTAAAAA", "secretName": "xks-orders-next"}]}]},
+                "kmsV2": {"enabled": True, "hostPath": "/etc/kubernetes/kms"},
+                "policy": {"roles": {"ops": {"*": ["read"]}}, "identities": {"uid:0": ["ops"]}},
+                "auth": {"adminIdentities": ["spiffe://prod/admin"]}},
+               "XKS and KMS v2 listeners", doors_checks)
+
     # Sidecar: the example application chart, with this chart as a dependency.
     tmp = tempfile.mkdtemp(prefix="kb-helm-")
     shutil.copytree(os.path.join(WORKSPACE, "helm"), os.path.join(tmp, "helm"))
@@ -349,6 +383,7 @@ def main():
         ({"grpc": {"port": 70000}}, "port"),
         ({"auth": {"adminIdentities": ["billing"]}}, "adminIdentities"),
         ({"backends": {"hsm": {"type": "pkcs11", "module": "/x.so"}}}, "pinSecret"),
+        ({"xks": {"prefixes": [{"credentials": [{"accessKeyId": "lowercase", "secretName": "s"}]}]}}, "accessKeyId"),
     ]:
         try:
             render(CHART, values)

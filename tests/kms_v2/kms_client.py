@@ -24,7 +24,7 @@ sys.path.insert(0, out)
 import grpc  # noqa: E402
 from kubernetes.kms.v2 import api_pb2, api_pb2_grpc  # noqa: E402
 
-FQDN = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z]{2,}$")
+FQDN = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+kms\.k8s\.io$")
 CHECKS = 0
 
 
@@ -58,7 +58,8 @@ def encrypt(plaintext, uid):
     r = stub().Encrypt(api_pb2.EncryptRequest(plaintext=plaintext, uid=uid), timeout=5)
     expect(0 < len(r.ciphertext) <= 1024, f"ciphertext within 1 KiB: {len(r.ciphertext)}")
     expect(0 < len(r.key_id.encode()) <= 1024, "key_id within 1 KiB")
-    expect(all(FQDN.match(k) for k in r.annotations), f"annotation keys are FQDNs: {list(r.annotations)}")
+    expect(r.annotations and all(FQDN.match(k) for k in r.annotations),
+           f"annotation keys are FQDNs ending in .kms.k8s.io: {list(r.annotations)}")
     expect(sum(len(k) + len(v) for k, v in r.annotations.items()) <= 32 * 1024, "annotations within 32 KiB")
     return r
 

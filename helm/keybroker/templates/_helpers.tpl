@@ -126,18 +126,26 @@ admin_identities = {{ include "keybroker.toml.list" $admins }}
 {{- $apps = append $apps (printf "uid:%d" (int .Values.sidecar.appUid)) }}
 {{- end }}
 app_identities = {{ include "keybroker.toml.list" $apps }}
-{{- range $role, $rules := .Values.policy.roles }}
+{{- $roles := deepCopy .Values.policy.roles }}
+{{- $identities := deepCopy .Values.policy.identities }}
+{{- if .Values.kmsV2.enabled }}
+{{- /* The API server may Wrap and Unwrap under the plugin's key. */}}
+{{- $_ := set $roles "keybroker-kms-v2" (dict .Values.kmsV2.key (list "Wrap" "Unwrap")) }}
+{{- $uid := printf "uid:%d" (int .Values.kmsV2.apiServerUid) }}
+{{- $_ := set $identities $uid (append (get $identities $uid | default list) "keybroker-kms-v2") }}
+{{- end }}
+{{- range $role, $rules := $roles }}
 
 [policy.roles.{{ $role | quote }}]
 {{- range $glob, $rpcs := $rules }}
 {{ $glob | quote }} = {{ include "keybroker.toml.list" $rpcs }}
 {{- end }}
 {{- end }}
-{{- if .Values.policy.identities }}
+{{- if $identities }}
 
 [policy.identities]
-{{- range $identity, $roles := .Values.policy.identities }}
-{{ $identity | quote }} = {{ include "keybroker.toml.list" $roles }}
+{{- range $identity, $held := $identities }}
+{{ $identity | quote }} = {{ include "keybroker.toml.list" $held }}
 {{- end }}
 {{- end }}
 
@@ -157,6 +165,32 @@ listen = {{ printf "0.0.0.0:%d" (int .Values.metrics.port) | quote }}
 
 [telemetry]
 otlp_endpoint = {{ .Values.telemetry.otlpEndpoint | quote }}
+{{- end }}
+
+{{- if .Values.kmsV2.enabled }}
+
+[kms_v2]
+socket = "/var/run/kmsplugin/keybroker.sock"
+key = {{ .Values.kmsV2.key | quote }}
+{{- end }}
+{{- if .Values.xks.enabled }}
+
+[xks]
+listen = {{ printf "0.0.0.0:%d" (int .Values.xks.port) | quote }}
+cert = "/etc/keybroker/xks/tls.crt"
+key = "/etc/keybroker/xks/tls.key"
+authorize_principals = {{ .Values.xks.authorizePrincipals }}
+{{- range $i, $p := .Values.xks.prefixes }}
+
+[[xks.prefixes]]
+path = {{ $p.path | default "" | quote }}
+requests_per_second = {{ int ($p.requestsPerSecond | default 0) }}
+credentials = [
+{{- range $j, $c := $p.credentials }}
+  { access_key_id = {{ $c.accessKeyId | quote }}, secret_access_key_env = {{ printf "XKS_SECRET_%d_%d" $i $j | quote }} },
+{{- end }}
+]
+{{- end }}
 {{- end }}
 
 [limits]
@@ -213,6 +247,15 @@ mode = "0660"
       name: {{ .Values.aws.credentialsSecret }}
       key: AWS_SECRET_ACCESS_KEY
 {{- end }}
+{{- range $i, $p := .Values.xks.prefixes }}
+{{- range $j, $c := $p.credentials }}
+- name: {{ printf "XKS_SECRET_%d_%d" $i $j }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $c.secretName }}
+      key: {{ $c.secretKey | default "secret" }}
+{{- end }}
+{{- end }}
 {{- if .Values.telemetry.otlpEndpoint }}
 - name: OTEL_SERVICE_NAME
   value: {{ include "keybroker.fullname" . | quote }}
@@ -253,6 +296,11 @@ mode = "0660"
     {{- if .Values.metrics.enabled }}
     - name: metrics
       containerPort: {{ int .Values.metrics.port }}
+      protocol: TCP
+    {{- end }}
+    {{- if .Values.xks.enabled }}
+    - name: xks
+      containerPort: {{ int .Values.xks.port }}
       protocol: TCP
     {{- end }}
   # Native gRPC probes on the plain-text health port (the gRPC port is mTLS).
@@ -306,6 +354,15 @@ mode = "0660"
     - name: keybroker-socket
       mountPath: {{ .Values.sidecar.socketDir }}
     {{- end }}
+    {{- if .Values.xks.enabled }}
+    - name: keybroker-xks-tls
+      mountPath: /etc/keybroker/xks
+      readOnly: true
+    {{- end }}
+    {{- if .Values.kmsV2.enabled }}
+    - name: keybroker-kms-v2
+      mountPath: /var/run/kmsplugin
+    {{- end }}
 {{- end -}}
 
 {{/* The keybroker volumes, for both modes. */}}
@@ -347,6 +404,18 @@ mode = "0660"
 - name: keybroker-socket
   emptyDir:
     medium: Memory
+{{- end }}
+{{- if .Values.xks.enabled }}
+- name: keybroker-xks-tls
+  secret:
+    secretName: {{ required "xks.tlsSecretName is required with xks.enabled" .Values.xks.tlsSecretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if .Values.kmsV2.enabled }}
+- name: keybroker-kms-v2
+  hostPath:
+    path: {{ .Values.kmsV2.hostPath }}
+    type: DirectoryOrCreate
 {{- end }}
 {{- end -}}
 

@@ -117,6 +117,9 @@ fn peer<T>(request: &Request<T>) -> Result<Arc<Peer>, Status> {
         .ok_or_else(|| Status::unauthenticated("no peer credentials on this connection"))
 }
 
+/// The annotation naming the key version of a data key.
+pub const VERSION_ANNOTATION: &str = "version.keybroker.kms.k8s.io";
+
 /// The API server's limit on a ciphertext.
 pub const MAX_CIPHERTEXT: usize = 1024;
 
@@ -167,7 +170,10 @@ impl KeyManagementService for KmsV2Service {
                 self.record(&peer, "KmsV2Encrypt", &req.uid, started, &w.key, w.version, w.backend.clone(), Ok(()))
                     .await?;
                 let key_id = format!("keybroker/{}/v{}", w.key, w.version);
-                Ok(Response::new(EncryptResponse { ciphertext: w.ciphertext, key_id, annotations: BTreeMap::new() }))
+                // For operators reading etcd: the version, under the suffix
+                // the API server requires of annotation keys.
+                let annotations = BTreeMap::from([(VERSION_ANNOTATION.to_owned(), w.version.to_string().into_bytes())]);
+                Ok(Response::new(EncryptResponse { ciphertext: w.ciphertext, key_id, annotations }))
             }
             Err(err) => {
                 self.record(&peer, "KmsV2Encrypt", &req.uid, started, &self.key, 0, String::new(), Err(&err)).await?;

@@ -26,7 +26,8 @@ pub const GENERATED_RS: &str = "client/src/generated/keybroker.v1.rs";
 pub const DESCRIPTOR_BIN: &str = "client/src/generated/keybroker_v1_descriptor.bin";
 /// The Kubernetes KMS v2 plugin API, relative to `proto/`.
 pub const KMS_V2_PROTO: &str = "kubernetes/kms/v2/api.proto";
-/// Where its generated server code goes (the server crate only).
+/// Where its generated code goes (the server crate; the client half is for
+/// the benchmarks).
 pub const KMS_V2_RS: &str = "server/src/api/kms_v2/generated.rs";
 
 /// Where the proto files are copied so the published crate carries them.
@@ -66,7 +67,7 @@ pub fn generate(root: &Path) -> Result<Vec<GeneratedFile>> {
     let kms = protox::compile([KMS_V2_PROTO], [&proto_dir]).context("compiling the KMS v2 proto")?;
     let kms_out = tempfile::tempdir().context("creating a temporary output directory")?;
     tonic_prost_build::configure()
-        .build_client(false)
+        .build_client(true)
         .build_server(true)
         .build_transport(false)
         .btree_map(".")

@@ -26,6 +26,10 @@ enum Rpc {
     BatchUnwrap,
     Rewrap,
     BatchRewrap,
+    /// The XKS proxy API's Encrypt (HTTPS/1.1, SigV4-signed by aws-sigv4).
+    XksEncrypt,
+    /// The Kubernetes KMS v2 plugin's Encrypt (gRPC on its Unix socket).
+    KmsV2Encrypt,
 }
 
 /// Load generator for keybroker.
@@ -67,6 +71,18 @@ struct Args {
     /// Also write the result as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// XKS: the base URL with the path prefix (https://localhost:8443/kb).
+    #[arg(long)]
+    xks_url: Option<String>,
+    /// XKS: the access key id.
+    #[arg(long, default_value = "AKIAXKSBENCHCREDENTIAL")]
+    xks_akid: String,
+    /// XKS: the variable holding the secret access key.
+    #[arg(long, default_value = "XKS_SECRET")]
+    xks_secret_env: String,
+    /// KMS v2: the plugin socket.
+    #[arg(long)]
+    kms_socket: Option<std::path::PathBuf>,
     /// Pace the load to this many requests per second in all (0: as fast
     /// as the server answers).
     #[arg(long, default_value_t = 0.0)]
@@ -175,7 +191,111 @@ async fn one_request(
                 r.into_inner().results.iter().map(|r| matches!(r.result, Some(pb::batch_rewrap_result::Result::Ok(_)))),
             )
         }
+        Rpc::XksEncrypt | Rpc::KmsV2Encrypt => unreachable!("served by their own clients"),
     }
+}
+
+/// One HTTPS/1.1 keep-alive connection to the XKS listener.
+struct XksConnection {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<hyper::body::Bytes>>,
+    url: url_parts::Parts,
+    akid: String,
+    secret: String,
+}
+
+mod url_parts {
+    /// https://HOST:PORT/PREFIX split.
+    #[derive(Clone)]
+    pub struct Parts {
+        pub host: String,
+        pub port: u16,
+        pub prefix: String,
+    }
+
+    pub fn parse(url: &str) -> anyhow::Result<Parts> {
+        let rest = url.strip_prefix("https://").ok_or_else(|| anyhow::anyhow!("--xks-url must be https://"))?;
+        let (authority, prefix) = rest.split_once('/').map_or((rest, String::new()), |(a, p)| (a, format!("/{p}")));
+        let (host, port) = authority.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("--xks-url needs a port"))?;
+        Ok(Parts { host: host.to_owned(), port: port.parse()?, prefix })
+    }
+}
+
+impl XksConnection {
+    async fn open(args: &Args, ca: &std::path::Path) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        let url = url_parts::parse(args.xks_url.as_deref().ok_or_else(|| anyhow::anyhow!("--xks-url is required"))?)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+            roots.add(cert?)?;
+        }
+        let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect((url.host.as_str(), url.port)).await?;
+        tcp.set_nodelay(true)?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(rustls::pki_types::ServerName::try_from(url.host.clone())?, tcp)
+            .await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(conn);
+        let secret = std::env::var(&args.xks_secret_env)
+            .map_err(|_| anyhow::anyhow!("set {} to the XKS secret access key", args.xks_secret_env))?;
+        Ok(Self { sender, url, akid: args.xks_akid.clone(), secret })
+    }
+
+    async fn encrypt(&mut self, key: &str, plaintext: &[u8]) -> anyhow::Result<()> {
+        use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+        use base64::Engine;
+        let body = serde_json::json!({
+            "requestMetadata": {"awsPrincipalArn": "arn:aws:iam::123456789012:user/bench", "kmsKeyArn": "arn:aws:kms:us-east-1:123456789012:key/bench",
+                                "kmsOperation": "Encrypt", "kmsRequestId": "bench"},
+            "plaintext": base64::engine::general_purpose::STANDARD.encode(plaintext),
+            "encryptionAlgorithm": "AES_GCM",
+        })
+        .to_string();
+        let path = format!("{}/kms/xks/v1/keys/{key}/encrypt", self.url.prefix);
+        let host = format!("{}:{}", self.url.host, self.url.port);
+        let url = format!("https://{host}{path}");
+        let identity = aws_credential_types::Credentials::new(&self.akid, &self.secret, None, None, "bench").into();
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region("us-east-1")
+            .name("kms-xks-proxy")
+            .time(std::time::SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()?
+            .into();
+        let headers = [("host", host.as_str()), ("content-type", "application/json")];
+        let signable =
+            SignableRequest::new("POST", &url, headers.iter().copied(), SignableBody::Bytes(body.as_bytes()))?;
+        let (instructions, _) = sign(signable, &params)?.into_parts();
+        let mut request = hyper::Request::post(path).header("host", &host).header("content-type", "application/json");
+        for (name, value) in instructions.headers() {
+            request = request.header(name, value);
+        }
+        let request = request.body(http_body_util::Full::new(hyper::body::Bytes::from(body)))?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        let _ = http_body_util::BodyExt::collect(response.into_body()).await?;
+        anyhow::ensure!(status.is_success(), "XKS Encrypt answered {status}");
+        Ok(())
+    }
+}
+
+type KmsClient = keybroker_server::api::kms_v2::generated::key_management_service_client::KeyManagementServiceClient<
+    tonic::transport::Channel,
+>;
+
+async fn kms_client(socket: &std::path::Path) -> anyhow::Result<KmsClient> {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await?;
+    Ok(KmsClient::new(channel))
 }
 
 fn check_batch(mut ok: impl Iterator<Item = bool>) -> Result<(), tonic::Status> {
@@ -216,6 +336,16 @@ async fn main() -> anyhow::Result<()> {
         let mut client =
             clients[i % clients.len()].clone().max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         let (args, ciphertext, measuring, stop) = (args.clone(), ciphertext.clone(), measuring.clone(), stop.clone());
+        let ca = args.dev_dir.join("tls/ca.pem");
+        let mut xks = match args.rpc {
+            Rpc::XksEncrypt => Some(XksConnection::open(&args, &ca).await?),
+            _ => None,
+        };
+        let mut kms = match (&args.rpc, &args.kms_socket) {
+            (Rpc::KmsV2Encrypt, Some(socket)) => Some(kms_client(socket).await?),
+            (Rpc::KmsV2Encrypt, None) => anyhow::bail!("--rpc kms-v2-encrypt needs --kms-socket"),
+            _ => None,
+        };
         tasks.push(tokio::spawn(async move {
             let Ok(mut histogram) = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3) else {
                 return (Histogram::<u64>::new(1).unwrap_or_else(|_| unreachable!("1 significant digit is valid")), 0);
@@ -233,7 +363,20 @@ async fn main() -> anyhow::Result<()> {
                     tick.tick().await;
                 }
                 let started = Instant::now();
-                let result = one_request(&mut client, args.rpc, &args, &ciphertext).await;
+                let result = match (&mut xks, &mut kms) {
+                    (Some(x), _) => x
+                        .encrypt(&args.key, &vec![7; args.payload])
+                        .await
+                        .map_err(|e| tonic::Status::internal(e.to_string())),
+                    (_, Some(k)) => k
+                        .encrypt(keybroker_server::api::kms_v2::EncryptRequest {
+                            plaintext: vec![7; args.payload],
+                            uid: "bench".into(),
+                        })
+                        .await
+                        .map(|_| ()),
+                    _ => one_request(&mut client, args.rpc, &args, &ciphertext).await,
+                };
                 if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
                     match result {
                         Ok(()) => {

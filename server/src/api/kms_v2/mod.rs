@@ -9,9 +9,11 @@
 //! `uid:<n>` from the socket's peer credentials, authorized by the policy
 //! (Encrypt as Wrap, Decrypt as Unwrap) and audited with the request uid.
 
+/// Generated from proto/kubernetes/kms/v2/api.proto (`cargo run -p
+/// keybroker-codegen`); the client half serves the benchmarks.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 #[rustfmt::skip]
-mod generated;
+pub mod generated;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

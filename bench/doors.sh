@@ -11,19 +11,9 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
 ROUNDS=${ROUNDS:-3}
 CONC=${CONC:-64}
-command -v taskset >/dev/null || { echo "taskset missing: apt-get install -y util-linux" >&2; exit 1; }
-cargo build --release --locked -p keybroker-server -p keybroker-bench --bins
-T=${CARGO_TARGET_DIR:-target}/release
-work=$(mktemp -d)
-results=$work/results.jsonl
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+source bench/common.sh
 
-"$T/keybroker" dev --data-dir "$work/kb" --listen 127.0.0.1:0 >"$work/dev.out" 2>&1 &
-DEV=$!
-for _ in $(seq 1 300); do grep -q "^keybroker listening on " "$work/dev.out" && break; sleep 0.1; done
-kill "$DEV"; wait "$DEV" 2>/dev/null || true
+dev_dir
 
 XKS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 export XKS_SECRET=$(openssl rand -base64 32)
@@ -59,7 +49,7 @@ credentials = [{ access_key_id = "AKIAXKSBENCHCREDENTIAL", secret_access_key_env
 TOML
 taskset -c 0 "$T/keybroker" serve --config "$work/doors.toml" >"$work/kb.out" 2>"$work/kb.err" &
 KB_PID=$!; pids+=("$KB_PID")
-for _ in $(seq 1 300); do KB=$(sed -n 's/^keybroker listening on //p' "$work/kb.out" | head -1); [ -n "$KB" ] && break; sleep 0.1; done
+KB=$(listening "$work/kb.out")
 [ -n "$KB" ] || { cat "$work/kb.err" >&2; exit 1; }
 
 load() { # label rpc [extra]
@@ -94,14 +84,4 @@ for label, name in [("grpc-wrap", "gRPC Wrap"), ("xks-encrypt", "XKS Encrypt"), 
           f"{med(label, 'server_cpu_us_per_request'):.1f} | {sum(r['errors'] for r in runs[label])} |")
 print("<!-- doors:end -->")
 PY
-python3 - "$work/section.md" <<'PY'
-import re, sys
-section = open(sys.argv[1]).read().strip()
-text = open("BENCHMARKS.md").read()
-if "<!-- doors:start -->" in text:
-    text = re.sub(r"<!-- doors:start -->.*?<!-- doors:end -->", lambda m: section, text, flags=re.S)
-else:
-    text = text.rstrip() + "\n\n" + section + "\n"
-open("BENCHMARKS.md", "w").write(text)
-PY
-cat "$work/section.md"
+write_section doors "$work/section.md"

@@ -11,20 +11,9 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
 ROUNDS=${ROUNDS:-3}
 CONC=${CONC:-64}
-command -v taskset >/dev/null || { echo "taskset missing: apt-get install -y util-linux" >&2; exit 1; }
-cargo build --release --locked -p keybroker-server -p keybroker-bench --bins
-T=${CARGO_TARGET_DIR:-target}/release
-work=$(mktemp -d)
-results=$work/results.jsonl
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+source bench/common.sh
 
-# The dev data directory (PKI, root key, SQLite file with key "demo").
-"$T/keybroker" dev --data-dir "$work/kb" --listen 127.0.0.1:0 >"$work/dev.out" 2>&1 &
-DEV=$!
-for _ in $(seq 1 300); do grep -q "^keybroker listening on " "$work/dev.out" && break; sleep 0.1; done
-kill "$DEV"; wait "$DEV" 2>/dev/null || true
+dev_dir
 
 base() { # the common part (no audit, no metrics), then $1: the app identity's shorthand role or nothing
   cat <<TOML
@@ -77,7 +66,7 @@ run() { # name
   taskset -c 0 "$T/keybroker" serve --config "$work/$1.toml" >"$work/$1.out" 2>"$work/$1.err" &
   local pid=$!
   local addr=""
-  for _ in $(seq 1 300); do addr=$(sed -n 's/^keybroker listening on //p' "$work/$1.out" | head -1); [ -n "$addr" ] && break; sleep 0.1; done
+  addr=$(listening "$work/$1.out")
   [ -n "$addr" ] || { cat "$work/$1.err" >&2; exit 1; }
   taskset -c 1 "$T/kb-loadgen" --url "https://$addr" --dev-dir "$work/kb" --server-pid "$pid" --label "$1" \
     --rpc wrap --concurrency "$CONC" --duration "$DURATION" --json "$results"
@@ -114,14 +103,4 @@ for label in ["bare", "audit", "metrics", "policy", "all"]:
     print(f"| {label} | {rps:.0f} | {rps / bare * 100:.1f}% | {med(label, 'p50_us'):.0f} | {med(label, 'p99_us'):.0f} | {cpu:.1f} |")
 print("<!-- features:end -->")
 PY
-python3 - "$work/section.md" <<'PY'
-import re, sys
-section = open(sys.argv[1]).read().strip()
-text = open("BENCHMARKS.md").read()
-if "<!-- features:start -->" in text:
-    text = re.sub(r"<!-- features:start -->.*?<!-- features:end -->", lambda m: section, text, flags=re.S)
-else:
-    text = text.rstrip() + "\n\n" + section + "\n"
-open("BENCHMARKS.md", "w").write(text)
-PY
-cat "$work/section.md"
+write_section features "$work/section.md"

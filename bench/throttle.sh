@@ -9,19 +9,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
 RATE=${RATE:-2000}
-command -v taskset >/dev/null || { echo "taskset missing: apt-get install -y util-linux" >&2; exit 1; }
-cargo build --release --locked -p keybroker-server -p keybroker-bench --bins
-T=${CARGO_TARGET_DIR:-target}/release
-work=$(mktemp -d)
-results=$work/results.jsonl
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+source bench/common.sh
 
 KEYBROKER_LOG=warn KEYBROKER_LIMITS__PER_IDENTITY_RATE=$RATE KEYBROKER_LIMITS__PER_IDENTITY_BURST=$RATE \
   taskset -c 0 "$T/keybroker" dev --data-dir "$work/kb" --listen 127.0.0.1:0 >"$work/kb.out" 2>"$work/kb.err" &
 KB_PID=$!; pids+=("$KB_PID")
-for _ in $(seq 1 300); do KB=$(sed -n 's/^keybroker listening on //p' "$work/kb.out" | head -1); [ -n "$KB" ] && break; sleep 0.1; done
+KB=$(listening "$work/kb.out")
 sleep 1
 
 quiet() { # label: the socket's identity, paced at half its rate, 16 in flight
@@ -59,14 +52,4 @@ print(f"the flooding identity gets {flood['requests_per_second']:.0f} req/s thro
 print(f"{flood['errors']} calls refused at once, {flood['errors'] / flood['seconds']:.0f} refusals per second.")
 print("<!-- throttle:end -->")
 PY
-python3 - "$work/section.md" <<'PY'
-import re, sys
-section = open(sys.argv[1]).read().strip()
-text = open("BENCHMARKS.md").read()
-if "<!-- throttle:start -->" in text:
-    text = re.sub(r"<!-- throttle:start -->.*?<!-- throttle:end -->", lambda m: section, text, flags=re.S)
-else:
-    text = text.rstrip() + "\n\n" + section + "\n"
-open("BENCHMARKS.md", "w").write(text)
-PY
-cat "$work/section.md"
+write_section throttle "$work/section.md"

@@ -132,6 +132,34 @@ impl KeyBrokerService {
     }
 }
 
+/// The body the batch RPCs share: every item through the single RPC's code
+/// (authorized for its own key), its outcome tallied for the audit, its
+/// result or error in the answer.
+macro_rules! batch {
+    ($self:ident, $request:ident, $rpc:literal, $one:ident, $response:ident, $result:ident, $module:ident) => {{
+        let call = $self.guards.call($rpc, &$request)?;
+        let req = $request.into_inner();
+        let mut groups = Groups::new();
+        let result = async {
+            $self.check_batch(&call, req.items.len())?;
+            let mut results = Vec::with_capacity(req.items.len());
+            for item in &req.items {
+                let (result, touched) = $self.$one(&call, item).await;
+                tally(&mut groups, touched, &result);
+                results.push(pb::$result {
+                    result: Some(match result {
+                        Ok(ok) => pb::$module::Result::Ok(ok),
+                        Err(err) => pb::$module::Result::Error(item_error(&err)),
+                    }),
+                });
+            }
+            Ok(pb::$response { results })
+        }
+        .await;
+        call.finish_batch(groups, result).await
+    }};
+}
+
 #[tonic::async_trait]
 impl KeyBroker for KeyBrokerService {
     async fn wrap(&self, request: Request<pb::WrapRequest>) -> Result<Response<pb::WrapResponse>, Status> {
@@ -180,77 +208,20 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<pb::BatchWrapRequest>,
     ) -> Result<Response<pb::BatchWrapResponse>, Status> {
-        let call = self.guards.call("BatchWrap", &request)?;
-        let req = request.into_inner();
-        let mut groups = Groups::new();
-        let result = async {
-            self.check_batch(&call, req.items.len())?;
-            let mut results = Vec::with_capacity(req.items.len());
-            for item in &req.items {
-                let (result, touched) = self.wrap_one(&call, item).await;
-                tally(&mut groups, touched, &result);
-                results.push(pb::BatchWrapResult {
-                    result: Some(match result {
-                        Ok(ok) => pb::batch_wrap_result::Result::Ok(ok),
-                        Err(err) => pb::batch_wrap_result::Result::Error(item_error(&err)),
-                    }),
-                });
-            }
-            Ok(pb::BatchWrapResponse { results })
-        }
-        .await;
-        call.finish_batch(groups, result).await
+        batch!(self, request, "BatchWrap", wrap_one, BatchWrapResponse, BatchWrapResult, batch_wrap_result)
     }
 
     async fn batch_unwrap(
         &self,
         request: Request<pb::BatchUnwrapRequest>,
     ) -> Result<Response<pb::BatchUnwrapResponse>, Status> {
-        let call = self.guards.call("BatchUnwrap", &request)?;
-        let req = request.into_inner();
-        let mut groups = Groups::new();
-        let result = async {
-            self.check_batch(&call, req.items.len())?;
-            let mut results = Vec::with_capacity(req.items.len());
-            for item in &req.items {
-                let (result, touched) = self.unwrap_one(&call, item).await;
-                tally(&mut groups, touched, &result);
-                results.push(pb::BatchUnwrapResult {
-                    result: Some(match result {
-                        Ok(ok) => pb::batch_unwrap_result::Result::Ok(ok),
-                        Err(err) => pb::batch_unwrap_result::Result::Error(item_error(&err)),
-                    }),
-                });
-            }
-            Ok(pb::BatchUnwrapResponse { results })
-        }
-        .await;
-        call.finish_batch(groups, result).await
+        batch!(self, request, "BatchUnwrap", unwrap_one, BatchUnwrapResponse, BatchUnwrapResult, batch_unwrap_result)
     }
 
     async fn batch_rewrap(
         &self,
         request: Request<pb::BatchRewrapRequest>,
     ) -> Result<Response<pb::BatchRewrapResponse>, Status> {
-        let call = self.guards.call("BatchRewrap", &request)?;
-        let req = request.into_inner();
-        let mut groups = Groups::new();
-        let result = async {
-            self.check_batch(&call, req.items.len())?;
-            let mut results = Vec::with_capacity(req.items.len());
-            for item in &req.items {
-                let (result, touched) = self.rewrap_one(&call, item).await;
-                tally(&mut groups, touched, &result);
-                results.push(pb::BatchRewrapResult {
-                    result: Some(match result {
-                        Ok(ok) => pb::batch_rewrap_result::Result::Ok(ok),
-                        Err(err) => pb::batch_rewrap_result::Result::Error(item_error(&err)),
-                    }),
-                });
-            }
-            Ok(pb::BatchRewrapResponse { results })
-        }
-        .await;
-        call.finish_batch(groups, result).await
+        batch!(self, request, "BatchRewrap", rewrap_one, BatchRewrapResponse, BatchRewrapResult, batch_rewrap_result)
     }
 }

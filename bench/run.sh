@@ -90,7 +90,7 @@ taskset -c 1 cargo bench --locked -p keybroker-bench --bench micro -- --warm-up-
   | tee "$work/criterion.txt" | grep -E "^[a-z_]+/|time:" || true
 
 # The fleet and throttling sections (bench/fleet.sh, bench/throttle.sh) are kept as they are.
-fleet=$(python3 -c 'import re; t = open("BENCHMARKS.md").read(); print("\n\n".join(m.group(0) for m in re.finditer(r"<!-- (fleet|throttle|features|doors):start -->.*?<!-- (fleet|throttle|features|doors):end -->", t, re.S)))')
+fleet=$(python3 -c 'import re; t = open("BENCHMARKS.md").read(); print("\n\n".join(m.group(0) for m in re.finditer(r"<!-- (fleet|throttle|features|feature-costs|doors):start -->.*?<!-- (fleet|throttle|features|feature-costs|doors):end -->", t, re.S)))')
 python3 bench/report.py "$results" "$work/criterion.txt" "$KB_BASE_RSS" \
   "DURATION=$DURATION ROUNDS=$ROUNDS CONC=$CONC bench/run.sh" > "$work/report.md"
 { cat "$work/report.md"; if [ -n "$fleet" ]; then printf '\n%s\n' "$fleet"; fi; } > BENCHMARKS.md

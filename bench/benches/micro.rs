@@ -83,6 +83,22 @@ fn policy(c: &mut Criterion) {
     });
 }
 
+/// What metrics add to one Wrap on the hot path: the request counter and
+/// latency histogram, and the backend call's counter and histogram (the
+/// per-key series cost nothing per call: they are read at scrape time).
+fn metrics(c: &mut Criterion) {
+    let instruments = keybroker_server::telemetry::metrics::enable();
+    let backend = instruments.backend("local");
+    let rpc = keybroker_server::telemetry::metrics::rpc_index("Wrap");
+    c.bench_function("metrics/instruments_of_one_wrap", |b| {
+        b.iter(|| {
+            let started = std::time::Instant::now();
+            backend.call(0, true, started.elapsed());
+            instruments.request(black_box(rpc), 0, started.elapsed());
+        })
+    });
+}
+
 fn cache(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -101,5 +117,5 @@ fn cache(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, envelope, local_backend, policy, cache);
+criterion_group!(benches, envelope, local_backend, policy, metrics, cache);
 criterion_main!(benches);

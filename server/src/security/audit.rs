@@ -7,11 +7,11 @@
 //! latency and a SHA-256 of the encryption context; never key material or
 //! plaintext.
 //!
-//! One writer thread owns the file: calls hand it their event and, when the
-//! log fails closed (the default), wait until it is written, so a call whose
+//! A call writes its own event, under a lock that keeps the chain in order,
+//! before it answers: when the log fails closed (the default), a call whose
 //! event cannot be written fails with UNAVAILABLE instead of going
-//! unrecorded. Concurrent events are written together (one `write` each
-//! round).
+//! unrecorded. (No thread hop: handing events to a writer thread and waiting
+//! for its acknowledgement cost more than the write itself.)
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
 
@@ -149,22 +148,17 @@ pub fn code_name(code: Option<ErrorCode>) -> &'static str {
     }
 }
 
-struct Pending {
-    record: Record,
-    ack: Option<oneshot::Sender<bool>>,
-}
-
 /// The audit log handle the services share.
 pub struct AuditLog {
-    tx: Option<mpsc::UnboundedSender<Pending>>,
+    writer: Option<std::sync::Mutex<Writer>>,
     fail_closed: bool,
-    healthy: Arc<AtomicBool>,
-    failures: Arc<AtomicU64>,
+    healthy: AtomicBool,
+    failures: AtomicU64,
 }
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog").field("enabled", &self.tx.is_some()).finish_non_exhaustive()
+        f.debug_struct("AuditLog").field("enabled", &self.writer.is_some()).finish_non_exhaustive()
     }
 }
 
@@ -179,17 +173,11 @@ pub struct AuditError {
 impl AuditLog {
     /// A log that records nothing.
     pub fn disabled() -> Arc<Self> {
-        Arc::new(Self {
-            tx: None,
-            fail_closed: false,
-            healthy: Arc::new(AtomicBool::new(true)),
-            failures: Arc::new(AtomicU64::new(0)),
-        })
+        Arc::new(Self { writer: None, fail_closed: false, healthy: AtomicBool::new(true), failures: AtomicU64::new(0) })
     }
 
-    /// Opens the sink of `config` and starts its writer thread. The chain
-    /// continues from the last line of the file (or of its newest rotated
-    /// sibling).
+    /// Opens the sink of `config`. The chain continues from the last line of
+    /// the file (or of its newest rotated sibling).
     pub fn open(config: &AuditConfig) -> Result<Arc<Self>, AuditError> {
         if config.file.is_none() && !config.stdout {
             tracing::warn!("audit log off: set audit.file (or audit.stdout) to record every call");
@@ -203,29 +191,18 @@ impl AuditLog {
             Some(f) => f.chain_tail(),
             None => (zero_hash(), 0),
         };
-        let healthy = Arc::new(AtomicBool::new(true));
-        let failures = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut writer = Writer {
-            file,
-            stdout: config.stdout,
-            prev,
-            seq,
-            healthy: healthy.clone(),
-            failures: failures.clone(),
-            lost: 0,
-            lost_since: None,
-        };
-        std::thread::Builder::new()
-            .name("keybroker-audit".to_owned())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| AuditError { path: "<thread>".to_owned(), cause: e.to_string() })?;
-        Ok(Arc::new(Self { tx: Some(tx), fail_closed: config.fail_closed, healthy, failures }))
+        let writer = Writer { file, stdout: config.stdout, prev, seq, lost: 0, lost_since: None, bytes: Vec::new() };
+        Ok(Arc::new(Self {
+            writer: Some(std::sync::Mutex::new(writer)),
+            fail_closed: config.fail_closed,
+            healthy: AtomicBool::new(true),
+            failures: AtomicU64::new(0),
+        }))
     }
 
     /// Whether events are recorded at all.
     pub fn enabled(&self) -> bool {
-        self.tx.is_some()
+        self.writer.is_some()
     }
 
     /// Events that could not be written since start.
@@ -238,38 +215,42 @@ impl AuditLog {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Writes `records` (none: only the gap event a failing sink owes, as a
+    /// probe); whether they were written.
+    fn write(&self, records: &[&Record]) -> bool {
+        let Some(writer) = &self.writer else { return true };
+        let mut writer = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let written = writer.write_records(records);
+        drop(writer);
+        if !written {
+            self.failures.fetch_add(records.len() as u64, Ordering::Relaxed);
+        }
+        self.healthy.store(written, Ordering::Relaxed);
+        written
+    }
+
     /// UNAVAILABLE when the log fails closed and its sink is failing: admin
-    /// calls check this before they change anything.
+    /// calls check this before they change anything (it tries the sink
+    /// again first).
     pub fn ready(&self) -> ServiceResult<()> {
-        if self.fail_closed && !self.healthy() {
+        if self.fail_closed && !self.healthy() && !self.write(&[]) {
             return Err(unavailable());
         }
         Ok(())
     }
 
-    /// Records `record`; when the log fails closed, waits until it is
-    /// written and fails with UNAVAILABLE if it could not be.
+    /// Records `record` before the call answers; when the log fails closed
+    /// and the event cannot be written, UNAVAILABLE.
     pub async fn record(&self, record: Record) -> ServiceResult<()> {
-        let Some(tx) = &self.tx else { return Ok(()) };
-        if !self.fail_closed {
-            let _ = tx.send(Pending { record, ack: None });
+        if self.write(&[&record]) || !self.fail_closed {
             return Ok(());
         }
-        let (ack, written) = oneshot::channel();
-        if tx.send(Pending { record, ack: Some(ack) }).is_err() {
-            return Err(unavailable());
-        }
-        match written.await {
-            Ok(true) => Ok(()),
-            _ => Err(unavailable()),
-        }
+        Err(unavailable())
     }
 
-    /// Records without waiting (the broker's own background actions).
+    /// Records an action the broker took on its own.
     pub fn record_detached(&self, record: Record) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Pending { record, ack: None });
-        }
+        self.write(&[&record]);
     }
 }
 
@@ -422,62 +403,40 @@ struct Writer {
     stdout: bool,
     prev: String,
     seq: u64,
-    healthy: Arc<AtomicBool>,
-    failures: Arc<AtomicU64>,
     /// Events lost since the sink last worked.
     lost: u64,
     lost_since: Option<String>,
+    /// The lines being written (kept to reuse its allocation).
+    bytes: Vec<u8>,
 }
 
 impl Writer {
-    fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Pending>) {
-        let mut batch = Vec::new();
-        loop {
-            // While failing, wake every second to try again (with the gap
-            // event) even if no call comes.
-            let first = if self.lost > 0 {
-                match recv_timeout(&mut rx, Duration::from_secs(1)) {
-                    Recv::Item(p) => Some(p),
-                    Recv::Timeout => None,
-                    Recv::Closed => return,
-                }
-            } else {
-                match rx.blocking_recv() {
-                    Some(p) => Some(p),
-                    None => return,
-                }
-            };
-            batch.extend(first);
-            while batch.len() < 4096 {
-                match rx.try_recv() {
-                    Ok(p) => batch.push(p),
-                    Err(_) => break,
-                }
-            }
-            self.write_batch(&mut batch);
+    /// Appends `records` to the chain, after the gap event a failing sink
+    /// owes; whether they reached the sink.
+    fn write_records(&mut self, records: &[&Record]) -> bool {
+        if records.is_empty() && self.lost == 0 {
+            return true;
         }
-    }
-
-    fn write_batch(&mut self, batch: &mut Vec<Pending>) {
         let now = now_rfc3339();
-        let mut bytes = Vec::with_capacity(batch.len() * 320 + 320);
+        let mut bytes = std::mem::take(&mut self.bytes);
+        bytes.clear();
         let (mut prev, mut seq) = (self.prev.clone(), self.seq);
         let mut append = |record: &Record, bytes: &mut Vec<u8>| {
             seq += 1;
-            let event = Event {
+            let event = EventRef {
                 seq,
-                time: now.clone(),
-                identity: record.identity.clone(),
-                rpc: record.rpc.to_owned(),
-                key: record.key.clone(),
+                time: &now,
+                identity: &record.identity,
+                rpc: record.rpc,
+                key: &record.key,
                 version: record.version,
-                backend: record.backend.clone(),
-                code: code_name(record.code).to_owned(),
+                backend: &record.backend,
+                code: code_name(record.code),
                 latency_us: record.latency_us,
                 count: record.count.max(1),
-                context_sha256: record.context_sha256.clone(),
-                detail: record.detail.clone(),
-                prev: std::mem::take(&mut prev),
+                context_sha256: &record.context_sha256,
+                detail: &record.detail,
+                prev: &prev,
             };
             let start = bytes.len();
             // Serializing plain strings and numbers cannot fail.
@@ -500,31 +459,29 @@ impl Writer {
             };
             append(&gap, &mut bytes);
         }
-        for pending in batch.iter() {
-            append(&pending.record, &mut bytes);
+        for record in records {
+            append(record, &mut bytes);
         }
-        let written = if bytes.is_empty() { Ok(()) } else { self.emit(&bytes) };
-        let ok = written.is_ok();
-        if let Err(err) = written {
-            if self.lost == 0 {
-                tracing::error!(%err, "cannot write the audit log");
-                self.lost_since = Some(now.clone());
+        let written = self.emit(&bytes);
+        self.bytes = bytes;
+        match written {
+            Err(err) => {
+                if self.lost == 0 {
+                    tracing::error!(%err, "cannot write the audit log");
+                    self.lost_since = Some(now);
+                }
+                self.lost += records.len() as u64;
+                false
             }
-            self.lost += batch.len() as u64;
-            self.failures.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        } else {
-            if self.lost > 0 {
-                tracing::info!(lost = self.lost, "the audit log is written again");
-            }
-            self.lost = 0;
-            self.lost_since = None;
-            self.prev = prev;
-            self.seq = seq;
-        }
-        self.healthy.store(ok, Ordering::Relaxed);
-        for pending in batch.drain(..) {
-            if let Some(ack) = pending.ack {
-                let _ = ack.send(ok);
+            Ok(()) => {
+                if self.lost > 0 {
+                    tracing::info!(lost = self.lost, "the audit log is written again");
+                }
+                self.lost = 0;
+                self.lost_since = None;
+                self.prev = prev;
+                self.seq = seq;
+                true
             }
         }
     }
@@ -542,26 +499,22 @@ impl Writer {
     }
 }
 
-enum Recv {
-    Item(Pending),
-    Timeout,
-    Closed,
-}
-
-fn recv_timeout(rx: &mut mpsc::UnboundedReceiver<Pending>, timeout: Duration) -> Recv {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match rx.try_recv() {
-            Ok(p) => return Recv::Item(p),
-            Err(mpsc::error::TryRecvError::Disconnected) => return Recv::Closed,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if Instant::now() >= deadline {
-                    return Recv::Timeout;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
+/// An [`Event`] borrowed from its record, for writing without copies.
+#[derive(Serialize)]
+struct EventRef<'a> {
+    seq: u64,
+    time: &'a str,
+    identity: &'a str,
+    rpc: &'a str,
+    key: &'a str,
+    version: u32,
+    backend: &'a str,
+    code: &'a str,
+    latency_us: u64,
+    count: u64,
+    context_sha256: &'a str,
+    detail: &'a str,
+    prev: &'a str,
 }
 
 fn now_rfc3339() -> String {

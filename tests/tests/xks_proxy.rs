@@ -228,3 +228,59 @@ credentials = [{{ access_key_id = "{AKID_A}", secret_access_key_env = "XKS_SECRE
     assert!(!broker.stderr().contains(&plaintext), "a plaintext in the log");
     assert!(!broker.stderr().contains(&secret_a), "a SigV4 secret in the log");
 }
+
+/// With `client_ca` and `client_cns`, only a client certificate of that CA
+/// with an admitted subject name (AWS KMS presents
+/// CN=cks.kms.<region>.amazonaws.com) completes a request; SigV4 is still
+/// required on top.
+#[tokio::test]
+async fn mtls_admits_only_the_configured_client_names() {
+    use keybroker_server::security::tls::pki::{Ca, ClientSpec};
+    require_tool("curl", "apt-get install -y curl");
+    let dir = tempdir();
+    let dev = dev_pki(dir.path());
+    let port = free_port();
+    let clients = Ca::generate("AWS KMS stand-in CA").unwrap();
+    let ca_path = dir.path().join("clients-ca.pem");
+    std::fs::write(&ca_path, clients.cert_pem()).unwrap();
+    let mut certs = Vec::new();
+    for cn in ["cks.kms.eu-west-1.amazonaws.com", "intruder.example.com"] {
+        let issued = clients.issue_client(&ClientSpec::new(cn, None)).unwrap();
+        let (cert, key) = (dir.path().join(format!("{cn}.pem")), dir.path().join(format!("{cn}.key")));
+        std::fs::write(&cert, &issued.cert_pem).unwrap();
+        std::fs::write(&key, issued.key_pem.as_bytes()).unwrap();
+        certs.push((cert, key));
+    }
+    let config = config_with_backends(dir.path(), &dev, "local", "");
+    let tls = dev.join("tls");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[xks]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{tls}/server.pem\"\nkey = \"{tls}/server.key\"\n\
+         client_ca = \"{ca}\"\nclient_cns = [\"cks.kms.eu-west-1.amazonaws.com\"]\n\
+         [[xks.prefixes]]\npath = \"\"\ncredentials = [{{ access_key_id = \"{AKID_A}\", secret_access_key_env = \"XKS_SECRET_A\" }}]\n",
+        tls = tls.display(),
+        ca = ca_path.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let secret_a = secret();
+    let _broker = Broker::serve(&config, &dev, &[("XKS_SECRET_A", secret_a.as_str())]);
+    let health = |cert: Option<&(std::path::PathBuf, std::path::PathBuf)>| {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--cacert", tls.join("ca.pem").to_str().unwrap(), "-w", "\n%{http_code}"])
+            .args(["--aws-sigv4", "aws:amz:us-east-1:kms-xks-proxy", "--user", &format!("{AKID_A}:{secret_a}")])
+            .args(["-H", "Content-Type: application/json"])
+            .args(["-d", r#"{"requestMetadata":{"kmsRequestId":"m1","kmsOperation":"KmsHealthCheck"}}"#]);
+        if let Some((c, k)) = cert {
+            curl.args(["--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()]);
+        }
+        let out = curl.arg(format!("https://localhost:{port}/kms/xks/v1/health")).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.success(), text.rsplit('\n').next().unwrap_or_default().trim().to_owned())
+    };
+    let (ok, code) = health(Some(&certs[0]));
+    assert!(ok && code == "200", "AWS KMS's name: {ok} {code}");
+    let (ok, code) = health(Some(&certs[1]));
+    assert!(!ok || code != "200", "another subject name got in: {code}");
+    let (ok, code) = health(None);
+    assert!(!ok || code != "200", "no client certificate got in: {code}");
+}

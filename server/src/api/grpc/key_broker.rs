@@ -13,7 +13,7 @@ use super::{Call, Guards, Touched, item_error};
 use crate::core::broker::Broker;
 use crate::core::envelope;
 use crate::error::{ServiceError, ServiceResult};
-use crate::security::audit::{code_name, context_hash};
+use crate::security::audit::code_name;
 use crate::security::policy::Rpc;
 
 /// The data-plane service.
@@ -53,7 +53,7 @@ impl KeyBrokerService {
     }
 
     async fn wrap_one(&self, call: &Call<'_>, req: &pb::WrapRequest) -> (ServiceResult<pb::WrapResponse>, Touched) {
-        let mut touched = Touched { context_sha256: context_hash(&req.context), ..Touched::key(&req.key) };
+        let mut touched = Touched { context_sha256: call.context_hash(&req.context), ..Touched::key(&req.key) };
         let result = match call.allow(Rpc::Wrap, &req.key) {
             Ok(()) => self.broker.wrap(&req.key, &req.plaintext, &req.context).await,
             Err(err) => Err(err),
@@ -71,7 +71,7 @@ impl KeyBrokerService {
         call: &Call<'_>,
         req: &pb::UnwrapRequest,
     ) -> (ServiceResult<pb::UnwrapResponse>, Touched) {
-        let mut touched = Touched { context_sha256: context_hash(&req.context), ..Touched::default() };
+        let mut touched = Touched { context_sha256: call.context_hash(&req.context), ..Touched::default() };
         let allowed = match header_of(&req.ciphertext) {
             Some((key, version)) => {
                 let allowed = call.allow(Rpc::Unwrap, &key);
@@ -115,7 +115,7 @@ impl KeyBrokerService {
         call: &Call<'_>,
         req: &pb::RewrapRequest,
     ) -> (ServiceResult<pb::RewrapResponse>, Touched) {
-        let mut touched = Touched { context_sha256: context_hash(&req.context), ..Touched::default() };
+        let mut touched = Touched { context_sha256: call.context_hash(&req.context), ..Touched::default() };
         let source = header_of(&req.ciphertext);
         if let Some((key, version)) = &source {
             (touched.key, touched.version) = (key.clone(), *version);
@@ -180,7 +180,7 @@ impl KeyBroker for KeyBrokerService {
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
         let call = self.guards.call("GenerateDataKey", &request)?;
         let req = request.into_inner();
-        let mut touched = Touched { context_sha256: context_hash(&req.context), ..Touched::key(&req.key) };
+        let mut touched = Touched { context_sha256: call.context_hash(&req.context), ..Touched::key(&req.key) };
         let result = match call.allow(Rpc::GenerateDataKey, &req.key) {
             Ok(()) => self.broker.generate_data_key(&req.key, req.length, &req.context).await,
             Err(err) => Err(err),

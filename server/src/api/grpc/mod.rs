@@ -154,6 +154,12 @@ impl Call<'_> {
         &self.identity
     }
 
+    /// The hash of a context for this call's audit event; batch events
+    /// (one per key, version and outcome) carry none, so their items skip it.
+    pub fn context_hash(&self, context: &std::collections::BTreeMap<String, String>) -> String {
+        if self.rpc.starts_with("Batch") { String::new() } else { crate::security::audit::context_hash(context) }
+    }
+
     /// PERMISSION_DENIED unless the caller may call `rpc` on `key`.
     pub fn allow(&self, rpc: Rpc, key: &str) -> ServiceResult<()> {
         self.guards.gate.check(&self.peer, rpc, key)

@@ -106,7 +106,7 @@ impl Guards {
     /// Starts a call of `rpc` for the caller of `request`.
     pub fn call<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<Call<'_>, Status> {
         let peer = identity::peer(request)?;
-        Ok(Call { guards: self, rpc, identity: peer.name(), peer, started: Instant::now() })
+        Ok(Call { guards: self, rpc, identity: peer.name(), peer, started: Instant::now(), last: Default::default() })
     }
 }
 
@@ -141,6 +141,8 @@ pub struct Call<'a> {
     peer: Arc<Peer>,
     identity: String,
     started: Instant,
+    /// A batch's last decision: items of one key share it.
+    last: std::sync::Mutex<Option<(Rpc, String, bool)>>,
 }
 
 impl Call<'_> {
@@ -160,9 +162,22 @@ impl Call<'_> {
         if self.rpc.starts_with("Batch") { String::new() } else { crate::security::audit::context_hash(context) }
     }
 
-    /// PERMISSION_DENIED unless the caller may call `rpc` on `key`.
+    /// PERMISSION_DENIED unless the caller may call `rpc` on `key`. In a
+    /// batch, consecutive items of one key are decided once.
     pub fn allow(&self, rpc: Rpc, key: &str) -> ServiceResult<()> {
-        self.guards.gate.check(&self.peer, rpc, key)
+        if !self.rpc.starts_with("Batch") {
+            return self.guards.gate.check(&self.peer, rpc, key);
+        }
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let allowed = match last.as_ref() {
+            Some((r, k, allowed)) if *r == rpc && k == key => *allowed,
+            _ => {
+                let allowed = self.guards.gate.policy().allows(&self.peer, rpc, key);
+                *last = Some((rpc, key.to_owned(), allowed));
+                allowed
+            }
+        };
+        if allowed { Ok(()) } else { Err(crate::security::policy::denied(&self.peer, rpc, Some(key))) }
     }
 
     /// Whether the caller may call `rpc` on `key` (to filter a listing).

@@ -43,3 +43,24 @@ open("BENCHMARKS.md", "w").write(text)
 PY
   cat "$2"
 }
+
+# serve_config [LINES]: a `keybroker serve` configuration over the dev data
+# directory (SQLite, local backend, the dev admin identity), then LINES.
+serve_config() {
+  cat <<TOML
+listen = "127.0.0.1:0"
+log = "warn"
+[tls]
+cert = "$work/kb/tls/server.pem"
+key = "$work/kb/tls/server.key"
+client_ca = "$work/kb/tls/ca.pem"
+[store]
+type = "sqlite"
+path = "$work/kb/keybroker.sqlite"
+[root_key]
+file = "$work/kb/root.key"
+[auth]
+admin_identities = ["spiffe://keybroker.dev/admin"]
+${1:-}
+TOML
+}

@@ -17,21 +17,7 @@ dev_dir
 
 XKS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 export XKS_SECRET=$(openssl rand -base64 32)
-cat >"$work/doors.toml" <<TOML
-listen = "127.0.0.1:0"
-log = "warn"
-[tls]
-cert = "$work/kb/tls/server.pem"
-key = "$work/kb/tls/server.key"
-client_ca = "$work/kb/tls/ca.pem"
-[store]
-type = "sqlite"
-path = "$work/kb/keybroker.sqlite"
-[root_key]
-file = "$work/kb/root.key"
-[auth]
-admin_identities = ["spiffe://keybroker.dev/admin"]
-app_identities = ["spiffe://keybroker.dev/app"]
+{ serve_config 'app_identities = ["spiffe://keybroker.dev/app"]'; cat <<TOML
 [policy.roles.apiserver]
 "demo" = ["Wrap", "Unwrap"]
 [policy.identities]
@@ -47,6 +33,7 @@ key = "$work/kb/tls/server.key"
 path = "/kb"
 credentials = [{ access_key_id = "AKIAXKSBENCHCREDENTIAL", secret_access_key_env = "XKS_SECRET" }]
 TOML
+} >"$work/doors.toml"
 taskset -c 0 "$T/keybroker" serve --config "$work/doors.toml" >"$work/kb.out" 2>"$work/kb.err" &
 KB_PID=$!; pids+=("$KB_PID")
 KB=$(listening "$work/kb.out")

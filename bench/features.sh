@@ -15,24 +15,6 @@ source bench/common.sh
 
 dev_dir
 
-base() { # the common part (no audit, no metrics), then $1: the app identity's shorthand role or nothing
-  cat <<TOML
-listen = "127.0.0.1:0"
-log = "warn"
-[tls]
-cert = "$work/kb/tls/server.pem"
-key = "$work/kb/tls/server.key"
-client_ca = "$work/kb/tls/ca.pem"
-[store]
-type = "sqlite"
-path = "$work/kb/keybroker.sqlite"
-[root_key]
-file = "$work/kb/root.key"
-[auth]
-admin_identities = ["spiffe://keybroker.dev/admin"]
-$1
-TOML
-}
 audit='[audit]
 file = "'$work'/audit.log"'
 metrics='[metrics]
@@ -50,7 +32,7 @@ policy='[policy.roles.payments]
 "spiffe://keybroker.dev/app" = ["app"]'
 app='app_identities = ["spiffe://keybroker.dev/app"]'
 write() { # name, app line, extra sections
-  { base "$2"; printf '%s\n' "$3"; } >"$work/$1.toml"
+  { serve_config "$2"; printf '%s\n' "$3"; } >"$work/$1.toml"
 }
 write bare "$app" ""
 write audit "$app" "$audit"

@@ -107,9 +107,9 @@ impl Limits {
         }
     }
 
-    fn admit(&self, identity: &str) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ServiceError> {
+    fn admit(&self, identity: &String) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ServiceError> {
         if let Some(rate) = &self.rate
-            && rate.check_key(&identity.to_owned()).is_err()
+            && rate.check_key(identity).is_err()
         {
             return Err(self.rate_exceeded(identity));
         }
@@ -197,7 +197,13 @@ where
         let path = request.uri().path();
         let method = path.rsplit('/').next().unwrap_or_default();
         let rpc = crate::telemetry::metrics::rpc_index(method);
-        let identity = request.extensions().get::<PeerInfo>().map(|p| p.0.name()).unwrap_or_default();
+        // The caller's name, only when a rate or a span needs it (not on
+        // every call).
+        let identity = if self.limits.rate.is_some() || crate::telemetry::exporting() {
+            request.extensions().get::<PeerInfo>().map(|p| p.0.name()).unwrap_or_default()
+        } else {
+            String::new()
+        };
         // The call's span, a child of the caller's trace when it sent one.
         let span = crate::traced_span!(
             "rpc",

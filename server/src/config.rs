@@ -86,6 +86,9 @@ pub struct Config {
     /// Size limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// What the broker keeps in memory of the version table.
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// A Unix socket listener for the sidecar case, besides the mTLS port.
     #[serde(default)]
     pub unix_socket: Option<UnixSocketConfig>,
@@ -327,6 +330,47 @@ fn default_hierarchy_ttl() -> u64 {
 }
 fn default_sessions() -> usize {
     8
+}
+
+/// `[cache]`: the broker starts serving at once and reads the version
+/// table into memory behind it (a key used before its page arrives is read
+/// on its own); these bound what it keeps.
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Most keys whose records (versions, states, counts) are held in
+    /// memory, about 0.5 KiB each (BENCHMARKS.md "Many keys"); beyond, the
+    /// least recently used are let go and read again from the store on
+    /// their next use.
+    #[serde(default = "default_cache_keys")]
+    pub max_keys: usize,
+    /// Most key versions whose unsealed KEK is held ready (an AES-256-GCM
+    /// key schedule, about 1 KiB each) by the local backend; a version
+    /// beyond is unsealed again on use (about a microsecond).
+    #[serde(default = "default_cache_ciphers")]
+    pub max_ciphers: usize,
+    /// Read the whole table into the cache after start (in the background,
+    /// while serving), up to `max_keys`; false reads keys on first use only.
+    #[serde(default = "default_true")]
+    pub warm: bool,
+}
+
+fn default_cache_keys() -> usize {
+    crate::core::keyring::DEFAULT_MAX_CACHED_KEYS
+}
+
+fn default_cache_ciphers() -> usize {
+    crate::backend::local::DEFAULT_MAX_CIPHERS
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { max_keys: default_cache_keys(), max_ciphers: default_cache_ciphers(), warm: true }
+    }
 }
 
 /// `[limits]`.

@@ -196,7 +196,7 @@ pub(crate) async fn build_backends(config: &Config, env: &Environment) -> Result
     if !locals.is_empty() {
         for name in locals {
             let root = load_root_key(config, env, &backends).await?;
-            backends.insert(Arc::new(LocalBackend::new(name.clone(), root)));
+            backends.insert(Arc::new(LocalBackend::new(name.clone(), root).with_max_ciphers(config.cache.max_ciphers)));
         }
     }
     Ok(backends)
@@ -262,14 +262,21 @@ pub(crate) async fn open_store(config: &Config) -> Result<Arc<dyn KeyStore>, Sta
     }
 }
 
+/// Keys whose material start-up opens to check the root key.
+const ROOT_KEY_CHECK_KEYS: usize = 256;
+
 /// Fails start-up when a local backend's root key cannot open the material
-/// already in the table (started with the wrong root key).
+/// already in the table (started with the wrong root key): one version per
+/// local backend among the first keys of the table is opened.
 async fn verify_root_key(keyring: &Keyring) -> Result<(), StartError> {
-    let matcher = globset::Glob::new("*").map_err(|e| StartError::Other(e.to_string()))?.compile_matcher();
     let mut checked = std::collections::BTreeSet::new();
-    let (keys, _) = keyring.list(&matcher, "", usize::MAX);
+    let keys = keyring
+        .store()
+        .list_page("", ROOT_KEY_CHECK_KEYS)
+        .await
+        .map_err(|e| StartError::Other(format!("reading the version table: {e}")))?;
     for key in keys {
-        for v in &key.record.versions {
+        for v in &key.versions {
             if v.state == VersionState::Destroyed || checked.contains(&v.backend) {
                 continue;
             }
@@ -277,12 +284,28 @@ async fn verify_root_key(keyring: &Keyring) -> Result<(), StartError> {
             if backend.kind() != "local" {
                 continue;
             }
-            let version = VersionRef { key: &key.record.name, version: v.version, reference: &v.backend_ref };
+            let version = VersionRef { key: &key.name, version: v.version, reference: &v.backend_ref };
             backend.export(version).await.map_err(StartError::WrongRootKey)?;
             checked.insert(v.backend.clone());
         }
     }
     Ok(())
+}
+
+/// Reads the version table into the cache behind a serving broker.
+fn spawn_cache_warmer(keyring: Arc<Keyring>) {
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        match keyring.warm().await {
+            Ok(added) => tracing::info!(
+                keys = added,
+                cached = keyring.cached_len(),
+                ms = started.elapsed().as_millis() as u64,
+                "version table read into the cache"
+            ),
+            Err(err) => tracing::warn!(%err, "reading the version table into the cache stopped; keys are read on use"),
+        }
+    });
 }
 
 /// Serves `config` until SIGINT or SIGTERM. `on_listening` is called with
@@ -308,11 +331,14 @@ pub async fn run(
     let backends = build_backends(&config, env).await?;
     let store = open_store(&config).await?;
     let keyring = Arc::new(Keyring::new(store, backends.clone(), config.default_backend.clone()));
-    let loaded = keyring.load().await.map_err(|e: ServiceError| StartError::Other(e.to_string()))?;
+    keyring.set_max_keys(config.cache.max_keys);
+    keyring.start().await.map_err(|e: ServiceError| StartError::Other(e.to_string()))?;
     verify_root_key(&keyring).await?;
     let audit = AuditLog::open(&config.audit)?;
     keyring.set_audit(audit.clone());
-    tracing::info!(keys = loaded, "version table loaded");
+    if config.cache.warm {
+        spawn_cache_warmer(keyring.clone());
+    }
     for name in &options.ensure_keys {
         let missing = match keyring.key(name).await {
             Ok(_) => false,

@@ -23,6 +23,7 @@ mod helm_chart;
 mod kms_v2_plugin;
 mod live_migration;
 mod load_limits;
+mod many_keys;
 mod mtls_identity;
 mod no_secrets_in_logs;
 mod observability;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use keybroker_bench::{cpu_seconds, rss_kib};
+use keybroker_client::pb::key_admin_client::KeyAdminClient;
 use keybroker_client::pb::key_broker_client::KeyBrokerClient;
 use keybroker_client::{TlsIdentity, connect, pb};
 use serde::Serialize;
@@ -30,6 +31,9 @@ enum Rpc {
     XksEncrypt,
     /// The Kubernetes KMS v2 plugin's Encrypt (gRPC on its Unix socket).
     KmsV2Encrypt,
+    /// One ListKeys page (KeyAdmin, the dev admin identity) of `--page-size`
+    /// keys matching `--key-prefix*`, from a random point with `--key-count`.
+    ListKeys,
 }
 
 /// Load generator for keybroker.
@@ -44,6 +48,19 @@ struct Args {
     /// Key to use.
     #[arg(long, default_value = "demo")]
     key: String,
+    /// Many keys: each request uses a random one of `--key-count` keys named
+    /// `--key-prefix` + a zero-padded number (`keybroker create-keys`).
+    #[arg(long, default_value_t = 0)]
+    key_count: usize,
+    /// Prefix of the many keys.
+    #[arg(long, default_value = "tenant-")]
+    key_prefix: String,
+    /// Digits of the many keys' numbers.
+    #[arg(long, default_value_t = 7)]
+    key_digits: usize,
+    /// Keys per ListKeys page.
+    #[arg(long, default_value_t = 100)]
+    page_size: u32,
     /// RPC to drive.
     #[arg(long, value_enum, default_value = "wrap")]
     rpc: Rpc,
@@ -152,13 +169,36 @@ struct Report {
     server_peak_rss_kib: Option<u64>,
 }
 
+/// A small per-task random source (xorshift64*) for the key choice.
+struct Pick(u64);
+
+impl Pick {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n as u64) as usize
+    }
+}
+
+/// The key of the next request: `--key`, or a random one of the many keys.
+fn key_for(args: &Args, pick: &mut Pick) -> String {
+    match args.key_count {
+        0 => args.key.clone(),
+        n => format!("{}{:0width$}", args.key_prefix, pick.next(n), width = args.key_digits),
+    }
+}
+
 async fn one_request(
     client: &mut KeyBrokerClient<Channel>,
+    admin: &mut Option<KeyAdminClient<Channel>>,
+    pick: &mut Pick,
     rpc: Rpc,
     args: &Args,
     ciphertext: &[u8],
 ) -> Result<(), tonic::Status> {
-    let wrap = || pb::WrapRequest { key: args.key.clone(), plaintext: vec![7; args.payload], ..Default::default() };
+    let key = key_for(args, pick);
+    let wrap = || pb::WrapRequest { key: key.clone(), plaintext: vec![7; args.payload], ..Default::default() };
     let unwrap = || pb::UnwrapRequest { ciphertext: ciphertext.to_vec(), ..Default::default() };
     let rewrap = || pb::RewrapRequest { ciphertext: ciphertext.to_vec(), ..Default::default() };
     match rpc {
@@ -166,7 +206,7 @@ async fn one_request(
         Rpc::Unwrap => client.unwrap(unwrap()).await.map(|_| ()),
         Rpc::GenerateDataKey => client
             .generate_data_key(pb::GenerateDataKeyRequest {
-                key: args.key.clone(),
+                key: key.clone(),
                 length: args.payload as u32,
                 ..Default::default()
             })
@@ -190,6 +230,25 @@ async fn one_request(
             check_batch(
                 r.into_inner().results.iter().map(|r| matches!(r.result, Some(pb::batch_rewrap_result::Result::Ok(_)))),
             )
+        }
+        Rpc::ListKeys => {
+            let admin = admin.as_mut().ok_or_else(|| tonic::Status::internal("no admin client"))?;
+            let after = match args.key_count {
+                0 => String::new(),
+                n => format!("{}{:0width$}", args.key_prefix, pick.next(n), width = args.key_digits),
+            };
+            let page = admin
+                .list_keys(pb::ListKeysRequest {
+                    pattern: format!("{}*", args.key_prefix),
+                    page_size: args.page_size,
+                    page_token: base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, after),
+                })
+                .await?
+                .into_inner();
+            if page.keys.is_empty() && args.key_count > args.page_size as usize * 2 {
+                return Err(tonic::Status::internal("an empty page"));
+            }
+            Ok(())
         }
         Rpc::XksEncrypt | Rpc::KmsV2Encrypt => unreachable!("served by their own clients"),
     }
@@ -307,6 +366,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Arc::new(Args::parse());
     let tls = args.dev_dir.join("tls");
+    let tls = &tls;
     let identity = TlsIdentity::from_files(tls.join("ca.pem"), tls.join("client.pem"), tls.join("client.key"))?;
     if let Some(n) = args.hold_connections {
         return hold(&args, &identity, n).await;
@@ -341,6 +401,14 @@ async fn main() -> anyhow::Result<()> {
             Rpc::XksEncrypt => Some(XksConnection::open(&args, &ca).await?),
             _ => None,
         };
+        let mut admin = match args.rpc {
+            Rpc::ListKeys => {
+                let admin_identity = TlsIdentity::from_files(ca.clone(), tls.join("admin.pem"), tls.join("admin.key"))?;
+                Some(KeyAdminClient::new(connect(&args.url, &admin_identity).await?))
+            }
+            _ => None,
+        };
+        let mut pick = Pick(0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9));
         let mut kms = match (&args.rpc, &args.kms_socket) {
             (Rpc::KmsV2Encrypt, Some(socket)) => Some(kms_client(socket).await?),
             (Rpc::KmsV2Encrypt, None) => anyhow::bail!("--rpc kms-v2-encrypt needs --kms-socket"),
@@ -375,7 +443,7 @@ async fn main() -> anyhow::Result<()> {
                         })
                         .await
                         .map(|_| ()),
-                    _ => one_request(&mut client, args.rpc, &args, &ciphertext).await,
+                    _ => one_request(&mut client, &mut admin, &mut pick, args.rpc, &args, &ciphertext).await,
                 };
                 if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
                     match result {

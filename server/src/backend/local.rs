@@ -26,9 +26,56 @@ const SEAL_FORMAT: u8 = 1;
 const SEALED_LEN: usize = 1 + GCM_NONCE_LEN + KEK_LEN + GCM_TAG_LEN;
 const SEAL_DOMAIN: &[u8] = b"keybroker.local.kek.v1\0";
 
+/// Most opened KEKs held unless configured (`cache.max_ciphers`).
+pub const DEFAULT_MAX_CIPHERS: usize = 100_000;
+
 /// Opened KEKs by key name, then version: looked up with a borrowed name,
-/// so the hot path allocates nothing.
-type CipherCache = HashMap<String, HashMap<u32, Arc<Aes256Gcm>>>;
+/// so the hot path allocates nothing. Holds at most `max` of them: a full
+/// cache lets an eighth go (whichever come first in the map's order; a
+/// KEK let go is unsealed again on its next use).
+#[derive(Default)]
+struct CipherCache {
+    map: HashMap<String, HashMap<u32, Arc<Aes256Gcm>>>,
+    len: usize,
+    max: usize,
+}
+
+impl CipherCache {
+    fn get(&self, key: &str, version: u32) -> Option<&Arc<Aes256Gcm>> {
+        self.map.get(key).and_then(|versions| versions.get(&version))
+    }
+
+    fn insert(&mut self, key: &str, version: u32, cipher: Arc<Aes256Gcm>) {
+        if self.len >= self.max {
+            let target = self.max - self.max / 8;
+            let mut gone = Vec::new();
+            for (name, versions) in &self.map {
+                if self.len - gone.iter().map(|(_, n)| n).sum::<usize>() <= target {
+                    break;
+                }
+                gone.push((name.clone(), versions.len()));
+            }
+            for (name, n) in gone {
+                self.map.remove(&name);
+                self.len -= n;
+            }
+        }
+        if self.map.entry(key.to_owned()).or_default().insert(version, cipher).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, key: &str, version: u32) {
+        if let Some(versions) = self.map.get_mut(key) {
+            if versions.remove(&version).is_some() {
+                self.len -= 1;
+            }
+            if versions.is_empty() {
+                self.map.remove(key);
+            }
+        }
+    }
+}
 
 /// The local backend.
 pub struct LocalBackend {
@@ -47,7 +94,23 @@ impl std::fmt::Debug for LocalBackend {
 impl LocalBackend {
     /// A local backend called `name` sealing under `root`.
     pub fn new(name: impl Into<String>, root: RootKey) -> Self {
-        Self { name: name.into(), root, ciphers: RwLock::new(HashMap::new()), stats: BackendStats::default() }
+        Self {
+            name: name.into(),
+            root,
+            ciphers: RwLock::new(CipherCache { max: DEFAULT_MAX_CIPHERS, ..Default::default() }),
+            stats: BackendStats::default(),
+        }
+    }
+
+    /// Holds at most `max` opened KEKs (at least 1).
+    pub fn with_max_ciphers(self, max: usize) -> Self {
+        self.write_cache().max = max.max(1);
+        self
+    }
+
+    /// Opened KEKs held now.
+    pub fn cached_ciphers(&self) -> usize {
+        self.read_cache().len
     }
 
     fn seal_aad(key: &str, version: u32) -> Vec<u8> {
@@ -104,12 +167,12 @@ impl LocalBackend {
     }
 
     fn cipher(&self, v: VersionRef<'_>) -> Result<Arc<Aes256Gcm>, BackendError> {
-        if let Some(cipher) = self.read_cache().get(v.key).and_then(|versions| versions.get(&v.version)) {
+        if let Some(cipher) = self.read_cache().get(v.key, v.version) {
             return Ok(cipher.clone());
         }
         let kek = self.unseal(v)?;
         let cipher = Arc::new(Aes256Gcm::new(&(*kek).into()));
-        self.write_cache().entry(v.key.to_owned()).or_default().insert(v.version, cipher.clone());
+        self.write_cache().insert(v.key, v.version, cipher.clone());
         Ok(cipher)
     }
 
@@ -200,9 +263,7 @@ impl KeyBackend for LocalBackend {
     }
 
     async fn destroy_version(&self, version: VersionRef<'_>) -> Result<(), BackendError> {
-        if let Some(versions) = self.write_cache().get_mut(version.key) {
-            versions.remove(&version.version);
-        }
+        self.write_cache().remove(version.key, version.version);
         Ok(())
     }
 
@@ -302,6 +363,30 @@ mod tests {
         let vb = VersionRef { key: "k", version: 1, reference: &rb };
         assert_eq!(&**b.unwrap(vb, &out, aad(b"", &ctx)).await.unwrap(), b"dek");
         assert!(b.import("k", 2, &[0; 16]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_cipher_cache_holds_at_most_its_bound() {
+        let backend = backend(7).with_max_ciphers(16);
+        let ctx = Default::default();
+        let mut refs = Vec::new();
+        for i in 0..100u32 {
+            let name = format!("k{i}");
+            let reference = backend.create_version(&name, 1).await.unwrap();
+            let v = VersionRef { key: &name, version: 1, reference: &reference };
+            let mut wrapped = Vec::new();
+            backend.wrap(v, b"dek", aad(b"h", &ctx), &mut wrapped).await.unwrap();
+            assert!(backend.cached_ciphers() <= 16, "{} held", backend.cached_ciphers());
+            refs.push((name, reference, wrapped));
+        }
+        assert!(backend.cached_ciphers() >= 14);
+        // A KEK let go is unsealed again: every DEK still unwraps.
+        for (name, reference, wrapped) in &refs {
+            let v = VersionRef { key: name, version: 1, reference };
+            let dek = backend.unwrap(v, wrapped, aad(b"h", &ctx)).await.unwrap();
+            assert_eq!(dek.as_slice(), b"dek");
+        }
+        assert!(backend.cached_ciphers() <= 16);
     }
 
     #[test]

@@ -215,4 +215,14 @@ async fn load_all_is_in_name_order(store: &dyn KeyStore) {
     assert_eq!(names, ["a", "b", "m", "z"]);
     let b = store.load_all().await.unwrap().into_iter().find(|k| k.name == "b").unwrap();
     assert_eq!(b.versions.len(), 2);
+    // Pages: each key with exactly its own versions, across page limits.
+    let first = store.list_page("", 2).await.unwrap();
+    assert_eq!(first.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(first[1].versions.len(), 2);
+    assert_eq!(first[1].versions.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2]);
+    let second = store.list_page("b", 2).await.unwrap();
+    assert_eq!(second.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["m", "z"]);
+    assert!(second.iter().all(|k| k.versions.len() == 1));
+    assert!(store.list_page("z", 2).await.unwrap().is_empty());
+    assert_eq!(store.list_page("a", 1).await.unwrap()[0].name, "b");
 }

@@ -70,8 +70,8 @@ impl KeyStore for GuardedStore {
         self.inner.change_signal()
     }
 
-    async fn load_all(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.call("load_all", self.inner.load_all()).await
+    async fn list_page(&self, after: &str, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+        self.call("list_page", self.inner.list_page(after, limit)).await
     }
 
     async fn get(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {

@@ -322,15 +322,36 @@ impl From<StoreError> for ServiceError {
     }
 }
 
+/// Keys per page when a whole table is read.
+pub const LOAD_PAGE: usize = 1000;
+
 /// Durable storage of the version table.
 ///
 /// Every method is one transaction. Implementations: SQLite (one file, the
 /// embedded default) and PostgreSQL (one table for a fleet of brokers).
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
-    /// Every key with its versions, in name order. Returns `Unavailable` when
-    /// the database cannot be read, `Corrupt` for a row it cannot decode.
-    async fn load_all(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// At most `limit` keys with their versions whose names sort after
+    /// `after`, in name order (one page; `""` starts at the first key).
+    /// Returns `Unavailable` when the database cannot be read, `Corrupt` for
+    /// a row it cannot decode.
+    async fn list_page(&self, after: &str, limit: usize) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Every key with its versions, in name order, read page by page (each
+    /// page is a transaction of its own). For the offline tools and
+    /// migrations; a serving broker reads keys as it needs them.
+    async fn load_all(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut all: Vec<KeyRecord> = Vec::new();
+        loop {
+            let after = all.last().map_or("", |k| k.name.as_str()).to_owned();
+            let page = self.list_page(&after, LOAD_PAGE).await?;
+            let done = page.len() < LOAD_PAGE;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
 
     /// One key with its versions; `Ok(None)` when it does not exist.
     async fn get(&self, name: &str) -> Result<Option<KeyRecord>, StoreError>;

@@ -7,7 +7,6 @@
 //! The connection URL is a secret (it may carry the password): it is kept
 //! redacted in every Debug, log line and error ([`DatabaseUrl`]).
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::Notify;
 
-use super::rows::{item_from_row, job_from_row, key_from_row, version_from_row};
+use super::rows::{item_from_row, job_from_row, key_from_row, keys_from_rows, version_from_row};
 use super::{
     JobItem, JobPhase, JobRecord, KeyRecord, KeyReplacement, KeyStore, StoreError, UsageRecord, VersionRecord,
 };
@@ -247,33 +246,30 @@ impl PostgresStore {
 
 #[async_trait]
 impl KeyStore for PostgresStore {
-    async fn load_all(&self) -> Result<Vec<KeyRecord>, StoreError> {
+    async fn list_page(&self, after: &str, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let keys = sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys ORDER BY name"))
+        let keys = sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys WHERE name > $1 ORDER BY name LIMIT $2"))
+            .bind(after)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await
             .map_err(unavailable)?;
-        let rows = sqlx::query(concat!(
+        let Some(last) = keys.last().map(|row| row.try_get::<String, _>("name")).transpose().map_err(unavailable)?
+        else {
+            return Ok(Vec::new());
+        };
+        let versions = sqlx::query(concat!(
             "SELECT key_name, version, ",
             version_columns!(),
-            " FROM key_versions ORDER BY key_name, version"
+            " FROM key_versions WHERE key_name > $1 AND key_name <= $2 ORDER BY key_name, version"
         ))
+        .bind(after)
+        .bind(&last)
         .fetch_all(&mut *tx)
         .await
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        let mut versions: BTreeMap<String, Vec<VersionRecord>> = BTreeMap::new();
-        for row in &rows {
-            let name: String = row.try_get("key_name").map_err(unavailable)?;
-            let record = version_from_row(&name, row)?;
-            versions.entry(name).or_default().push(record);
-        }
-        keys.iter()
-            .map(|row| {
-                let name: String = row.try_get("name").map_err(unavailable)?;
-                key_from_row(row, versions.remove(&name).unwrap_or_default())
-            })
-            .collect()
+        keys_from_rows(&keys, &versions)
     }
 
     async fn get(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {

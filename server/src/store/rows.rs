@@ -132,6 +132,25 @@ pub(super) fn key_from_row(row: &impl Columns, versions: Vec<VersionRecord>) -> 
     Ok(record)
 }
 
+/// Rows of `keys` in name order and the rows of their versions (with
+/// `key_name`, in key and version order) as records.
+pub(super) fn keys_from_rows<R: Columns>(keys: &[R], versions: &[R]) -> Result<Vec<KeyRecord>, StoreError> {
+    let mut by_key: BTreeMap<String, Vec<VersionRecord>> = BTreeMap::new();
+    for row in versions {
+        let name =
+            row.text("key_name").map_err(|e| StoreError::Corrupt { key: String::new(), reason: e.to_string() })?;
+        let record = version_from_row(&name, row)?;
+        by_key.entry(name).or_default().push(record);
+    }
+    keys.iter()
+        .map(|row| {
+            let name =
+                row.text("name").map_err(|e| StoreError::Corrupt { key: String::new(), reason: e.to_string() })?;
+            key_from_row(row, by_key.remove(&name).unwrap_or_default())
+        })
+        .collect()
+}
+
 /// A row of `migration_jobs`.
 pub(super) fn job_from_row(id: &str, row: &impl Columns) -> Result<JobRecord, StoreError> {
     let what = format!("migration job {id}");

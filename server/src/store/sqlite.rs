@@ -1,7 +1,6 @@
 //! The SQLite version table: one file, WAL journal, full sync on commit so a
 //! rotation that returned survives a crash. Schema in `migrations/sqlite/`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -10,7 +9,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::rows::{item_from_row, job_from_row, key_from_row, version_from_row};
+use super::rows::{item_from_row, job_from_row, key_from_row, keys_from_rows, version_from_row};
 use super::{
     JobItem, JobPhase, JobRecord, KeyRecord, KeyReplacement, KeyStore, StoreError, UsageRecord, VersionRecord,
     VersionState,
@@ -198,33 +197,30 @@ impl SqliteStore {
 
 #[async_trait]
 impl KeyStore for SqliteStore {
-    async fn load_all(&self) -> Result<Vec<KeyRecord>, StoreError> {
+    async fn list_page(&self, after: &str, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let keys = sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys ORDER BY name"))
+        let keys = sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys WHERE name > ? ORDER BY name LIMIT ?"))
+            .bind(after)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await
             .map_err(unavailable)?;
-        let rows = sqlx::query(concat!(
+        let Some(last) = keys.last().map(|row| row.try_get::<String, _>("name")).transpose().map_err(unavailable)?
+        else {
+            return Ok(Vec::new());
+        };
+        let versions = sqlx::query(concat!(
             "SELECT key_name, version, ",
             version_columns!(),
-            " FROM key_versions ORDER BY key_name, version"
+            " FROM key_versions WHERE key_name > ? AND key_name <= ? ORDER BY key_name, version"
         ))
+        .bind(after)
+        .bind(&last)
         .fetch_all(&mut *tx)
         .await
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        let mut versions: BTreeMap<String, Vec<VersionRecord>> = BTreeMap::new();
-        for row in &rows {
-            let name: String = row.try_get("key_name").map_err(unavailable)?;
-            let record = version_from_row(&name, row)?;
-            versions.entry(name).or_default().push(record);
-        }
-        keys.iter()
-            .map(|row| {
-                let name: String = row.try_get("name").map_err(unavailable)?;
-                key_from_row(row, versions.remove(&name).unwrap_or_default())
-            })
-            .collect()
+        keys_from_rows(&keys, &versions)
     }
 
     async fn get(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {

@@ -102,15 +102,13 @@ impl Sources for BrokerSources {
             &one(if self.audit.healthy() { 1.0 } else { 0.0 }),
         )?;
 
-        let everything = globset::Glob::new("*").map(|g| g.compile_matcher()).map_err(|_| std::fmt::Error)?;
-        let (keys, more) = self.keyring.list(&everything, "", self.max_key_series);
-        let total = self.keyring.list(&everything, "", usize::MAX).0.len();
-        out.family("keybroker_keys", "Keys in the version table (cached).", gauge, &one(total as f64))?;
+        let (keys, total) = self.keyring.cached(self.max_key_series);
+        out.family("keybroker_keys", "Keys of the version table in this broker's cache.", gauge, &one(total as f64))?;
         out.family(
             "keybroker_key_series_dropped",
-            "Keys beyond metrics.max_key_series, given no per-key series.",
+            "Cached keys beyond metrics.max_key_series, given no per-key series.",
             gauge,
-            &one(if more { (total - keys.len()) as f64 } else { 0.0 }),
+            &one((total - keys.len()) as f64),
         )?;
         let now = now();
         let (mut current, mut age, mut period, mut made, mut limit) = (vec![], vec![], vec![], vec![], vec![]);

@@ -139,7 +139,7 @@ impl KeyAdmin for KeyAdminService {
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
         let call = self.guards.call("ListKeys", &request)?;
         let req = request.into_inner();
-        let result = (|| {
+        let result = async {
             call.allow_somewhere(Rpc::ListKeys)?;
             let matcher = glob(&req.pattern)?;
             let after = decode_page_token(&req.page_token)?;
@@ -147,7 +147,7 @@ impl KeyAdmin for KeyAdminService {
                 0 => DEFAULT_PAGE_SIZE,
                 n => n.min(MAX_PAGE_SIZE),
             };
-            let (keys, more) = self.keyring.list(&matcher, &after, limit);
+            let (keys, more) = self.keyring.list(&matcher, &after, limit).await?;
             let next_page_token = match (more, keys.last()) {
                 (true, Some(last)) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&last.record.name),
                 _ => String::new(),
@@ -156,7 +156,8 @@ impl KeyAdmin for KeyAdminService {
             let keys =
                 keys.iter().filter(|k| call.peer_may(Rpc::ListKeys, &k.record.name)).map(|k| self.message(k)).collect();
             Ok(pb::ListKeysResponse { keys, next_page_token })
-        })();
+        }
+        .await;
         call.finish_admin(Touched::key(&req.pattern), result).await
     }
 
@@ -332,7 +333,7 @@ impl KeyAdminService {
             _ => req.pattern.clone(),
         };
         let matcher = glob(&pattern)?;
-        let (keys, _) = self.keyring.list(&matcher, "", usize::MAX);
+        let (keys, _) = self.keyring.list(&matcher, "", usize::MAX).await?;
         for key in &keys {
             call.allow(Rpc::Migrate, &key.record.name)?;
         }

@@ -12,7 +12,7 @@ mod lifecycle;
 pub use lifecycle::{DEFAULT_MAX_WRAPS, NewKey, PolicyChange, VersionChange};
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -66,6 +66,9 @@ pub struct CachedKey {
     /// Counts of this broker's batches the store applied after this record
     /// was read (so not in it), by version index.
     flushed: Vec<[AtomicU64; COUNTS]>,
+    /// When a call last used the key (Unix seconds), for the choice of the
+    /// keys a full cache lets go.
+    used: AtomicU32,
 }
 
 impl CachedKey {
@@ -74,7 +77,16 @@ impl CachedKey {
             .map(|i| previous.and_then(|p| p.counters.get(i).cloned()).unwrap_or_default())
             .collect();
         let flushed = record.versions.iter().map(|_| Default::default()).collect();
-        Self { record, counters, flushed }
+        let used = AtomicU32::new(previous.map_or(0, |p| p.used.load(Ordering::Relaxed)));
+        Self { record, counters, flushed, used }
+    }
+
+    /// Notes a use now (a store only when the second changed).
+    fn touch(&self) {
+        let t = u32::try_from(now()).unwrap_or(u32::MAX);
+        if self.used.load(Ordering::Relaxed) != t {
+            self.used.store(t, Ordering::Relaxed);
+        }
     }
 
     fn counters(&self, version: u32) -> Option<&VersionCounters> {
@@ -189,6 +201,11 @@ pub struct Keyring {
     backends: Backends,
     default_backend: String,
     cache: RwLock<HashMap<String, Arc<CachedKey>>>,
+    /// Most keys held in the cache (the least recently used beyond go).
+    max_keys: AtomicUsize,
+    /// Keys let go by a full cache: kept until a flush has taken their
+    /// counts and no call holds them any more.
+    evicted: Mutex<Vec<Arc<CachedKey>>>,
     retirement_window_secs: std::sync::atomic::AtomicI64,
     /// The store's change sequence this cache reflects.
     seen_seq: AtomicU64,
@@ -215,6 +232,10 @@ pub struct Keyring {
 /// store again (a key created meanwhile on another broker still shows up
 /// within the propagation bound: the change poll clears its entry).
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(1);
+/// Most keys a broker caches unless configured (`cache.max_keys`).
+pub const DEFAULT_MAX_CACHED_KEYS: usize = 1_000_000;
+/// Keys per store read when the cache is warmed or keys are listed.
+const PAGE: usize = 1000;
 /// Most unknown names remembered at once.
 const ABSENT_CAPACITY: usize = 10_000;
 
@@ -246,6 +267,8 @@ impl Keyring {
             backends,
             default_backend,
             cache: RwLock::new(HashMap::new()),
+            max_keys: AtomicUsize::new(DEFAULT_MAX_CACHED_KEYS),
+            evicted: Mutex::new(Vec::new()),
             retirement_window_secs: AtomicI64::new(DEFAULT_RETIREMENT_WINDOW_SECS),
             seen_seq: AtomicU64::new(0),
             absent: Mutex::new(HashMap::new()),
@@ -407,7 +430,18 @@ impl Keyring {
 
     /// Takes every cached key's unflushed counts into a new batch.
     fn take_pending(&self) -> UsageBatch {
-        let keys: Vec<Arc<CachedKey>> = self.read_cache().values().cloned().collect();
+        let mut keys: Vec<Arc<CachedKey>> = self.read_cache().values().cloned().collect();
+        {
+            // Keys the cache let go: counted now, and kept for the next
+            // flush while a call still holds one (nothing else can reach it).
+            let mut evicted = self.evicted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for key in std::mem::take(&mut *evicted) {
+                if Arc::strong_count(&key) > 1 {
+                    evicted.push(key.clone());
+                }
+                keys.push(key);
+            }
+        }
         let t = now();
         let mut batch = UsageBatch {
             id: format!("{}-{}", self.broker_id, self.batches.fetch_add(1, Ordering::Relaxed)),
@@ -448,20 +482,102 @@ impl Keyring {
         &self.backends
     }
 
-    /// Loads the whole table into the cache.
-    pub async fn load(&self) -> ServiceResult<usize> {
-        // Read the sequence first: a write during the load is seen again by
-        // the next sync rather than missed.
+    /// Sets the most keys the cache holds (at least 1).
+    pub fn set_max_keys(&self, max: usize) {
+        self.max_keys.store(max.max(1), Ordering::Relaxed);
+    }
+
+    /// Takes the store's change sequence as the point the cache follows
+    /// from: every later write is seen by [`Keyring::sync`]. Called once,
+    /// before serving; the cache fills as keys are used and from
+    /// [`Keyring::warm`].
+    pub async fn start(&self) -> ServiceResult<()> {
         let seq = self.store.change_seq().await?;
-        let records = self.store.load_all().await?;
         self.seen_seq.fetch_max(seq, Ordering::AcqRel);
-        let count = records.len();
-        let mut cache = self.write_cache();
-        for record in records {
-            let previous = cache.get(&record.name).cloned();
-            cache.insert(record.name.clone(), Arc::new(CachedKey::new(record, previous.as_deref())));
+        Ok(())
+    }
+
+    /// Reads the table into the cache page by page, while the broker
+    /// serves, until the cache is full: the keys it finds already cached
+    /// (used, or reloaded by a change meanwhile) are left as they are.
+    /// Returns how many keys it added.
+    pub async fn warm(&self) -> ServiceResult<usize> {
+        let mut after = String::new();
+        let mut added = 0;
+        loop {
+            let page = self.store.list_page(&after, PAGE).await?;
+            let done = page.len() < PAGE;
+            after = page.last().map(|k| k.name.clone()).unwrap_or_default();
+            let (n, full) = self.install_new(page);
+            added += n;
+            if done || full {
+                return Ok(added);
+            }
+            // Let calls in between pages.
+            tokio::task::yield_now().await;
         }
-        Ok(count)
+    }
+
+    /// Caches the keys of `records` not cached yet, while the cache has
+    /// room: how many it added, and whether the cache is full.
+    fn install_new(&self, records: Vec<KeyRecord>) -> (usize, bool) {
+        let max = self.max_keys.load(Ordering::Relaxed);
+        let mut cache = self.write_cache();
+        let mut added = 0;
+        for record in records {
+            if cache.len() >= max {
+                return (added, true);
+            }
+            if !cache.contains_key(&record.name) {
+                cache.insert(record.name.clone(), Arc::new(CachedKey::new(record, None)));
+                added += 1;
+            }
+        }
+        (added, false)
+    }
+
+    /// Keys in the cache now.
+    pub fn cached_len(&self) -> usize {
+        self.read_cache().len()
+    }
+
+    /// The first `limit` cached keys by name, and how many keys are cached.
+    pub fn cached(&self, limit: usize) -> (Vec<Arc<CachedKey>>, usize) {
+        let cache = self.read_cache();
+        let mut keys: Vec<&Arc<CachedKey>> = cache.values().collect();
+        let by_name = |a: &&Arc<CachedKey>, b: &&Arc<CachedKey>| a.record.name.cmp(&b.record.name);
+        if keys.len() > limit {
+            keys.select_nth_unstable_by(limit, by_name);
+            keys.truncate(limit);
+        }
+        keys.sort_unstable_by(by_name);
+        (keys.into_iter().cloned().collect(), cache.len())
+    }
+
+    /// Lets the least recently used eighth of a full cache go. They wait in
+    /// `evicted` until a flush has taken their counts (a call may still
+    /// hold one and count on it).
+    fn evict(&self, cache: &mut HashMap<String, Arc<CachedKey>>) {
+        let max = self.max_keys.load(Ordering::Relaxed);
+        if cache.len() <= max {
+            return;
+        }
+        let target = max - max / 8;
+        let excess = cache.len() - target;
+        let mut stamps: Vec<u32> = cache.values().map(|k| k.used.load(Ordering::Relaxed)).collect();
+        let (_, cutoff, _) = stamps.select_nth_unstable(excess - 1);
+        let cutoff = *cutoff;
+        let mut gone = Vec::with_capacity(excess);
+        cache.retain(|_, key| {
+            if gone.len() < excess && key.used.load(Ordering::Relaxed) <= cutoff {
+                gone.push(key.clone());
+                false
+            } else {
+                true
+            }
+        });
+        // A call may still hold one and count on it: each waits for a flush.
+        self.evicted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(gone);
     }
 
     fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<CachedKey>>> {
@@ -485,6 +601,9 @@ impl Keyring {
         }
         let cached = Arc::new(CachedKey::new(record, previous.as_deref()));
         cache.insert(cached.record.name.clone(), cached.clone());
+        if previous.is_none() {
+            self.evict(&mut cache);
+        }
         cached
     }
 
@@ -507,6 +626,7 @@ impl Keyring {
     pub async fn key(&self, name: &str) -> ServiceResult<Arc<CachedKey>> {
         if let Some(key) = self.read_cache().get(name).cloned() {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            key.touch();
             return Ok(key);
         }
         self.cache_misses.fetch_add(1, Ordering::Relaxed);
@@ -540,7 +660,10 @@ impl Keyring {
         let counter = if hit { &self.cache_hits } else { &self.cache_misses };
         counter.fetch_add(1, Ordering::Relaxed);
         match cached {
-            Some(key) if version <= key.record.current_version => Ok(key),
+            Some(key) if version <= key.record.current_version => {
+                key.touch();
+                Ok(key)
+            }
             None if self.known_absent(name) => Err(ServiceError::key_not_found(name)),
             _ => self.reload(name).await?.ok_or_else(|| ServiceError::key_not_found(name)),
         }
@@ -553,16 +676,52 @@ impl Keyring {
     }
 
     /// Keys whose names match `pattern`, after `after`, in name order, at
-    /// most `limit` of them; and whether more follow.
-    pub fn list(&self, pattern: &globset::GlobMatcher, after: &str, limit: usize) -> (Vec<Arc<CachedKey>>, bool) {
-        let cache = self.read_cache();
-        let mut matching: Vec<&Arc<CachedKey>> = cache
-            .iter()
-            .filter(|(name, _)| name.as_str() > after && pattern.is_match(name.as_str()))
-            .map(|(_, key)| key)
-            .collect();
-        matching.sort_unstable_by(|a, b| a.record.name.cmp(&b.record.name));
-        let more = matching.len() > limit;
-        (matching.into_iter().take(limit).cloned().collect(), more)
+    /// most `limit` of them; and whether more follow. Read from the store
+    /// page by page (from the glob's literal prefix on), with this broker's
+    /// counts for the keys it has cached; listing does not fill the cache.
+    pub async fn list(
+        &self,
+        pattern: &globset::GlobMatcher,
+        after: &str,
+        limit: usize,
+    ) -> ServiceResult<(Vec<Arc<CachedKey>>, bool)> {
+        let glob = pattern.glob().glob();
+        let prefix = &glob[..glob.find(['*', '?', '[', '{', '\\']).unwrap_or(glob.len())];
+        // Names that start with `prefix` sort after it minus its last character.
+        let floor = &prefix[..prefix.len().saturating_sub(1)];
+        let mut cursor = if after < floor { floor.to_owned() } else { after.to_owned() };
+        let page_size = limit.saturating_add(1).clamp(1, PAGE);
+        let mut found = Vec::new();
+        loop {
+            let page = self.store.list_page(&cursor, page_size).await?;
+            let done = page.len() < page_size;
+            cursor = page.last().map(|k| k.name.clone()).unwrap_or_default();
+            for record in page {
+                if record.name.as_str() > prefix && !record.name.starts_with(prefix) {
+                    return Ok(Self::page_of(found, limit));
+                }
+                if !pattern.is_match(&record.name) {
+                    continue;
+                }
+                let cached = self.read_cache().get(&record.name).cloned();
+                found.push(match cached {
+                    Some(key) if key.record.revision >= record.revision => key,
+                    Some(_) => self.install(record),
+                    None => Arc::new(CachedKey::new(record, None)),
+                });
+                if found.len() > limit {
+                    return Ok(Self::page_of(found, limit));
+                }
+            }
+            if done {
+                return Ok(Self::page_of(found, limit));
+            }
+        }
+    }
+
+    fn page_of(mut found: Vec<Arc<CachedKey>>, limit: usize) -> (Vec<Arc<CachedKey>>, bool) {
+        let more = found.len() > limit;
+        found.truncate(limit);
+        (found, more)
     }
 }

@@ -615,13 +615,16 @@ fn spawn_job_follower(migrator: Arc<Migrator>, interval: Duration) {
 /// Rotates the keys due for rotation, every `interval`.
 fn spawn_rotation_scheduler(keyring: Arc<Keyring>, interval: Duration, hard_max_wraps: u64) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            if let Err(err) = keyring.rotate_due(hard_max_wraps).await {
-                tracing::debug!(%err, "cannot look for keys due for rotation; will retry");
-            }
+            let started = tokio::time::Instant::now();
+            let wait = match keyring.rotate_due(hard_max_wraps).await {
+                Ok(_) => paced(interval, started.elapsed()),
+                Err(err) => {
+                    tracing::debug!(%err, "cannot look for keys due for rotation; will retry");
+                    interval
+                }
+            };
+            tokio::time::sleep_until(started + wait).await;
         }
     });
 }
@@ -629,16 +632,33 @@ fn spawn_rotation_scheduler(keyring: Arc<Keyring>, interval: Duration, hard_max_
 /// Writes unwrap counts to the store every `interval`.
 fn spawn_usage_flusher(keyring: Arc<Keyring>, interval: Duration) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            if let Err(err) = keyring.flush_usage().await {
-                tracing::warn!(%err, "writing unwrap counts failed; will retry");
-            }
+            let started = tokio::time::Instant::now();
+            let wait = match keyring.flush_usage().await {
+                Ok(()) => paced(interval, started.elapsed()),
+                // Time spent waiting on a store that is down is not work.
+                Err(err) => {
+                    tracing::warn!(%err, "writing unwrap counts failed; will retry");
+                    interval
+                }
+            };
+            tokio::time::sleep_until(started + wait).await;
         }
     });
 }
+
+/// Background work that succeeded in `took` runs again after `interval`, or after
+/// [`BACKGROUND_SHARE`] times what it took when that is longer (at most
+/// [`MAX_BACKGROUND_INTERVAL`]): a table of a million keys makes the rotation
+/// check and the usage flush longer, not a larger share of the time.
+fn paced(interval: Duration, took: Duration) -> Duration {
+    interval.max(took.saturating_mul(BACKGROUND_SHARE).min(MAX_BACKGROUND_INTERVAL))
+}
+
+/// See [`paced`]: background work takes at most 1/20 of the time.
+const BACKGROUND_SHARE: u32 = 20;
+/// See [`paced`].
+const MAX_BACKGROUND_INTERVAL: Duration = Duration::from_secs(30);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

@@ -13,6 +13,10 @@ use keybroker_client::pb::key_broker_server::{KeyBroker, KeyBrokerServer};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
+/// The allocator keybroker uses, so the comparison is of the servers.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Echo;
 
 fn unsupported() -> Status {

@@ -50,6 +50,7 @@ pub async fn run_all(store: &dyn KeyStore) {
     every_write_of_a_key_is_a_numbered_change(store).await;
     keys_are_due_for_rotation_by_age_or_by_wraps(store).await;
     a_job_lease_has_one_holder_at_a_time(store).await;
+    usage_of_many_keys_in_one_batch(store).await;
 }
 
 async fn a_job_lease_has_one_holder_at_a_time(store: &dyn KeyStore) {
@@ -121,7 +122,6 @@ async fn every_write_of_a_key_is_a_numbered_change(store: &dyn KeyStore) {
     // A batch retried after its answer was lost is not applied twice.
     store.record_usage("seq-batch", &[usage]).await.unwrap();
     assert_eq!(store.get("seq-c").await.unwrap().unwrap().versions[0].wrap_count, 3, "a batch applied twice");
-
     c.min_decryption_version = 1;
     c.labels.insert("x".into(), "y".into());
     store.update(&c).await.unwrap();
@@ -225,4 +225,43 @@ async fn load_all_is_in_name_order(store: &dyn KeyStore) {
     assert!(second.iter().all(|k| k.versions.len() == 1));
     assert!(store.list_page("z", 2).await.unwrap().is_empty());
     assert_eq!(store.list_page("a", 1).await.unwrap()[0].name, "b");
+}
+
+async fn usage_of_many_keys_in_one_batch(store: &dyn KeyStore) {
+    // A batch of many keys (more than one statement's rows), a version twice.
+    let many: Vec<KeyRecord> = (0..super::USAGE_ROWS_PER_STATEMENT + 20).map(|i| key(&format!("use-{i:04}"))).collect();
+    store
+        .replace_keys(
+            &many
+                .iter()
+                .map(|k| super::KeyReplacement { record: k.clone(), expected_revision: None })
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    let mut rows: Vec<super::UsageRecord> = many
+        .iter()
+        .enumerate()
+        .map(|(i, k)| super::UsageRecord {
+            key: k.name.clone(),
+            version: 1,
+            wraps: i as u64 + 1,
+            unwraps: 2,
+            last_unwrap_at: 1_700_000_100 + i as i64,
+            ..Default::default()
+        })
+        .collect();
+    rows.push(super::UsageRecord {
+        key: "use-0007".into(),
+        version: 1,
+        wraps: 100,
+        last_unwrap_at: 1_800_000_000,
+        ..Default::default()
+    });
+    store.record_usage("many-keys", &rows).await.unwrap();
+    for (i, k) in many.iter().enumerate() {
+        let v = &store.get(&k.name).await.unwrap().unwrap().versions[0];
+        let (wraps, last) = if i == 7 { (108, 1_800_000_000) } else { (i as u64 + 1, 1_700_000_100 + i as i64) };
+        assert_eq!((v.wrap_count, v.unwrap_count, v.last_unwrap_at), (wraps, 2, last), "{}", k.name);
+    }
 }

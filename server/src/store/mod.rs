@@ -161,6 +161,30 @@ pub struct UsageRecord {
     pub last_wrap_at: i64,
 }
 
+/// `usage` with the rows of one (key, version) added together, in key and
+/// version order: a store applies each row with one multi-row statement,
+/// which would take only one of two rows for the same version.
+pub fn merge_usage(usage: &[UsageRecord]) -> Vec<UsageRecord> {
+    let mut merged: BTreeMap<(&str, u32), UsageRecord> = BTreeMap::new();
+    for u in usage {
+        merged
+            .entry((u.key.as_str(), u.version))
+            .and_modify(|m| {
+                m.unwraps += u.unwraps;
+                m.last_unwrap_at = m.last_unwrap_at.max(u.last_unwrap_at);
+                m.wraps += u.wraps;
+                m.rewraps_in += u.rewraps_in;
+                m.rewraps_out += u.rewraps_out;
+                m.last_wrap_at = m.last_wrap_at.max(u.last_wrap_at);
+            })
+            .or_insert_with(|| u.clone());
+    }
+    merged.into_values().collect()
+}
+
+/// Usage rows per statement of [`KeyStore::record_usage`].
+pub const USAGE_ROWS_PER_STATEMENT: usize = 500;
+
 /// One key written by [`KeyStore::replace_keys`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyReplacement {

@@ -18,7 +18,8 @@ use tokio::sync::Notify;
 
 use super::rows::{item_from_row, job_from_row, key_from_row, keys_from_rows, version_from_row};
 use super::{
-    JobItem, JobPhase, JobRecord, KeyRecord, KeyReplacement, KeyStore, StoreError, UsageRecord, VersionRecord,
+    JobItem, JobPhase, JobRecord, KeyRecord, KeyReplacement, KeyStore, StoreError, USAGE_ROWS_PER_STATEMENT,
+    UsageRecord, VersionRecord, merge_usage,
 };
 
 /// The channel every write notifies, with the new change number.
@@ -458,21 +459,29 @@ impl KeyStore for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        for u in usage {
+        // One statement over arrays: a flush after a second of calls over
+        // many keys has a row per key.
+        for chunk in merge_usage(usage).chunks(USAGE_ROWS_PER_STATEMENT) {
+            let column = |f: fn(&UsageRecord) -> i64| chunk.iter().map(f).collect::<Vec<i64>>();
             sqlx::query(
-                "UPDATE key_versions SET unwrap_count = unwrap_count + $1, last_unwrap_at = GREATEST(last_unwrap_at, $2), \
-                 wrap_count = wrap_count + $3, rewrap_in_count = rewrap_in_count + $4, \
-                 rewrap_out_count = rewrap_out_count + $5, last_wrap_at = GREATEST(last_wrap_at, $6) \
-                 WHERE key_name = $7 AND version = $8",
+                "UPDATE key_versions AS kv SET unwrap_count = kv.unwrap_count + u.unwraps, \
+                 last_unwrap_at = GREATEST(kv.last_unwrap_at, u.last_unwrap_at), \
+                 wrap_count = kv.wrap_count + u.wraps, rewrap_in_count = kv.rewrap_in_count + u.rewraps_in, \
+                 rewrap_out_count = kv.rewrap_out_count + u.rewraps_out, \
+                 last_wrap_at = GREATEST(kv.last_wrap_at, u.last_wrap_at) \
+                 FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], \
+                 $7::bigint[], $8::bigint[]) \
+                 AS u(key_name, version, unwraps, last_unwrap_at, wraps, rewraps_in, rewraps_out, last_wrap_at) \
+                 WHERE kv.key_name = u.key_name AND kv.version = u.version",
             )
-            .bind(to_i64(u.unwraps))
-            .bind(u.last_unwrap_at)
-            .bind(to_i64(u.wraps))
-            .bind(to_i64(u.rewraps_in))
-            .bind(to_i64(u.rewraps_out))
-            .bind(u.last_wrap_at)
-            .bind(&u.key)
-            .bind(i64::from(u.version))
+            .bind(chunk.iter().map(|u| u.key.clone()).collect::<Vec<String>>())
+            .bind(column(|u| i64::from(u.version)))
+            .bind(column(|u| to_i64(u.unwraps)))
+            .bind(column(|u| u.last_unwrap_at))
+            .bind(column(|u| to_i64(u.wraps)))
+            .bind(column(|u| to_i64(u.rewraps_in)))
+            .bind(column(|u| to_i64(u.rewraps_out)))
+            .bind(column(|u| u.last_wrap_at))
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;

@@ -105,7 +105,9 @@ pub(super) fn version_from_row(name: &str, row: &impl Columns) -> Result<Version
 
 /// A row of `keys` (columns `key_columns!`) with its versions, checked to
 /// be `1..=current_version`.
-pub(super) fn key_from_row(row: &impl Columns, versions: Vec<VersionRecord>) -> Result<KeyRecord, StoreError> {
+pub(super) fn key_from_row(row: &impl Columns, mut versions: Vec<VersionRecord>) -> Result<KeyRecord, StoreError> {
+    // Grown by pushes (room for four): a cache of a million keys keeps it.
+    versions.shrink_to_fit();
     let name = row.text("name").map_err(|e| StoreError::Corrupt { key: String::new(), reason: e.to_string() })?;
     let r = Reader { row, what: &name };
     let labels: BTreeMap<String, String> =

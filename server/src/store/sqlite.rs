@@ -11,8 +11,8 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::rows::{item_from_row, job_from_row, key_from_row, keys_from_rows, version_from_row};
 use super::{
-    JobItem, JobPhase, JobRecord, KeyRecord, KeyReplacement, KeyStore, StoreError, UsageRecord, VersionRecord,
-    VersionState,
+    JobItem, JobPhase, JobRecord, KeyRecord, KeyReplacement, KeyStore, StoreError, USAGE_ROWS_PER_STATEMENT,
+    UsageRecord, VersionRecord, VersionState, merge_usage,
 };
 
 /// Columns of `keys`, as a macro so queries stay string literals.
@@ -412,21 +412,37 @@ impl KeyStore for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        for u in usage {
+        // A few statements of many rows each (the rows as one JSON
+        // parameter): a flush after a second of calls over many keys has a
+        // row per key.
+        for chunk in merge_usage(usage).chunks(USAGE_ROWS_PER_STATEMENT) {
+            let rows: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|u| {
+                    serde_json::json!([
+                        u.key,
+                        u.version,
+                        to_i64(u.unwraps),
+                        u.last_unwrap_at,
+                        to_i64(u.wraps),
+                        to_i64(u.rewraps_in),
+                        to_i64(u.rewraps_out),
+                        u.last_wrap_at
+                    ])
+                })
+                .collect();
             sqlx::query(
-                "UPDATE key_versions SET unwrap_count = unwrap_count + ?, last_unwrap_at = MAX(last_unwrap_at, ?), \
-                 wrap_count = wrap_count + ?, rewrap_in_count = rewrap_in_count + ?, \
-                 rewrap_out_count = rewrap_out_count + ?, last_wrap_at = MAX(last_wrap_at, ?) \
-                 WHERE key_name = ? AND version = ?",
+                "UPDATE key_versions SET unwrap_count = unwrap_count + u.unwraps, \
+                 last_unwrap_at = MAX(key_versions.last_unwrap_at, u.last_unwrap_at), \
+                 wrap_count = wrap_count + u.wraps, rewrap_in_count = rewrap_in_count + u.rewraps_in, \
+                 rewrap_out_count = rewrap_out_count + u.rewraps_out, \
+                 last_wrap_at = MAX(key_versions.last_wrap_at, u.last_wrap_at) \
+                 FROM (SELECT value ->> 0 AS key_name, value ->> 1 AS version, value ->> 2 AS unwraps, \
+                 value ->> 3 AS last_unwrap_at, value ->> 4 AS wraps, value ->> 5 AS rewraps_in, \
+                 value ->> 6 AS rewraps_out, value ->> 7 AS last_wrap_at FROM json_each(?)) AS u \
+                 WHERE key_versions.key_name = u.key_name AND key_versions.version = u.version",
             )
-            .bind(to_i64(u.unwraps))
-            .bind(u.last_unwrap_at)
-            .bind(to_i64(u.wraps))
-            .bind(to_i64(u.rewraps_in))
-            .bind(to_i64(u.rewraps_out))
-            .bind(u.last_wrap_at)
-            .bind(&u.key)
-            .bind(i64::from(u.version))
+            .bind(serde_json::Value::Array(rows).to_string())
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;

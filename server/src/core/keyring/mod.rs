@@ -186,6 +186,65 @@ impl CachedKey {
     }
 }
 
+/// The cached keys by name: a table of the records alone, hashed by their
+/// own name (no second copy of each name as a map key).
+struct KeyCache {
+    table: hashbrown::HashTable<Arc<CachedKey>>,
+    hasher: std::hash::RandomState,
+}
+
+impl KeyCache {
+    fn new() -> Self {
+        Self { table: hashbrown::HashTable::new(), hasher: std::hash::RandomState::new() }
+    }
+
+    fn hash(&self, name: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, name)
+    }
+
+    fn get(&self, name: &str) -> Option<&Arc<CachedKey>> {
+        self.table.find(self.hash(name), |k| k.record.name == name)
+    }
+
+    fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Inserts `key`, replacing the record of the same name.
+    fn insert(&mut self, key: Arc<CachedKey>) {
+        let hash = self.hash(&key.record.name);
+        let hasher = &self.hasher;
+        match self.table.entry(
+            hash,
+            |k| k.record.name == key.record.name,
+            |k| std::hash::BuildHasher::hash_one(hasher, k.record.name.as_str()),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut entry) => *entry.get_mut() = key,
+            hashbrown::hash_table::Entry::Vacant(entry) => {
+                entry.insert(key);
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Ok(entry) = self.table.find_entry(self.hash(name), |k| k.record.name == name) {
+            entry.remove();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<CachedKey>> {
+        self.table.iter()
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&mut Arc<CachedKey>) -> bool) {
+        self.table.retain(keep);
+    }
+}
+
 /// Counts taken from the cache and not yet applied by the store.
 struct UsageBatch {
     /// Unique per broker and batch: the store applies an id once.
@@ -200,7 +259,7 @@ pub struct Keyring {
     store: Arc<dyn KeyStore>,
     backends: Backends,
     default_backend: String,
-    cache: RwLock<HashMap<String, Arc<CachedKey>>>,
+    cache: RwLock<KeyCache>,
     /// Most keys held in the cache (the least recently used beyond go).
     max_keys: AtomicUsize,
     /// Keys let go by a full cache: kept until a flush has taken their
@@ -266,7 +325,7 @@ impl Keyring {
             store,
             backends,
             default_backend,
-            cache: RwLock::new(HashMap::new()),
+            cache: RwLock::new(KeyCache::new()),
             max_keys: AtomicUsize::new(DEFAULT_MAX_CACHED_KEYS),
             evicted: Mutex::new(Vec::new()),
             retirement_window_secs: AtomicI64::new(DEFAULT_RETIREMENT_WINDOW_SECS),
@@ -529,7 +588,7 @@ impl Keyring {
                 return (added, true);
             }
             if !cache.contains_key(&record.name) {
-                cache.insert(record.name.clone(), Arc::new(CachedKey::new(record, None)));
+                cache.insert(Arc::new(CachedKey::new(record, None)));
                 added += 1;
             }
         }
@@ -557,7 +616,7 @@ impl Keyring {
     /// Lets the least recently used eighth of a full cache go. They wait in
     /// `evicted` until a flush has taken their counts (a call may still
     /// hold one and count on it).
-    fn evict(&self, cache: &mut HashMap<String, Arc<CachedKey>>) {
+    fn evict(&self, cache: &mut KeyCache) {
         let max = self.max_keys.load(Ordering::Relaxed);
         if cache.len() <= max {
             return;
@@ -568,7 +627,7 @@ impl Keyring {
         let (_, cutoff, _) = stamps.select_nth_unstable(excess - 1);
         let cutoff = *cutoff;
         let mut gone = Vec::with_capacity(excess);
-        cache.retain(|_, key| {
+        cache.retain(|key| {
             if gone.len() < excess && key.used.load(Ordering::Relaxed) <= cutoff {
                 gone.push(key.clone());
                 false
@@ -580,13 +639,13 @@ impl Keyring {
         self.evicted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(gone);
     }
 
-    fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<CachedKey>>> {
+    fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, KeyCache> {
         // Every write is a single insert: a panic elsewhere cannot leave the
         // map half-changed, so a poisoned lock is still consistent.
         self.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write_cache(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<CachedKey>>> {
+    fn write_cache(&self) -> std::sync::RwLockWriteGuard<'_, KeyCache> {
         self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -600,7 +659,7 @@ impl Keyring {
             }
         }
         let cached = Arc::new(CachedKey::new(record, previous.as_deref()));
-        cache.insert(cached.record.name.clone(), cached.clone());
+        cache.insert(cached.clone());
         if previous.is_none() {
             self.evict(&mut cache);
         }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Cosmian KMS as a peer of keybroker's benchmarks.
 #
-#   bench/peers/cosmian.sh build            # builds the server once, prints its path
-#   bench/peers/cosmian.sh run DEV_DIR OUT  # starts it on core 0, loads it from core 1,
-#                                           # appends one JSON line per path to OUT
+#   bench/peers/cosmian.sh build                  # builds the server once, prints its path
+#   bench/peers/cosmian.sh start DEV_DIR WORK     # starts it on core 0: "PORT PID KID"
+#   bench/peers/cosmian.sh load PORT PID KID jose|kmip LABEL OUT DURATION CONC
+#                                                 # loads it from core 1 (wrk), one JSON line to OUT
 #
 # The server is Cosmian KMS $COSMIAN_VERSION from crates.io (cosmian_kms_server,
 # `--features non-fips`), built into $KB_PEER_CACHE (default
@@ -55,6 +56,8 @@ build() {
 
 case "${1:-}" in
   build) build ;;
-  run) shift; exec python3 "$(dirname "$0")/cosmian.py" "$(build)" "$@" ;;
-  *) echo "usage: $0 build | run DEV_DIR OUT" >&2; exit 2 ;;
+  start | load)
+    command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; exit 1; }
+    exec python3 "$(dirname "$0")/cosmian.py" "$(build)" "$@" ;;
+  *) echo "usage: $0 build | start DEV_DIR WORK | load PORT PID KID PATH LABEL OUT DURATION CONC" >&2; exit 2 ;;
 esac

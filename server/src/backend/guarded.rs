@@ -8,7 +8,7 @@
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
-use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef};
+use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef, WrapItem};
 use crate::breaker::Breaker;
 use crate::core::envelope::Algorithm;
 use crate::telemetry::metrics::{BACKEND_OPS, BackendInstruments};
@@ -149,6 +149,32 @@ impl KeyBackend for GuardedBackend {
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
         self.call(WRAP, version.key, version.version, false, self.inner.wrap(version, plaintext, aad, out)).await
+    }
+
+    /// One guarded call for the whole run: admitted, timed and counted once
+    /// (a failure of any item that shows the backend down counts it failed).
+    async fn wrap_many(
+        &self,
+        version: VersionRef<'_>,
+        header: &[u8],
+        items: &[WrapItem<'_>],
+    ) -> Vec<Result<Vec<u8>, BackendError>> {
+        let outcome = self
+            .call(WRAP, version.key, version.version, false, async {
+                let results = self.inner.wrap_many(version, header, items).await;
+                // An item that found the backend down or its material
+                // unusable makes the call's outcome.
+                let down = results.iter().find_map(|r| match r {
+                    Err(e @ (BackendError::Unavailable { .. } | BackendError::Material { .. })) => Some(e.clone()),
+                    _ => None,
+                });
+                match down {
+                    Some(err) => Err(err),
+                    None => Ok(results),
+                }
+            })
+            .await;
+        outcome.unwrap_or_else(|err| items.iter().map(|_| Err(err.clone())).collect())
     }
 
     async fn unwrap(

@@ -13,19 +13,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use aes_gcm::{Aes256Gcm, KeyInit};
 use async_trait::async_trait;
 use rand::Rng;
 use zeroize::Zeroizing;
 
-use super::local::{open_payload, seal_payload};
+use super::local::{DekCipher, open_payload, seal_payload};
 use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef};
 use crate::core::envelope::Algorithm;
 
 const REF_FORMAT: u8 = 1;
 const SEAL_DOMAIN: &[u8] = b"keybroker.hierarchy.kek.v1\0";
 
-type Cached = (Arc<Aes256Gcm>, Instant);
+type Cached = (Arc<DekCipher>, Instant);
 
 /// Hierarchy mode over `inner`.
 pub struct HierarchyBackend {
@@ -90,18 +89,20 @@ impl HierarchyBackend {
         reference.extend_from_slice(&n.to_be_bytes());
         reference.extend_from_slice(&remote.0);
         reference.extend_from_slice(&sealed);
-        self.remember(key, version, Arc::new(Aes256Gcm::new(&(*kek).into())));
+        let cipher =
+            DekCipher::new(kek.as_slice()).ok_or_else(|| self.material_error(key, version, "bad KEK length"))?;
+        self.remember(key, version, Arc::new(cipher));
         Ok(BackendRef(reference))
     }
 
-    fn remember(&self, key: &str, version: u32, cipher: Arc<Aes256Gcm>) {
+    fn remember(&self, key: &str, version: u32, cipher: Arc<DekCipher>) {
         let mut ciphers = self.ciphers.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Evict what has expired (its cipher zeroizes on drop).
         ciphers.retain(|_, (_, loaded)| loaded.elapsed() < self.ttl);
         ciphers.insert((key.to_owned(), version), (cipher, Instant::now()));
     }
 
-    async fn cipher(&self, v: VersionRef<'_>) -> Result<Arc<Aes256Gcm>, BackendError> {
+    async fn cipher(&self, v: VersionRef<'_>) -> Result<Arc<DekCipher>, BackendError> {
         {
             let ciphers = self.ciphers.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some((cipher, loaded)) = ciphers.get(&(v.key.to_owned(), v.version))
@@ -127,7 +128,9 @@ impl HierarchyBackend {
             .as_slice()
             .try_into()
             .map_err(|_| self.material_error(v.key, v.version, "sealed KEK has a bad length"))?;
-        let cipher = Arc::new(Aes256Gcm::new(&(*kek).into()));
+        let cipher = Arc::new(
+            DekCipher::new(kek.as_slice()).ok_or_else(|| self.material_error(v.key, v.version, "bad KEK length"))?,
+        );
         self.remember(v.key, v.version, cipher.clone());
         Ok(cipher)
     }

@@ -4,20 +4,20 @@
 //! Sealed reference layout: `0x01` (seal format), 12-byte nonce, 32-byte KEK
 //! encrypted under the root key, 16-byte tag. The seal's additional data
 //! names the key and version, so sealed material cannot be moved onto
-//! another version. Opened KEKs are cached as ready ciphers (key setup costs
-//! as much as the AES work of a wrap), which zeroize themselves on drop.
+//! another version. Opened KEKs are cached as ready ciphers ([`DekCipher`]: key setup
+//! costs as much as the AES work of a wrap), wiped when dropped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use aes_gcm::aead::AeadInOut;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use aes_gcm::{Nonce, Tag};
 use async_trait::async_trait;
 use rand::Rng;
 use zeroize::Zeroizing;
 
 use super::root_key::RootKey;
-use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef};
+use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef, WrapItem};
 use crate::core::envelope::{Algorithm, GCM_NONCE_LEN, GCM_TAG_LEN};
 
 /// Bytes of a KEK.
@@ -35,17 +35,17 @@ pub const DEFAULT_MAX_CIPHERS: usize = 100_000;
 /// KEK let go is unsealed again on its next use).
 #[derive(Default)]
 struct CipherCache {
-    map: HashMap<String, HashMap<u32, Arc<Aes256Gcm>>>,
+    map: HashMap<String, HashMap<u32, Arc<DekCipher>>>,
     len: usize,
     max: usize,
 }
 
 impl CipherCache {
-    fn get(&self, key: &str, version: u32) -> Option<&Arc<Aes256Gcm>> {
+    fn get(&self, key: &str, version: u32) -> Option<&Arc<DekCipher>> {
         self.map.get(key).and_then(|versions| versions.get(&version))
     }
 
-    fn insert(&mut self, key: &str, version: u32, cipher: Arc<Aes256Gcm>) {
+    fn insert(&mut self, key: &str, version: u32, cipher: Arc<DekCipher>) {
         if self.len >= self.max {
             let target = self.max - self.max / 8;
             let mut gone = Vec::new();
@@ -166,12 +166,14 @@ impl LocalBackend {
         BackendError::Material { backend: self.name.clone(), key: key.to_owned(), version, reason: reason.to_owned() }
     }
 
-    fn cipher(&self, v: VersionRef<'_>) -> Result<Arc<Aes256Gcm>, BackendError> {
+    fn cipher(&self, v: VersionRef<'_>) -> Result<Arc<DekCipher>, BackendError> {
         if let Some(cipher) = self.read_cache().get(v.key, v.version) {
             return Ok(cipher.clone());
         }
         let kek = self.unseal(v)?;
-        let cipher = Arc::new(Aes256Gcm::new(&(*kek).into()));
+        let cipher = Arc::new(
+            DekCipher::new(kek.as_slice()).ok_or_else(|| self.material_error(v.key, v.version, "bad KEK length"))?,
+        );
         self.write_cache().insert(v.key, v.version, cipher.clone());
         Ok(cipher)
     }
@@ -238,6 +240,35 @@ impl KeyBackend for LocalBackend {
             .map_err(|_| self.material_error(version.key, version.version, "encryption failed"))
     }
 
+    async fn wrap_many(
+        &self,
+        version: VersionRef<'_>,
+        header: &[u8],
+        items: &[WrapItem<'_>],
+    ) -> Vec<Result<Vec<u8>, BackendError>> {
+        let cipher = match self.cipher(version) {
+            Ok(cipher) => cipher,
+            Err(err) => return items.iter().map(|_| Err(err.clone())).collect(),
+        };
+        // Items without a context share one additional-data string.
+        let empty = std::collections::BTreeMap::new();
+        let plain_aad = Aad { header, context: &empty }.bytes();
+        items
+            .iter()
+            .map(|item| {
+                let mut out = Vec::with_capacity(header.len() + GCM_NONCE_LEN + item.plaintext.len() + GCM_TAG_LEN);
+                out.extend_from_slice(header);
+                if item.context.is_empty() {
+                    seal_payload(&cipher, item.plaintext, &plain_aad, &mut out)
+                } else {
+                    seal_payload(&cipher, item.plaintext, &Aad { header, context: item.context }.bytes(), &mut out)
+                }
+                .map(|()| out)
+                .map_err(|_| self.material_error(version.key, version.version, "encryption failed"))
+            })
+            .collect()
+    }
+
     async fn unwrap(
         &self,
         version: VersionRef<'_>,
@@ -272,37 +303,58 @@ impl KeyBackend for LocalBackend {
     }
 }
 
+/// An opened KEK, ready to seal and open DEKs with AES-256-GCM. AWS-LC's
+/// implementation (the one rustls uses here): its key schedule is made once
+/// per KEK and wiped when the last holder drops it, and a 32-byte DEK seals
+/// in about a tenth of a microsecond.
+pub struct DekCipher(aws_lc_rs::aead::LessSafeKey);
+
+impl std::fmt::Debug for DekCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DekCipher(..)")
+    }
+}
+
+impl DekCipher {
+    /// The cipher of a 32-byte KEK; `None` for material of another length.
+    pub fn new(kek: &[u8]) -> Option<Self> {
+        let key = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, kek).ok()?;
+        Some(Self(aws_lc_rs::aead::LessSafeKey::new(key)))
+    }
+}
+
 /// Appends `nonce || ciphertext || tag` of `plaintext` to `out`.
-pub(crate) fn seal_payload(
-    cipher: &Aes256Gcm,
-    plaintext: &[u8],
-    aad: &[u8],
-    out: &mut Vec<u8>,
-) -> Result<(), aes_gcm::Error> {
+pub(crate) fn seal_payload(cipher: &DekCipher, plaintext: &[u8], aad: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
     let mut nonce = [0u8; GCM_NONCE_LEN];
     rand::rng().fill_bytes(&mut nonce);
     out.reserve(GCM_NONCE_LEN + plaintext.len() + GCM_TAG_LEN);
     out.extend_from_slice(&nonce);
     let start = out.len();
     out.extend_from_slice(plaintext);
-    let tag = cipher.encrypt_inout_detached(&Nonce::from(nonce), aad, (&mut out[start..]).into())?;
-    out.extend_from_slice(&tag);
+    let tag = cipher
+        .0
+        .seal_in_place_separate_tag(
+            aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+            aws_lc_rs::aead::Aad::from(aad),
+            &mut out[start..],
+        )
+        .map_err(|_| ())?;
+    out.extend_from_slice(tag.as_ref());
     Ok(())
 }
 
 /// Opens a `nonce || ciphertext || tag` payload; `None` when it fails
 /// authentication or is too short.
-pub(crate) fn open_payload(cipher: &Aes256Gcm, payload: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+pub(crate) fn open_payload(cipher: &DekCipher, payload: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     if payload.len() < GCM_NONCE_LEN + GCM_TAG_LEN {
         return None;
     }
-    let (nonce, rest) = payload.split_at(GCM_NONCE_LEN);
-    let (body, tag) = rest.split_at(rest.len() - GCM_TAG_LEN);
-    let nonce = Nonce::try_from(nonce).ok()?;
-    let tag = Tag::try_from(tag).ok()?;
-    let mut plaintext = Zeroizing::new(body.to_vec());
-    cipher.decrypt_inout_detached(&nonce, aad, plaintext.as_mut_slice().into(), &tag).ok()?;
-    Some(plaintext)
+    let (nonce, sealed) = payload.split_at(GCM_NONCE_LEN);
+    let nonce = aws_lc_rs::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+    let mut buffer = Zeroizing::new(sealed.to_vec());
+    let len = cipher.0.open_in_place(nonce, aws_lc_rs::aead::Aad::from(aad), buffer.as_mut_slice()).ok()?.len();
+    buffer.truncate(len);
+    Some(buffer)
 }
 
 #[cfg(test)]

@@ -35,6 +35,15 @@ pub struct Aad<'a> {
     pub context: &'a BTreeMap<String, String>,
 }
 
+/// One plaintext of [`KeyBackend::wrap_many`], with its context.
+#[derive(Debug, Clone, Copy)]
+pub struct WrapItem<'a> {
+    /// The DEK.
+    pub plaintext: &'a [u8],
+    /// The caller's encryption context.
+    pub context: &'a BTreeMap<String, String>,
+}
+
 /// The EncryptionContext entry that carries the envelope header to AWS KMS.
 pub const AWS_HEADER_CONTEXT_KEY: &str = "keybroker:header";
 
@@ -95,7 +104,7 @@ pub struct VersionRef<'a> {
 }
 
 /// Why a backend operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum BackendError {
     /// The payload failed authentication: wrong context, tampered ciphertext,
@@ -265,6 +274,26 @@ pub trait KeyBackend: Send + Sync + 'static {
         aad: Aad<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError>;
+
+    /// Wraps every item under the version, each after the same `header`
+    /// (one key and version): each result is `header || payload`. A batch
+    /// calls it once per run of items of one key; the local backend opens
+    /// the KEK once for all of them.
+    async fn wrap_many(
+        &self,
+        version: VersionRef<'_>,
+        header: &[u8],
+        items: &[WrapItem<'_>],
+    ) -> Vec<Result<Vec<u8>, BackendError>> {
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            let mut out = Vec::with_capacity(header.len() + item.plaintext.len() + 64);
+            out.extend_from_slice(header);
+            let aad = Aad { header, context: item.context };
+            results.push(self.wrap(version, item.plaintext, aad, &mut out).await.map(|()| out));
+        }
+        results
+    }
 
     /// Decrypts a payload made by [`KeyBackend::wrap`]. Returns
     /// `AuthenticationFailed` when the payload or `aad` were altered or

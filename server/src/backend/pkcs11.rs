@@ -448,8 +448,7 @@ impl Pkcs11Backend {
     /// Whether the object `handle` holds `material`: it encrypts a random
     /// probe inside the HSM and the probe must open here under `material`.
     fn holds(session: &Session, handle: ObjectHandle, material: &[u8]) -> Result<bool, OpError> {
-        use aes_gcm::KeyInit;
-        let Ok(cipher) = aes_gcm::Aes256Gcm::new_from_slice(material) else {
+        let Some(cipher) = super::local::DekCipher::new(material) else {
             return Ok(false);
         };
         let mut probe = Zeroizing::new([0u8; 32]);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rand::Rng;
 use zeroize::Zeroizing;
 
-use crate::backend::{Aad, VersionRef};
+use crate::backend::{Aad, VersionRef, WrapItem};
 use crate::config::LimitsConfig;
 use crate::core::envelope::{self, write_header};
 use crate::core::keyring::{CachedKey, Count, Keyring, check_key_name};
@@ -25,6 +25,18 @@ pub const DEFAULT_DEK_LEN: usize = 32;
 enum Usage {
     Counted,
     NotCounted,
+}
+
+/// What [`Broker::wrap_run`] made: the version and backend of the run, and
+/// each item's ciphertext or error, in the items' order.
+#[derive(Debug)]
+pub struct WrappedRun {
+    /// Version the run wrapped under.
+    pub version: u32,
+    /// Its backend.
+    pub backend: String,
+    /// Per item.
+    pub ciphertexts: Vec<ServiceResult<Vec<u8>>>,
 }
 
 /// A ciphertext and the key version that made it.
@@ -140,30 +152,14 @@ impl Broker {
         context: &BTreeMap<String, String>,
         count: Option<Count>,
     ) -> ServiceResult<Wrapped> {
-        if plaintext.is_empty() {
-            return Err(ServiceError::invalid("plaintext is empty"));
-        }
-        if plaintext.len() > self.limits.max_plaintext_bytes {
-            return Err(ServiceError::invalid(format!(
-                "plaintext is {} bytes; the limit is {} (limits.max_plaintext_bytes)",
-                plaintext.len(),
-                self.limits.max_plaintext_bytes
-            )));
-        }
+        self.check_plaintext(plaintext)?;
         self.check_context(context)?;
         check_key_name(key)?;
         let cached = self.keyring.key(key).await?;
         let current = cached.current()?;
         let made = cached.total(current.version, Count::Wraps) + cached.total(current.version, Count::RewrapsIn);
         if made >= self.limits.max_wraps_per_version {
-            return Err(ServiceError::new(
-                ErrorCode::ResourceExhausted,
-                format!(
-                    "version {} of key {key:?} has made {made} wraps, its limit (limits.max_wraps_per_version = {}): \
-                     it refuses to wrap until the key rotates (automatically, or with Rotate)",
-                    current.version, self.limits.max_wraps_per_version
-                ),
-            ));
+            return Err(self.wraps_exhausted(key, current.version, made));
         }
         let backend = self.keyring.backends().get_mode(&current.backend, current.mode)?;
         let mut header = Vec::with_capacity(13 + key.len());
@@ -179,6 +175,77 @@ impl Broker {
             cached.count(current.version, count);
         }
         Ok(Wrapped { ciphertext, key: key.to_owned(), version: current.version, backend: current.backend.clone() })
+    }
+
+    /// Wraps a run of a batch's items under one key: the key, its current
+    /// version, the header and the backend are resolved once, and the
+    /// backend seals all of them in one call. An item over a limit gets its
+    /// own error; the run fails as a whole only when the key does.
+    pub async fn wrap_run(&self, key: &str, items: &[WrapItem<'_>]) -> ServiceResult<WrappedRun> {
+        check_key_name(key)?;
+        let cached = self.keyring.key(key).await?;
+        let current = cached.current()?;
+        let made = cached.total(current.version, Count::Wraps) + cached.total(current.version, Count::RewrapsIn);
+        let mut room = self.limits.max_wraps_per_version.saturating_sub(made);
+        let mut checked = Vec::with_capacity(items.len());
+        let mut valid = Vec::with_capacity(items.len());
+        for item in items {
+            let check = self.check_plaintext(item.plaintext).and_then(|()| self.check_context(item.context));
+            let check = check.and_then(|()| match room {
+                0 => Err(self.wraps_exhausted(key, current.version, made)),
+                _ => {
+                    room -= 1;
+                    Ok(())
+                }
+            });
+            if check.is_ok() {
+                valid.push(*item);
+            }
+            checked.push(check);
+        }
+        let backend = self.keyring.backends().get_mode(&current.backend, current.mode)?;
+        let mut header = Vec::with_capacity(13 + key.len());
+        write_header(&mut header, backend.algorithm(), key, current.version);
+        let version = VersionRef { key, version: current.version, reference: &current.backend_ref };
+        let mut sealed = backend.wrap_many(version, &header, &valid).await.into_iter();
+        let ciphertexts: Vec<ServiceResult<Vec<u8>>> = checked
+            .into_iter()
+            .map(|check| {
+                check?;
+                match sealed.next() {
+                    Some(result) => result.map_err(|e| e.for_caller(key, current.version)),
+                    None => Err(ServiceError::internal("the backend answered fewer items than it was given")),
+                }
+            })
+            .collect();
+        let wrapped = ciphertexts.iter().filter(|r| r.is_ok()).count();
+        cached.count_n(current.version, Count::Wraps, wrapped as u64);
+        Ok(WrappedRun { version: current.version, backend: current.backend.clone(), ciphertexts })
+    }
+
+    fn check_plaintext(&self, plaintext: &[u8]) -> ServiceResult<()> {
+        if plaintext.is_empty() {
+            return Err(ServiceError::invalid("plaintext is empty"));
+        }
+        if plaintext.len() > self.limits.max_plaintext_bytes {
+            return Err(ServiceError::invalid(format!(
+                "plaintext is {} bytes; the limit is {} (limits.max_plaintext_bytes)",
+                plaintext.len(),
+                self.limits.max_plaintext_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn wraps_exhausted(&self, key: &str, version: u32, made: u64) -> ServiceError {
+        ServiceError::new(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "version {version} of key {key:?} has made {made} wraps, its limit (limits.max_wraps_per_version = {}): \
+                 it refuses to wrap until the key rotates (automatically, or with Rotate)",
+                self.limits.max_wraps_per_version
+            ),
+        )
     }
 
     /// Unwraps a ciphertext, routing by the (key, version) of its header

@@ -10,9 +10,10 @@ use keybroker_client::pb::key_broker_server::KeyBroker;
 use tonic::{Request, Response, Status};
 
 use super::{Call, Guards, Touched, item_error};
+use crate::backend::WrapItem;
 use crate::core::broker::Broker;
 use crate::core::envelope;
-use crate::error::{ServiceError, ServiceResult};
+use crate::error::{ErrorCode, ServiceError, ServiceResult};
 use crate::security::audit::code_name;
 use crate::security::policy::Rpc;
 
@@ -208,7 +209,61 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<pb::BatchWrapRequest>,
     ) -> Result<Response<pb::BatchWrapResponse>, Status> {
-        batch!(self, request, "BatchWrap", wrap_one, BatchWrapResponse, BatchWrapResult, batch_wrap_result)
+        let call = self.guards.call("BatchWrap", &request)?;
+        let req = request.into_inner();
+        let mut groups = Groups::new();
+        let result = async {
+            self.check_batch(&call, req.items.len())?;
+            let mut results = Vec::with_capacity(req.items.len());
+            // Runs of items of one key: decided, resolved and sealed once.
+            for run in req.items.chunk_by(|a, b| a.key == b.key) {
+                let key = &run[0].key;
+                let items: Vec<WrapItem<'_>> =
+                    run.iter().map(|i| WrapItem { plaintext: &i.plaintext, context: &i.context }).collect();
+                let wrapped = match call.allow(Rpc::Wrap, key) {
+                    Ok(()) => self.broker.wrap_run(key, &items).await,
+                    Err(err) => Err(err),
+                };
+                let wrapped = match wrapped {
+                    Ok(wrapped) => wrapped,
+                    Err(err) => {
+                        let entry = groups.entry((key.clone(), 0, String::new(), code_name(Some(err.code()))));
+                        entry.or_insert((0, Some(err.code()))).0 += run.len() as u64;
+                        let error = item_error(&err);
+                        results.extend(run.iter().map(|_| pb::BatchWrapResult {
+                            result: Some(pb::batch_wrap_result::Result::Error(error.clone())),
+                        }));
+                        continue;
+                    }
+                };
+                // Outcomes of the run by code, entered in the audit tally once each.
+                let mut outcomes: Vec<(Option<ErrorCode>, u64)> = Vec::new();
+                for ciphertext in wrapped.ciphertexts {
+                    let code = ciphertext.as_ref().err().map(ServiceError::code);
+                    match outcomes.iter_mut().find(|(c, _)| *c == code) {
+                        Some((_, n)) => *n += 1,
+                        None => outcomes.push((code, 1)),
+                    }
+                    results.push(pb::BatchWrapResult {
+                        result: Some(match ciphertext {
+                            Ok(ciphertext) => pb::batch_wrap_result::Result::Ok(pb::WrapResponse {
+                                ciphertext,
+                                key: key.clone(),
+                                version: wrapped.version,
+                            }),
+                            Err(err) => pb::batch_wrap_result::Result::Error(item_error(&err)),
+                        }),
+                    });
+                }
+                for (code, n) in outcomes {
+                    let entry = groups.entry((key.clone(), wrapped.version, wrapped.backend.clone(), code_name(code)));
+                    entry.or_insert((0, code)).0 += n;
+                }
+            }
+            Ok(pb::BatchWrapResponse { results })
+        }
+        .await;
+        call.finish_batch(groups, result).await
     }
 
     async fn batch_unwrap(

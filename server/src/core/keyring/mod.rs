@@ -95,8 +95,13 @@ impl CachedKey {
 
     /// Counts one event of `count` under `version`.
     pub fn count(&self, version: u32, count: Count) {
+        self.count_n(version, count, 1);
+    }
+
+    /// Counts `n` events of `count` under `version`.
+    pub fn count_n(&self, version: u32, count: Count, n: u64) {
         if let Some(c) = self.counters(version) {
-            c.pending[count as usize].fetch_add(1, Ordering::Relaxed);
+            c.pending[count as usize].fetch_add(n, Ordering::Relaxed);
         }
     }
 

@@ -108,6 +108,11 @@ struct Args {
     /// socket's uid) instead of mTLS.
     #[arg(long)]
     unix: Option<std::path::PathBuf>,
+    /// Instead of a load: connect, make one Wrap (on `--key`, or a random
+    /// one of the many keys), print the milliseconds it took and exit;
+    /// retried until it succeeds or 30 s have passed.
+    #[arg(long)]
+    once: bool,
     /// Instead of a load: open this many connections, make one call on
     /// each, hold them idle, and report the server's RSS per connection.
     #[arg(long)]
@@ -370,6 +375,26 @@ async fn main() -> anyhow::Result<()> {
     let identity = TlsIdentity::from_files(tls.join("ca.pem"), tls.join("client.pem"), tls.join("client.key"))?;
     if let Some(n) = args.hold_connections {
         return hold(&args, &identity, n).await;
+    }
+    if args.once {
+        let started = Instant::now();
+        let mut pick = Pick(started.elapsed().as_nanos() as u64 | 1);
+        loop {
+            let attempt = async {
+                let mut client = KeyBrokerClient::new(connect(&args.url, &identity).await?);
+                let req =
+                    pb::WrapRequest { key: key_for(&args, &mut pick), plaintext: vec![7; 32], ..Default::default() };
+                anyhow::Ok(client.wrap(req).await?)
+            };
+            match attempt.await {
+                Ok(_) => {
+                    println!("{:.1}", started.elapsed().as_secs_f64() * 1000.0);
+                    return Ok(());
+                }
+                Err(err) if started.elapsed() > Duration::from_secs(30) => return Err(err),
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
     }
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {

@@ -113,6 +113,15 @@ struct Args {
     /// retried until it succeeds or 30 s have passed.
     #[arg(long)]
     once: bool,
+    /// Instead of a load: write this many sidecar files (`{key, version,
+    /// wrapped_dek}` JSON, 1000 per folder) of DEKs wrapped under `--key`
+    /// into `--sidecar-dir`, then rotate the key (the dev admin identity),
+    /// for a `keybroker rewrap` pass to move.
+    #[arg(long)]
+    write_sidecars: Option<usize>,
+    /// Where `--write-sidecars` writes.
+    #[arg(long, default_value = "sidecars")]
+    sidecar_dir: std::path::PathBuf,
     /// Instead of a load: open this many connections, make one call on
     /// each, hold them idle, and report the server's RSS per connection.
     #[arg(long)]
@@ -375,6 +384,42 @@ async fn main() -> anyhow::Result<()> {
     let identity = TlsIdentity::from_files(tls.join("ca.pem"), tls.join("client.pem"), tls.join("client.key"))?;
     if let Some(n) = args.hold_connections {
         return hold(&args, &identity, n).await;
+    }
+    if let Some(n) = args.write_sidecars {
+        let mut client = KeyBrokerClient::new(connect(&args.url, &identity).await?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let mut written = 0;
+        while written < n {
+            let items = vec![
+                pb::WrapRequest { key: args.key.clone(), plaintext: vec![7; 32], ..Default::default() };
+                1000.min(n - written)
+            ];
+            let results = client.batch_wrap(pb::BatchWrapRequest { items }).await?.into_inner().results;
+            for result in results {
+                let w = match result.result {
+                    Some(pb::batch_wrap_result::Result::Ok(w)) => w,
+                    other => anyhow::bail!("a wrap failed: {other:?}"),
+                };
+                let folder = args.sidecar_dir.join(format!("{:04}", written / 1000));
+                if written % 1000 == 0 {
+                    std::fs::create_dir_all(&folder)?;
+                }
+                let sidecar = keybroker_client::blob::Sidecar {
+                    key: w.key,
+                    version: w.version,
+                    wrapped_dek: w.ciphertext,
+                    context: Default::default(),
+                };
+                std::fs::write(folder.join(format!("{written:07}.sidecar.json")), serde_json::to_vec(&sidecar)?)?;
+                written += 1;
+            }
+        }
+        let admin_identity = TlsIdentity::from_files(tls.join("ca.pem"), tls.join("admin.pem"), tls.join("admin.key"))?;
+        let mut admin = KeyAdminClient::new(connect(&args.url, &admin_identity).await?);
+        let key = admin.rotate(pb::RotateRequest { key: args.key.clone(), ..Default::default() }).await?.into_inner();
+        println!("wrote {n} sidecars; {} is now at version {}", key.name, key.current_version);
+        return Ok(());
     }
     if args.once {
         let started = Instant::now();

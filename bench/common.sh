@@ -9,7 +9,7 @@ work=$(mktemp -d)
 results=$work/results.jsonl
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+trap 'cleanup; rm -rf "$work"' EXIT
 
 # dev_dir: a `keybroker dev` data directory in $work/kb (PKI, root key, the
 # SQLite file with key "demo"), made by one short run.

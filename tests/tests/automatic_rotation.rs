@@ -102,4 +102,25 @@ async fn a_version_at_the_wrap_limit_refuses_to_wrap() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     broker.admin().await.rotate(pb::RotateRequest { key: "capped".into(), ..Default::default() }).await.unwrap();
     assert_eq!(wrap(&broker, "capped").await.unwrap(), 2);
+    // A batch run of one key takes what room is left (4 wraps of v2), item
+    // by item: a bad item takes none, the items past the limit are refused.
+    let item = |plaintext: &[u8]| pb::WrapRequest {
+        key: "capped".into(),
+        plaintext: plaintext.to_vec(),
+        ..Default::default()
+    };
+    let items = vec![item(b"a"), item(b"b"), item(b""), item(b"c"), item(b"d"), item(b"e")];
+    let results = broker.app().await.batch_wrap(pb::BatchWrapRequest { items }).await.unwrap().into_inner().results;
+    let codes: Vec<i32> = results
+        .iter()
+        .map(|r| match r.result.as_ref().unwrap() {
+            pb::batch_wrap_result::Result::Ok(w) => {
+                assert_eq!(w.version, 2);
+                0
+            }
+            pb::batch_wrap_result::Result::Error(e) => e.code,
+        })
+        .collect();
+    let (ok, invalid, exhausted) = (0, Code::InvalidArgument as i32, Code::ResourceExhausted as i32);
+    assert_eq!(codes, [ok, ok, invalid, ok, ok, exhausted]);
 }

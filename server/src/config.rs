@@ -339,7 +339,7 @@ fn default_sessions() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Most keys whose records (versions, states, counts) are held in
-    /// memory, about 0.5 KiB each (BENCHMARKS.md "Many keys"); beyond, the
+    /// memory, about 0.64 KiB each (BENCHMARKS.md "Many keys"); beyond, the
     /// least recently used are let go and read again from the store on
     /// their next use.
     #[serde(default = "default_cache_keys")]

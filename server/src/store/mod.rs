@@ -133,6 +133,32 @@ impl KeyRecord {
 }
 
 impl VersionRecord {
+    /// A version made at `at` (Unix seconds) that nothing has used yet.
+    pub fn unused(
+        version: u32,
+        state: VersionState,
+        backend: String,
+        backend_ref: BackendRef,
+        mode: KeyMode,
+        at: i64,
+    ) -> Self {
+        Self {
+            version,
+            state,
+            backend,
+            backend_ref,
+            mode,
+            unwrap_count: 0,
+            last_unwrap_at: 0,
+            wrap_count: 0,
+            rewrap_in_count: 0,
+            rewrap_out_count: 0,
+            last_wrap_at: 0,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
     /// DEKs that still depend on this version: wrapped under it, plus
     /// rewrapped into it, minus rewrapped out of it.
     pub fn outstanding(&self) -> u64 {

@@ -339,21 +339,7 @@ pub async fn restore(
             if let Some(m) = &v.material {
                 materials.insert(v.version, Zeroizing::new(decode(m)?));
             }
-            versions.push(VersionRecord {
-                version: v.version,
-                state,
-                backend: v.backend.clone(),
-                backend_ref: reference,
-                mode,
-                unwrap_count: 0,
-                last_unwrap_at: 0,
-                wrap_count: 0,
-                rewrap_in_count: 0,
-                rewrap_out_count: 0,
-                last_wrap_at: 0,
-                created_at: v.created_at,
-                updated_at: v.created_at,
-            });
+            versions.push(VersionRecord::unused(v.version, state, v.backend.clone(), reference, mode, v.created_at));
         }
         let record = KeyRecord {
             name: k.name.clone(),

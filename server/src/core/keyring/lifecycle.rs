@@ -249,21 +249,15 @@ impl Keyring {
                 old.state = VersionState::DecryptOnly;
                 old.updated_at = t;
             }
-            record.versions.push(VersionRecord {
-                version: next,
-                state: VersionState::Active,
-                backend: backend_name.clone(),
-                backend_ref: reference,
-                mode: record.mode,
-                unwrap_count: 0,
-                last_unwrap_at: 0,
-                wrap_count: 0,
-                rewrap_in_count: 0,
-                rewrap_out_count: 0,
-                last_wrap_at: 0,
-                created_at: t,
-                updated_at: t,
-            });
+            let mode = record.mode;
+            record.versions.push(VersionRecord::unused(
+                next,
+                VersionState::Active,
+                backend_name.clone(),
+                reference,
+                mode,
+                t,
+            ));
             record.current_version = next;
             record.backend = backend_name;
             record.updated_at = t;
@@ -603,20 +597,6 @@ fn first_record(
         created_at: t,
         updated_at: t,
         revision: 1,
-        versions: vec![VersionRecord {
-            version: 1,
-            state: VersionState::Active,
-            backend,
-            backend_ref: reference,
-            mode,
-            unwrap_count: 0,
-            last_unwrap_at: 0,
-            wrap_count: 0,
-            rewrap_in_count: 0,
-            rewrap_out_count: 0,
-            last_wrap_at: 0,
-            created_at: t,
-            updated_at: t,
-        }],
+        versions: vec![VersionRecord::unused(1, VersionState::Active, backend, reference, mode, t)],
     }
 }

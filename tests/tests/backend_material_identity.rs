@@ -139,14 +139,22 @@ async fn lost_rotation_races_leave_no_hsm_object_behind() {
     for replica in &replicas {
         for _ in 0..8 {
             let replica = replica.clone();
-            tasks.push(tokio::spawn(async move { replica.rotate("k", None, None, None).await.is_ok() }));
+            tasks.push(tokio::spawn(async move { replica.rotate("k", None, None, None).await.map(|_| ()) }));
         }
     }
     let mut won = 0;
+    let mut lost = Vec::new();
     for task in tasks {
-        won += usize::from(task.await.unwrap());
+        match task.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(err) => lost.push(format!("{:?}: {}", err.code(), err.message())),
+        }
     }
-    assert!(won >= 4, "only {won} of 16 rotations succeeded");
+    // A rotation that loses may give up (ABORTED after five lost races, or
+    // FAILED_PRECONDITION when a concurrent one holds its version's label):
+    // how many win depends on the schedule, and at least one always does.
+    // What matters is below: nothing a loser made is left behind.
+    assert!(won >= 1, "no rotation of 16 succeeded: {lost:?}");
     let record = replicas[0].store().get("k").await.unwrap().unwrap();
     assert_eq!(record.current_version as usize, 1 + won);
     let probe = Pkcs11Backend::new("hsm", settings(2, Duration::from_secs(2)));

@@ -89,6 +89,15 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    /// A transaction that writes: it takes the write lock at BEGIN, waiting
+    /// (busy_timeout) for another writer. A deferred one that read first
+    /// would fail at once with SQLITE_BUSY when another connection committed
+    /// meanwhile (WAL cannot upgrade a stale snapshot), which a caller would
+    /// see as the store being down.
+    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)
+    }
+
     /// Copies the WAL into the database and truncates it, so the sealed
     /// material of a destroyed version does not live on in `-wal` (the
     /// database file itself overwrites freed content: `secure_delete`).
@@ -239,13 +248,13 @@ impl KeyStore for SqliteStore {
     }
 
     async fn create(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         Self::insert_key(&mut tx, key).await?;
         tx.commit().await.map_err(unavailable)
     }
 
     async fn replace_keys(&self, writes: &[KeyReplacement]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         for write in writes {
             let name = &write.record.name;
             let stored: Option<i64> = sqlx::query_scalar("SELECT revision FROM keys WHERE name = ?")
@@ -278,7 +287,7 @@ impl KeyStore for SqliteStore {
 
     async fn update(&self, key: &KeyRecord) -> Result<KeyRecord, StoreError> {
         let labels = serde_json::to_string(&key.labels).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         let updated = sqlx::query(
             "UPDATE keys SET backend = ?, mode = ?, current_version = ?, min_decryption_version = ?, deletion_allowed = ?, \
              labels = ?, rotation_period_secs = ?, max_wraps_per_version = ?, updated_at = ?, \
@@ -394,7 +403,7 @@ impl KeyStore for SqliteStore {
         if usage.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         let now = now_secs();
         let fresh = sqlx::query("INSERT INTO usage_batches (batch_id, applied_at) VALUES (?, ?)")
             .bind(batch)
@@ -451,7 +460,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn create_job(&self, job: &JobRecord, keys: &[String]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO migration_jobs (job_id, pattern, from_backend, to_backend, conflict, dry_run, \
              max_keys_per_second, phase, error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -214,7 +214,10 @@ impl Broker {
                 check?;
                 match sealed.next() {
                     Some(result) => result.map_err(|e| e.for_caller(key, current.version)),
-                    None => Err(ServiceError::internal("the backend answered fewer items than it was given")),
+                    None => Err(ServiceError::internal(format!(
+                        "backend {:?} answered fewer items than it was given for key {key:?} version {}",
+                        current.backend, current.version
+                    ))),
                 }
             })
             .collect();

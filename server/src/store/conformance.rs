@@ -5,21 +5,14 @@ use super::{KeyMode, KeyRecord, KeyReplacement, KeyStore, StoreError, VersionRec
 use crate::material::BackendRef;
 
 fn version(v: u32, state: VersionState) -> VersionRecord {
-    VersionRecord {
-        version: v,
+    VersionRecord::unused(
+        v,
         state,
-        backend: "local".into(),
-        backend_ref: BackendRef(vec![v as u8; 61]),
-        mode: if v.is_multiple_of(2) { KeyMode::Hierarchy } else { KeyMode::Direct },
-        unwrap_count: 0,
-        last_unwrap_at: 0,
-        wrap_count: 0,
-        rewrap_in_count: 0,
-        rewrap_out_count: 0,
-        last_wrap_at: 0,
-        created_at: 1_700_000_000 + i64::from(v),
-        updated_at: 1_700_000_000 + i64::from(v),
-    }
+        "local".into(),
+        BackendRef(vec![v as u8; 61]),
+        if v.is_multiple_of(2) { KeyMode::Hierarchy } else { KeyMode::Direct },
+        1_700_000_000 + i64::from(v),
+    )
 }
 
 fn key(name: &str) -> KeyRecord {

@@ -598,20 +598,8 @@ mod tests {
         let path = dir.path().join("kb.sqlite");
         let store = SqliteStore::open(&path).await.unwrap();
         let sealed = b"SEALED-KEK-0123456789-abcdefghij-0123456789-ABCDEFGHIJ-xyz".to_vec();
-        let version = |v: u32, state, reference: Vec<u8>| VersionRecord {
-            version: v,
-            state,
-            backend: "local".into(),
-            backend_ref: BackendRef(reference),
-            mode: KeyMode::Direct,
-            unwrap_count: 0,
-            last_unwrap_at: 0,
-            wrap_count: 0,
-            rewrap_in_count: 0,
-            rewrap_out_count: 0,
-            last_wrap_at: 0,
-            created_at: 1,
-            updated_at: 1,
+        let version = |v: u32, state, reference: Vec<u8>| {
+            VersionRecord::unused(v, state, "local".into(), BackendRef(reference), KeyMode::Direct, 1)
         };
         let mut key = KeyRecord {
             name: "k".into(),

@@ -146,6 +146,11 @@ async fn every_call_is_one_chained_event_without_key_material() {
 
     let (ok, out) = verify(&[&log]);
     assert!(ok && out.contains(&format!("intact: {} events", lines.len())), "{out}");
+    // Every event was counted; the batch's three events took one write.
+    let (_, scrape) = broker.http_get("/metrics");
+    assert_eq!(Broker::metric(&scrape, "keybroker_audit_events_total"), Some(lines.len() as f64), "{scrape}");
+    let writes = Broker::metric(&scrape, "keybroker_audit_writes_total").unwrap();
+    assert!(writes >= 1.0 && writes <= (lines.len() - 2) as f64, "{writes} writes for {} events", lines.len());
     // An edited line is found, by its line number.
     let mut edited: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
     edited[3] = edited[3].replace(r#""code":"OK""#, r#""code":"NOT_FOUND""#);

@@ -95,6 +95,14 @@ impl Sources for BrokerSources {
             counter,
             &one(self.audit.failures() as f64),
         )?;
+        let (events, writes) = self.audit.written();
+        out.family("keybroker_audit_events", "Audit events written.", counter, &one(events as f64))?;
+        out.family(
+            "keybroker_audit_writes",
+            "Writes to the audit sink; each carries the events of the calls that were ready together.",
+            counter,
+            &one(writes as f64),
+        )?;
         out.family(
             "keybroker_audit_up",
             "1 when the last audit write succeeded (or the audit log is off).",

@@ -261,10 +261,14 @@ impl Call<'_> {
             self.guards.audit.record(record).await?;
             return respond(result);
         }
-        for ((key, version, backend, _), (count, code)) in groups {
-            let touched = Touched { key, version, backend, context_sha256: String::new() };
-            self.guards.audit.record(self.record(touched, code, count, String::new())).await?;
-        }
+        let records: Vec<Record> = groups
+            .into_iter()
+            .map(|((key, version, backend, _), (count, code))| {
+                let touched = Touched { key, version, backend, context_sha256: String::new() };
+                self.record(touched, code, count, String::new())
+            })
+            .collect();
+        self.guards.audit.record_all(records).await?;
         respond(result)
     }
 

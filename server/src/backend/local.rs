@@ -47,18 +47,17 @@ impl CipherCache {
 
     fn insert(&mut self, key: &str, version: u32, cipher: Arc<DekCipher>) {
         if self.len >= self.max {
+            // An eighth goes, in the map's (random) order.
             let target = self.max - self.max / 8;
-            let mut gone = Vec::new();
-            for (name, versions) in &self.map {
-                if self.len - gone.iter().map(|(_, n)| n).sum::<usize>() <= target {
-                    break;
+            let (excess, mut removed) = (self.len - target, 0);
+            self.map.retain(|_, versions| {
+                if removed >= excess {
+                    return true;
                 }
-                gone.push((name.clone(), versions.len()));
-            }
-            for (name, n) in gone {
-                self.map.remove(&name);
-                self.len -= n;
-            }
+                removed += versions.len();
+                false
+            });
+            self.len -= removed;
         }
         if self.map.entry(key.to_owned()).or_default().insert(version, cipher).is_none() {
             self.len += 1;

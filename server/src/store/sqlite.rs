@@ -76,6 +76,9 @@ impl SqliteStore {
             // Destroyed versions have their sealed material overwritten on disk,
             // not just unlinked from the b-tree.
             .pragma("secure_delete", "on")
+            // 16 MiB of pages per connection (the default is 2 MiB): a usage
+            // flush over a large table updates rows all over it.
+            .pragma("cache_size", "-16384")
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -421,40 +424,24 @@ impl KeyStore for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        // A few statements of many rows each (the rows as one JSON
-        // parameter): a flush after a second of calls over many keys has a
-        // row per key.
+        // A few statements of many rows each (bound VALUES rows; a full
+        // chunk's statement is prepared once per connection): a flush after
+        // a second of calls over many keys has a row per key.
         for chunk in merge_usage(usage).chunks(USAGE_ROWS_PER_STATEMENT) {
-            let rows: Vec<serde_json::Value> = chunk
-                .iter()
-                .map(|u| {
-                    serde_json::json!([
-                        u.key,
-                        u.version,
-                        to_i64(u.unwraps),
-                        u.last_unwrap_at,
-                        to_i64(u.wraps),
-                        to_i64(u.rewraps_in),
-                        to_i64(u.rewraps_out),
-                        u.last_wrap_at
-                    ])
-                })
-                .collect();
-            sqlx::query(
-                "UPDATE key_versions SET unwrap_count = unwrap_count + u.unwraps, \
-                 last_unwrap_at = MAX(key_versions.last_unwrap_at, u.last_unwrap_at), \
-                 wrap_count = wrap_count + u.wraps, rewrap_in_count = rewrap_in_count + u.rewraps_in, \
-                 rewrap_out_count = rewrap_out_count + u.rewraps_out, \
-                 last_wrap_at = MAX(key_versions.last_wrap_at, u.last_wrap_at) \
-                 FROM (SELECT value ->> 0 AS key_name, value ->> 1 AS version, value ->> 2 AS unwraps, \
-                 value ->> 3 AS last_unwrap_at, value ->> 4 AS wraps, value ->> 5 AS rewraps_in, \
-                 value ->> 6 AS rewraps_out, value ->> 7 AS last_wrap_at FROM json_each(?)) AS u \
-                 WHERE key_versions.key_name = u.key_name AND key_versions.version = u.version",
-            )
-            .bind(serde_json::Value::Array(rows).to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            // Built from a count, never from input.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(usage_statement(chunk.len())));
+            for u in chunk {
+                query = query
+                    .bind(&u.key)
+                    .bind(u.version)
+                    .bind(to_i64(u.unwraps))
+                    .bind(u.last_unwrap_at)
+                    .bind(to_i64(u.wraps))
+                    .bind(to_i64(u.rewraps_in))
+                    .bind(to_i64(u.rewraps_out))
+                    .bind(u.last_wrap_at);
+            }
+            query.execute(&mut *tx).await.map_err(unavailable)?;
         }
         tx.commit().await.map_err(unavailable)
     }
@@ -577,6 +564,23 @@ impl KeyStore for SqliteStore {
         .map_err(unavailable)?;
         rows.iter().map(|r| r.try_get("job_id").map_err(unavailable)).collect()
     }
+}
+
+/// The UPDATE of [`KeyStore::record_usage`] for `rows` rows of eight bound
+/// values each (key, version, unwraps, last unwrap, wraps, rewraps in and
+/// out, last wrap).
+fn usage_statement(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; rows].join(", ");
+    format!(
+        "WITH u (key_name, version, unwraps, last_unwrap_at, wraps, rewraps_in, rewraps_out, last_wrap_at) \
+         AS (VALUES {values}) \
+         UPDATE key_versions SET unwrap_count = unwrap_count + u.unwraps, \
+         last_unwrap_at = MAX(key_versions.last_unwrap_at, u.last_unwrap_at), \
+         wrap_count = wrap_count + u.wraps, rewrap_in_count = rewrap_in_count + u.rewraps_in, \
+         rewrap_out_count = rewrap_out_count + u.rewraps_out, \
+         last_wrap_at = MAX(key_versions.last_wrap_at, u.last_wrap_at) \
+         FROM u WHERE key_versions.key_name = u.key_name AND key_versions.version = u.version"
+    )
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ mod lifecycle;
 pub use lifecycle::{DEFAULT_MAX_WRAPS, NewKey, PolicyChange, VersionChange};
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backends;
@@ -69,16 +69,41 @@ pub struct CachedKey {
     /// When a call last used the key (Unix seconds), for the choice of the
     /// keys a full cache lets go.
     used: AtomicU32,
+    /// Counted since the last flush took this record's counts: it is in
+    /// the keyring's dirty list.
+    dirty: AtomicBool,
+    dirty_keys: Weak<DirtyKeys>,
 }
 
+/// The records counted on since the last flush: a flush takes the counts of
+/// these, not of every cached key. A record is listed by the call that
+/// counts on it first, so a record the cache let go (or replaced) is still
+/// flushed while a call holds it.
+type DirtyKeys = Mutex<Vec<Arc<CachedKey>>>;
+
 impl CachedKey {
-    fn new(record: KeyRecord, previous: Option<&CachedKey>) -> Self {
+    fn new(record: KeyRecord, previous: Option<&CachedKey>, dirty_keys: &Arc<DirtyKeys>) -> Self {
         let counters = (0..record.versions.len())
             .map(|i| previous.and_then(|p| p.counters.get(i).cloned()).unwrap_or_default())
             .collect();
         let flushed = record.versions.iter().map(|_| Default::default()).collect();
         let used = AtomicU32::new(previous.map_or(0, |p| p.used.load(Ordering::Relaxed)));
-        Self { record, counters, flushed, used }
+        Self { record, counters, flushed, used, dirty: AtomicBool::new(false), dirty_keys: Arc::downgrade(dirty_keys) }
+    }
+
+    /// Lists this record for the next flush unless it is listed already.
+    /// Sequentially consistent with the flush's clearing of the flag and its
+    /// taking of the counts, so a count is either taken by a flush or
+    /// listed for the next one.
+    fn mark_dirty(self: &Arc<Self>) {
+        // A plain read first: a listed record (the common case) costs no
+        // write to the shared flag.
+        if !self.dirty.load(Ordering::SeqCst)
+            && !self.dirty.swap(true, Ordering::SeqCst)
+            && let Some(list) = self.dirty_keys.upgrade()
+        {
+            list.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(self.clone());
+        }
     }
 
     /// Notes a use now (a store only when the second changed).
@@ -94,22 +119,24 @@ impl CachedKey {
     }
 
     /// Counts one event of `count` under `version`.
-    pub fn count(&self, version: u32, count: Count) {
+    pub fn count(self: &Arc<Self>, version: u32, count: Count) {
         self.count_n(version, count, 1);
     }
 
     /// Counts `n` events of `count` under `version`.
-    pub fn count_n(&self, version: u32, count: Count, n: u64) {
+    pub fn count_n(self: &Arc<Self>, version: u32, count: Count, n: u64) {
         if let Some(c) = self.counters(version) {
-            c.pending[count as usize].fetch_add(n, Ordering::Relaxed);
+            c.pending[count as usize].fetch_add(n, Ordering::SeqCst);
+            self.mark_dirty();
         }
     }
 
     /// Counts an unwrap under `version` at `now` (Unix seconds).
-    pub fn count_unwrap(&self, version: u32, now: i64) {
+    pub fn count_unwrap(self: &Arc<Self>, version: u32, now: i64) {
         if let Some(c) = self.counters(version) {
-            c.pending[Count::Unwraps as usize].fetch_add(1, Ordering::Relaxed);
+            c.pending[Count::Unwraps as usize].fetch_add(1, Ordering::SeqCst);
             c.last_unwrap.fetch_max(now, Ordering::Relaxed);
+            self.mark_dirty();
         }
     }
 
@@ -267,9 +294,8 @@ pub struct Keyring {
     cache: RwLock<KeyCache>,
     /// Most keys held in the cache (the least recently used beyond go).
     max_keys: AtomicUsize,
-    /// Keys let go by a full cache: kept until a flush has taken their
-    /// counts and no call holds them any more.
-    evicted: Mutex<Vec<Arc<CachedKey>>>,
+    /// The records counted on since the last flush.
+    dirty: Arc<DirtyKeys>,
     retirement_window_secs: std::sync::atomic::AtomicI64,
     /// The store's change sequence this cache reflects.
     seen_seq: AtomicU64,
@@ -332,7 +358,7 @@ impl Keyring {
             default_backend,
             cache: RwLock::new(KeyCache::new()),
             max_keys: AtomicUsize::new(DEFAULT_MAX_CACHED_KEYS),
-            evicted: Mutex::new(Vec::new()),
+            dirty: Arc::default(),
             retirement_window_secs: AtomicI64::new(DEFAULT_RETIREMENT_WINDOW_SECS),
             seen_seq: AtomicU64::new(0),
             absent: Mutex::new(HashMap::new()),
@@ -494,17 +520,11 @@ impl Keyring {
 
     /// Takes every cached key's unflushed counts into a new batch.
     fn take_pending(&self) -> UsageBatch {
-        let mut keys: Vec<Arc<CachedKey>> = self.read_cache().values().cloned().collect();
-        {
-            // Keys the cache let go: counted now, and kept for the next
-            // flush while a call still holds one (nothing else can reach it).
-            let mut evicted = self.evicted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for key in std::mem::take(&mut *evicted) {
-                if Arc::strong_count(&key) > 1 {
-                    evicted.push(key.clone());
-                }
-                keys.push(key);
-            }
+        let keys = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for key in &keys {
+            // Before the counts are taken: a count made after this lists
+            // the record again.
+            key.dirty.store(false, Ordering::SeqCst);
         }
         let t = now();
         let mut batch = UsageBatch {
@@ -516,7 +536,7 @@ impl Keyring {
             for (i, c) in key.counters.iter().enumerate() {
                 let n: [u64; COUNTS] = std::array::from_fn(|k| {
                     // Moved, not copied: a reader sees each count exactly once.
-                    let v = c.pending[k].swap(0, Ordering::Relaxed);
+                    let v = c.pending[k].swap(0, Ordering::SeqCst);
                     c.in_flight[k].fetch_add(v, Ordering::Relaxed);
                     v
                 });
@@ -593,7 +613,7 @@ impl Keyring {
                 return (added, true);
             }
             if !cache.contains_key(&record.name) {
-                cache.insert(Arc::new(CachedKey::new(record, None)));
+                cache.insert(Arc::new(CachedKey::new(record, None, &self.dirty)));
                 added += 1;
             }
         }
@@ -618,9 +638,9 @@ impl Keyring {
         (keys.into_iter().cloned().collect(), cache.len())
     }
 
-    /// Lets the least recently used eighth of a full cache go. They wait in
-    /// `evicted` until a flush has taken their counts (a call may still
-    /// hold one and count on it).
+    /// Lets the least recently used eighth of a full cache go (their
+    /// unflushed counts stay listed in `dirty`; a call that still holds one
+    /// lists it again when it counts).
     fn evict(&self, cache: &mut KeyCache) {
         let max = self.max_keys.load(Ordering::Relaxed);
         if cache.len() <= max {
@@ -631,17 +651,15 @@ impl Keyring {
         let mut stamps: Vec<u32> = cache.values().map(|k| k.used.load(Ordering::Relaxed)).collect();
         let (_, cutoff, _) = stamps.select_nth_unstable(excess - 1);
         let cutoff = *cutoff;
-        let mut gone = Vec::with_capacity(excess);
+        let mut gone = 0;
         cache.retain(|key| {
-            if gone.len() < excess && key.used.load(Ordering::Relaxed) <= cutoff {
-                gone.push(key.clone());
+            if gone < excess && key.used.load(Ordering::Relaxed) <= cutoff {
+                gone += 1;
                 false
             } else {
                 true
             }
         });
-        // A call may still hold one and count on it: each waits for a flush.
-        self.evicted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(gone);
     }
 
     fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, KeyCache> {
@@ -663,7 +681,7 @@ impl Keyring {
                 return p.clone();
             }
         }
-        let cached = Arc::new(CachedKey::new(record, previous.as_deref()));
+        let cached = Arc::new(CachedKey::new(record, previous.as_deref(), &self.dirty));
         cache.insert(cached.clone());
         if previous.is_none() {
             self.evict(&mut cache);
@@ -771,7 +789,7 @@ impl Keyring {
                 found.push(match cached {
                     Some(key) if key.record.revision >= record.revision => key,
                     Some(_) => self.install(record),
-                    None => Arc::new(CachedKey::new(record, None)),
+                    None => Arc::new(CachedKey::new(record, None, &self.dirty)),
                 });
                 if found.len() > limit {
                     return Ok(Self::page_of(found, limit));

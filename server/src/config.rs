@@ -31,8 +31,13 @@ pub const ENV_ROOT_KEY: &str = "KEYBROKER_ROOT_KEY";
 /// Path of the configuration file, for `keybroker serve` without `--config`.
 pub const ENV_CONFIG: &str = "KEYBROKER_CONFIG";
 
+/// Threads that run calls (default: the CPUs this process may use, by
+/// affinity and cgroup quota). With one, keybroker runs a single-threaded
+/// runtime. Read before the configuration, so not a config setting.
+pub const ENV_WORKER_THREADS: &str = "KEYBROKER_WORKER_THREADS";
+
 /// Environment variables that are not settings of the tree.
-const NOT_SETTINGS: &[&str] = &[ENV_ROOT_KEY, ENV_CONFIG, ENV_STORE_URL];
+const NOT_SETTINGS: &[&str] = &[ENV_ROOT_KEY, ENV_CONFIG, ENV_STORE_URL, ENV_WORKER_THREADS];
 /// The PostgreSQL URL of `[store]` (the same as `KEYBROKER_STORE__URL`),
 /// the name operators and platforms expect for a database secret.
 pub const ENV_STORE_URL: &str = "KEYBROKER_STORE_URL";

@@ -179,3 +179,52 @@ async fn rewrap_moves_a_v1_ciphertext_to_v2_without_changing_the_dek() {
         other => panic!("junk rewrapped: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_threaded_broker_serves_many_concurrent_calls_and_audits_each() {
+    let dir = tempdir();
+    let data = dir.path().join("kb");
+    let broker = Broker::start_dev_with(&data, &[("KEYBROKER_WORKER_THREADS", "1")]);
+    assert!(broker.stderr().contains("single-threaded"), "{}", broker.stderr());
+    // 8 connections with 50 calls each in flight: Wrap, then Unwrap.
+    let mut calls = Vec::new();
+    for c in 0..8u8 {
+        let app = broker.app().await;
+        for i in 0..50u8 {
+            let mut app = app.clone();
+            calls.push(tokio::spawn(async move {
+                let dek = vec![c, i, 7, 7];
+                let context = ctx(&[("call", &format!("{c}-{i}"))]);
+                let wrapped = app
+                    .wrap(pb::WrapRequest { key: "demo".into(), plaintext: dek.clone(), context: context.clone() })
+                    .await?
+                    .into_inner();
+                let unwrapped = app.unwrap(pb::UnwrapRequest { ciphertext: wrapped.ciphertext, context }).await?;
+                Ok::<_, tonic::Status>(unwrapped.into_inner().plaintext == dek)
+            }));
+        }
+    }
+    for call in calls {
+        assert!(call.await.unwrap().unwrap(), "a DEK came back changed");
+    }
+    // Every call has its audit event; calls ready together shared writes.
+    let (_, scrape) = broker.http_get("/metrics");
+    let events = Broker::metric(&scrape, "keybroker_audit_events_total").unwrap();
+    let writes = Broker::metric(&scrape, "keybroker_audit_writes_total").unwrap();
+    assert!(events >= 800.0, "{events} audit events for 800 calls");
+    assert!(writes < events, "{writes} writes for {events} events");
+    assert_eq!(Broker::metric(&scrape, r#"keybroker_requests_total{rpc="Wrap",code="OK"}"#), Some(400.0));
+    assert_eq!(Broker::metric(&scrape, r#"keybroker_requests_total{rpc="Unwrap",code="OK"}"#), Some(400.0));
+    let lines = std::fs::read_to_string(data.join("audit.log")).unwrap().lines().count();
+    assert_eq!(lines as f64, events, "the audit file holds every event counted");
+
+    // A thread count that is not one is refused, naming the variable.
+    let failure = Broker::try_start(
+        &["dev", "--data-dir", dir.path().join("kb2").to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        &[("KEYBROKER_WORKER_THREADS", "0")],
+        &dir.path().join("kb2"),
+    )
+    .err()
+    .expect("KEYBROKER_WORKER_THREADS=0 started");
+    assert!(failure.stderr.contains("KEYBROKER_WORKER_THREADS"), "{}", failure.stderr);
+}

@@ -618,7 +618,7 @@ fn spawn_rotation_scheduler(keyring: Arc<Keyring>, interval: Duration, hard_max_
         loop {
             let started = tokio::time::Instant::now();
             let wait = match keyring.rotate_due(hard_max_wraps).await {
-                Ok(_) => paced(interval, started.elapsed()),
+                Ok(_) => paced(interval, started.elapsed(), keyring.cached_len() > LARGE_WORK),
                 Err(err) => {
                     tracing::debug!(%err, "cannot look for keys due for rotation; will retry");
                     interval
@@ -635,7 +635,7 @@ fn spawn_usage_flusher(keyring: Arc<Keyring>, interval: Duration) {
         loop {
             let started = tokio::time::Instant::now();
             let wait = match keyring.flush_usage().await {
-                Ok(()) => paced(interval, started.elapsed()),
+                Ok(rows) => paced(interval, started.elapsed(), rows > LARGE_WORK),
                 // Time spent waiting on a store that is down is not work.
                 Err(err) => {
                     tracing::warn!(%err, "writing unwrap counts failed; will retry");
@@ -647,13 +647,24 @@ fn spawn_usage_flusher(keyring: Arc<Keyring>, interval: Duration) {
     });
 }
 
-/// Background work that succeeded in `took` runs again after `interval`, or after
+/// Background work that succeeded in `took` runs again after `interval`, or,
+/// when it was `large` (over [`LARGE_WORK`] keys or rows), after
 /// [`BACKGROUND_SHARE`] times what it took when that is longer (at most
 /// [`MAX_BACKGROUND_INTERVAL`]): a table of a million keys makes the rotation
-/// check and the usage flush longer, not a larger share of the time.
-fn paced(interval: Duration, took: Duration) -> Duration {
+/// check and the usage flush longer, not a larger share of the time. Small
+/// work is never paced: a flush of a few rows that waited on a database
+/// reconnecting is slow without being work, and pacing it held later counts
+/// back for up to 30 s.
+fn paced(interval: Duration, took: Duration, large: bool) -> Duration {
+    if !large {
+        return interval;
+    }
     interval.max(took.saturating_mul(BACKGROUND_SHARE).min(MAX_BACKGROUND_INTERVAL))
 }
+
+/// See [`paced`]: keys cached or rows flushed beyond which background work
+/// paces itself.
+const LARGE_WORK: usize = 10_000;
 
 /// See [`paced`]: background work takes at most 1/20 of the time.
 const BACKGROUND_SHARE: u32 = 20;

@@ -481,18 +481,19 @@ impl Keyring {
     /// under the same id, before new counts are taken: the store applies a
     /// batch id once, so a flush whose answer was lost neither loses nor
     /// doubles counts.
-    pub async fn flush_usage(&self) -> ServiceResult<()> {
+    /// Returns the rows written.
+    pub async fn flush_usage(&self) -> ServiceResult<usize> {
         let _flushing = self.flushing.lock().await;
         if self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none() {
             let batch = self.take_pending();
             if batch.usage.is_empty() {
-                return Ok(());
+                return Ok(0);
             }
             *self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(batch);
         }
         let (id, usage) = {
             let in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Some(batch) = in_flight.as_ref() else { return Ok(()) };
+            let Some(batch) = in_flight.as_ref() else { return Ok(0) };
             (batch.id.clone(), batch.usage.clone())
         };
         self.store.record_usage(&id, &usage).await?;
@@ -515,7 +516,7 @@ impl Keyring {
                 let _ = self.reload(name).await;
             }
         }
-        Ok(())
+        Ok(usage.len())
     }
 
     /// Takes every cached key's unflushed counts into a new batch.

@@ -225,27 +225,16 @@ fn conflict(force: bool, merge: bool) -> ConflictMode {
 }
 
 /// The async runtime: one worker thread per CPU this process may use
-/// (`KEYBROKER_WORKER_THREADS` overrides). With one, a single-threaded
-/// runtime: a multi-threaded one with one worker runs a connection's task
-/// right after each call that answers on it (its last-woken slot), so every
-/// answer went out in a write of its own; single-threaded, the calls that
-/// are ready run first and their connection writes their answers together
-/// (a fifth of the writes, about 20% less CPU per call on one core).
+/// (`KEYBROKER_WORKER_THREADS` overrides); single-threaded with one (see
+/// [`server::build_runtime`]).
 fn build_runtime() -> Result<tokio::runtime::Runtime, String> {
     let workers = match std::env::var(keybroker_server::config::ENV_WORKER_THREADS) {
         Ok(v) => v.trim().parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
             format!("{}={v:?}: give a number of threads, 1 or more", keybroker_server::config::ENV_WORKER_THREADS)
         })?,
-        Err(_) => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        Err(_) => server::available_cpus(),
     };
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    builder.enable_all().build().map_err(|e| e.to_string())
+    server::build_runtime(workers).map_err(|e| e.to_string())
 }
 
 fn config_path(config: Option<PathBuf>) -> anyhow::Result<PathBuf> {

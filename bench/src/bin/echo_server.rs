@@ -69,13 +69,8 @@ impl KeyBroker for Echo {
 /// may use one CPU, as on the benchmark's pinned core), so the comparison
 /// is of the servers, not of their runtimes.
 fn main() -> anyhow::Result<()> {
-    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    builder.enable_all().build()?.block_on(serve())
+    use keybroker_server::server::{available_cpus, build_runtime};
+    build_runtime(available_cpus())?.block_on(serve())
 }
 
 async fn serve() -> anyhow::Result<()> {

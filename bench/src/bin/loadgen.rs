@@ -379,13 +379,8 @@ fn check_batch(mut ok: impl Iterator<Item = bool>) -> Result<(), tonic::Status> 
 /// single-threaded runtime: it sends the requests that are ready together,
 /// so the generator saturates the server with less CPU of its own.
 fn main() -> anyhow::Result<()> {
-    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    builder.enable_all().build()?.block_on(run())
+    use keybroker_server::server::{available_cpus, build_runtime};
+    build_runtime(available_cpus())?.block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -247,12 +247,15 @@ impl AuditLog {
 
     /// Writes `records` (none: only the gap event a failing sink owes, as a
     /// probe); whether they were written.
-    fn write(&self, records: &[&Record]) -> bool {
+    fn write(&self, records: &[Record]) -> bool {
         let Some(writer) = &self.writer else { return true };
         let mut writer = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let written = writer.write_records(records);
         drop(writer);
-        self.writes.fetch_add(1, Ordering::Relaxed);
+        // A probe (no events) is not counted as a write of calls' events.
+        if !records.is_empty() {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
         let counter = if written { &self.written } else { &self.failures };
         counter.fetch_add(records.len() as u64, Ordering::Relaxed);
         self.healthy.store(written, Ordering::Relaxed);
@@ -310,7 +313,7 @@ impl AuditLog {
 
     /// Records an action the broker took on its own.
     pub fn record_detached(&self, record: Record) {
-        self.write(&[&record]);
+        self.write(std::slice::from_ref(&record));
     }
 }
 
@@ -340,8 +343,7 @@ impl GroupCommit<'_> {
             queue.writing = false;
             (std::mem::take(&mut queue.records), std::mem::take(&mut queue.waiters))
         };
-        let refs: Vec<&Record> = records.iter().collect();
-        let written = self.log.write(&refs);
+        let written = self.log.write(&records);
         for waiter in waiters {
             let _ = waiter.send(written);
         }
@@ -516,7 +518,7 @@ struct Writer {
 impl Writer {
     /// Appends `records` to the chain, after the gap event a failing sink
     /// owes; whether they reached the sink.
-    fn write_records(&mut self, records: &[&Record]) -> bool {
+    fn write_records(&mut self, records: &[Record]) -> bool {
         if records.is_empty() && self.lost == 0 {
             return true;
         }

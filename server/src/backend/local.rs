@@ -7,7 +7,6 @@
 //! another version. Opened KEKs are cached as ready ciphers ([`DekCipher`]: key setup
 //! costs as much as the AES work of a wrap), wiped when dropped.
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use aes_gcm::aead::AeadInOut;
@@ -29,50 +28,72 @@ const SEAL_DOMAIN: &[u8] = b"keybroker.local.kek.v1\0";
 /// Most opened KEKs held unless configured (`cache.max_ciphers`).
 pub const DEFAULT_MAX_CIPHERS: usize = 100_000;
 
-/// Opened KEKs by key name, then version: looked up with a borrowed name,
-/// so the hot path allocates nothing. Holds at most `max` of them: a full
-/// cache lets an eighth go (whichever come first in the map's order; a
-/// KEK let go is unsealed again on its next use).
-#[derive(Default)]
+/// Opened KEKs by (key name, version), in one flat table looked up with a
+/// borrowed name (the hot path allocates nothing; a miss allocates the
+/// name once). Holds at most `max` of them: a full cache lets an eighth go
+/// (whichever come first in the table's order, which is random; a KEK let
+/// go is unsealed again on its next use).
 struct CipherCache {
-    map: HashMap<String, HashMap<u32, Arc<DekCipher>>>,
-    len: usize,
+    table: hashbrown::HashTable<CachedCipher>,
+    hasher: std::hash::RandomState,
     max: usize,
 }
 
+struct CachedCipher {
+    key: Box<str>,
+    version: u32,
+    cipher: Arc<DekCipher>,
+}
+
 impl CipherCache {
+    fn new(max: usize) -> Self {
+        Self { table: hashbrown::HashTable::new(), hasher: std::hash::RandomState::new(), max }
+    }
+
+    fn hash(hasher: &std::hash::RandomState, key: &str, version: u32) -> u64 {
+        std::hash::BuildHasher::hash_one(hasher, (key, version))
+    }
+
     fn get(&self, key: &str, version: u32) -> Option<&Arc<DekCipher>> {
-        self.map.get(key).and_then(|versions| versions.get(&version))
+        let hash = Self::hash(&self.hasher, key, version);
+        self.table.find(hash, |c| c.version == version && *c.key == *key).map(|c| &c.cipher)
     }
 
     fn insert(&mut self, key: &str, version: u32, cipher: Arc<DekCipher>) {
-        if self.len >= self.max {
-            // An eighth goes, in the map's (random) order.
-            let target = self.max - self.max / 8;
-            let (excess, mut removed) = (self.len - target, 0);
-            self.map.retain(|_, versions| {
-                if removed >= excess {
+        if self.table.len() >= self.max {
+            // An eighth goes, in the table's (random) order.
+            let mut excess = self.table.len() - (self.max - self.max / 8);
+            self.table.retain(|_| {
+                if excess == 0 {
                     return true;
                 }
-                removed += versions.len();
+                excess -= 1;
                 false
             });
-            self.len -= removed;
         }
-        if self.map.entry(key.to_owned()).or_default().insert(version, cipher).is_none() {
-            self.len += 1;
+        let hasher = &self.hasher;
+        let hash = Self::hash(hasher, key, version);
+        match self.table.entry(
+            hash,
+            |c| c.version == version && *c.key == *key,
+            |c| Self::hash(hasher, &c.key, c.version),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut entry) => entry.get_mut().cipher = cipher,
+            hashbrown::hash_table::Entry::Vacant(entry) => {
+                entry.insert(CachedCipher { key: key.into(), version, cipher });
+            }
         }
     }
 
     fn remove(&mut self, key: &str, version: u32) {
-        if let Some(versions) = self.map.get_mut(key) {
-            if versions.remove(&version).is_some() {
-                self.len -= 1;
-            }
-            if versions.is_empty() {
-                self.map.remove(key);
-            }
+        let hash = Self::hash(&self.hasher, key, version);
+        if let Ok(entry) = self.table.find_entry(hash, |c| c.version == version && *c.key == *key) {
+            entry.remove();
         }
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
     }
 }
 
@@ -96,7 +117,7 @@ impl LocalBackend {
         Self {
             name: name.into(),
             root,
-            ciphers: RwLock::new(CipherCache { max: DEFAULT_MAX_CIPHERS, ..Default::default() }),
+            ciphers: RwLock::new(CipherCache::new(DEFAULT_MAX_CIPHERS)),
             stats: BackendStats::default(),
         }
     }
@@ -109,7 +130,7 @@ impl LocalBackend {
 
     /// Opened KEKs held now.
     pub fn cached_ciphers(&self) -> usize {
-        self.read_cache().len
+        self.read_cache().len()
     }
 
     fn seal_aad(key: &str, version: u32) -> Vec<u8> {

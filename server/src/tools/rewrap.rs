@@ -137,10 +137,11 @@ fn is_temp_name(name: &str) -> bool {
 /// on ext4 without a journal every creation scans the recently freed inodes
 /// of its group, truncating a file to zero forces its write-back on close,
 /// and a `discard` mount trims every freed block synchronously; together
-/// they bounded a pass over 100k sidecars at 5–8k files/s.) Where the swap
-/// is refused (another filesystem, or one without RENAME_EXCHANGE), the
-/// sidecar is replaced the classic way: a new file beside it, fsync,
-/// rename, fsync of the folder.
+/// they bounded a pass over 100k sidecars at 5–8k files/s.) On a
+/// filesystem without RENAME_EXCHANGE the durable temporary file is renamed
+/// over the sidecar instead; a spare on another filesystem than the sidecar
+/// gives way to the classic replacement (a new file beside it, fsync,
+/// rename, fsync of the folder).
 #[derive(Default)]
 pub struct SidecarWriter {
     /// Temporary files free to be written over, in any folder.
@@ -169,6 +170,8 @@ impl SidecarWriter {
         let failed =
             |e: std::io::Error| writes.iter().map(|_| Err(std::io::Error::new(e.kind(), e.to_string()))).collect();
         if let Err(e) = sync("before the swaps") {
+            // Nothing was swapped: the temporary files stay spares.
+            self.spares.extend(temps.into_iter().flatten());
             return failed(e);
         }
         for ((result, temp), (path, contents)) in results.iter_mut().zip(temps).zip(writes) {
@@ -238,10 +241,15 @@ impl SidecarWriter {
                 self.spares.push(temp);
                 Ok(())
             }
-            Err(_) => {
+            // Another filesystem than the spare's: a new file beside it.
+            Err(rustix::io::Errno::XDEV) => {
                 let _ = std::fs::remove_file(&temp);
                 self.replace(path, contents)
             }
+            // No swap on this filesystem (or no sidecar any more): the
+            // temporary file, already durable, is renamed over it; the
+            // second sync makes that durable.
+            Err(_) => std::fs::rename(&temp, path),
         }
     }
 

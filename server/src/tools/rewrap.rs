@@ -189,11 +189,12 @@ impl SidecarWriter {
     fn write_temp(&mut self, path: &Path, contents: &[u8]) -> std::io::Result<PathBuf> {
         use std::os::unix::fs::MetadataExt;
         let mode = std::fs::metadata(path).ok().map(|m| m.permissions());
-        let (temp, mut file, size) = loop {
+        // The temporary file, its size and its permissions (none: new).
+        let (temp, mut file, size, had) = loop {
             let Some(temp) = self.spares.pop() else {
                 let temp = self.temp_name(path);
                 let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
-                break (temp, file, 0);
+                break (temp, file, 0, None);
             };
             // A replaced sidecar keeps its contents for whoever still has
             // it: its inode is only unnamed here if it has other hard links
@@ -203,17 +204,17 @@ impl SidecarWriter {
                 if meta.nlink() > 1 || !open_only_here(&file) {
                     return Err(std::io::Error::other("in use"));
                 }
-                Ok((file, meta.len()))
+                Ok((file, meta.len(), meta.permissions()))
             });
             match spare {
-                Ok((file, size)) => break (temp, file, size),
+                Ok((file, size, had)) => break (temp, file, size, Some(had)),
                 Err(_) => {
                     let _ = std::fs::remove_file(&temp);
                 }
             }
         };
         if let Some(mode) = mode
-            && file.metadata()?.permissions() != mode
+            && had.as_ref() != Some(&mode)
         {
             file.set_permissions(mode)?;
         }

@@ -45,6 +45,12 @@ struct CachedCipher {
     cipher: Arc<DekCipher>,
 }
 
+impl CachedCipher {
+    fn is(&self, key: &str, version: u32) -> bool {
+        self.version == version && *self.key == *key
+    }
+}
+
 impl CipherCache {
     fn new(max: usize) -> Self {
         Self { table: hashbrown::HashTable::new(), hasher: std::hash::RandomState::new(), max }
@@ -56,7 +62,7 @@ impl CipherCache {
 
     fn get(&self, key: &str, version: u32) -> Option<&Arc<DekCipher>> {
         let hash = Self::hash(&self.hasher, key, version);
-        self.table.find(hash, |c| c.version == version && *c.key == *key).map(|c| &c.cipher)
+        self.table.find(hash, |c| c.is(key, version)).map(|c| &c.cipher)
     }
 
     fn insert(&mut self, key: &str, version: u32, cipher: Arc<DekCipher>) {
@@ -73,11 +79,7 @@ impl CipherCache {
         }
         let hasher = &self.hasher;
         let hash = Self::hash(hasher, key, version);
-        match self.table.entry(
-            hash,
-            |c| c.version == version && *c.key == *key,
-            |c| Self::hash(hasher, &c.key, c.version),
-        ) {
+        match self.table.entry(hash, |c| c.is(key, version), |c| Self::hash(hasher, &c.key, c.version)) {
             hashbrown::hash_table::Entry::Occupied(mut entry) => entry.get_mut().cipher = cipher,
             hashbrown::hash_table::Entry::Vacant(entry) => {
                 entry.insert(CachedCipher { key: key.into(), version, cipher });
@@ -87,7 +89,7 @@ impl CipherCache {
 
     fn remove(&mut self, key: &str, version: u32) {
         let hash = Self::hash(&self.hasher, key, version);
-        if let Ok(entry) = self.table.find_entry(hash, |c| c.version == version && *c.key == *key) {
+        if let Ok(entry) = self.table.find_entry(hash, |c| c.is(key, version)) {
             entry.remove();
         }
     }

@@ -528,8 +528,10 @@ pub async fn run(
             tracing::warn!(grace_seconds = grace.as_secs(), "grace period over; closing remaining connections");
         }
     }
-    if let Err(err) = keyring.flush_usage().await {
-        tracing::warn!(%err, "could not write the last unwrap counts");
+    let started = std::time::Instant::now();
+    match keyring.flush_usage().await {
+        Ok(rows) => tracing::info!(rows, ms = started.elapsed().as_millis() as u64, "last usage counts written"),
+        Err(err) => tracing::warn!(%err, "could not write the last usage counts"),
     }
     tracing::info!("keybroker stopped");
     Ok(())
@@ -635,7 +637,11 @@ fn spawn_usage_flusher(keyring: Arc<Keyring>, interval: Duration) {
         loop {
             let started = tokio::time::Instant::now();
             let wait = match keyring.flush_usage().await {
-                Ok(rows) => paced(interval, started.elapsed(), rows > LARGE_WORK),
+                Ok(rows) => {
+                    let took = started.elapsed();
+                    tracing::debug!(rows, ms = took.as_millis() as u64, "usage counts written");
+                    paced(interval, took, rows > LARGE_WORK)
+                }
                 // Time spent waiting on a store that is down is not work.
                 Err(err) => {
                     tracing::warn!(%err, "writing unwrap counts failed; will retry");

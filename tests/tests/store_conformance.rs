@@ -8,6 +8,7 @@ use keybroker_server::config::DatabaseUrl;
 use keybroker_server::store::conformance::run_all;
 use keybroker_server::store::postgres::PostgresStore;
 use keybroker_server::store::sqlite::SqliteStore;
+use keybroker_server::store::{KeyRecord, KeyStore, UsageRecord};
 use keybroker_tests::{POSTGRES_TEST_PASSWORD, Postgres, tempdir};
 
 #[tokio::test]
@@ -24,6 +25,49 @@ async fn postgres_passes_the_store_conformance_suite() {
     run_all(&store).await;
     // A second broker opening the same database finds the schema in place.
     PostgresStore::open(&url, 2, Duration::from_secs(2)).await.unwrap();
+    usage_counts_move_to_their_own_table_with_the_migration(&pg).await;
+}
+
+/// A database written before usage counts had their own table keeps every
+/// count through the migration, and flushes add to them afterwards.
+async fn usage_counts_move_to_their_own_table_with_the_migration(pg: &Postgres) {
+    let url = pg.new_database("before_usage_table");
+    let dir = tempdir();
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/migrations/postgres");
+    for name in ["0001_version_table.sql", "0002_job_lease.sql", "0003_usage_batches.sql"] {
+        std::fs::copy(all.join(name), dir.path().join(name)).unwrap();
+    }
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::migrate::Migrator::new(dir.path()).await.unwrap().run(&pool).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO keys (name, backend, current_version, min_decryption_version, created_at, updated_at) \
+         VALUES ('old', 'local', 2, 1, 1, 1); \
+         INSERT INTO key_versions (key_name, version, state, backend, backend_ref, created_at, updated_at, \
+         unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, rewrap_out_count, last_wrap_at) VALUES \
+         ('old', 1, 'decrypt_only', 'local', '\\x01', 1, 1, 7, 70, 11, 2, 5, 71), \
+         ('old', 2, 'active', 'local', '\\x02', 2, 2, 0, 0, 3, 5, 0, 72);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let store = PostgresStore::open(&DatabaseUrl::new(url), 2, Duration::from_secs(2)).await.unwrap();
+    let counts = |key: &KeyRecord| -> Vec<(u32, u64, i64, u64, u64, u64, i64)> {
+        key.versions
+            .iter()
+            .map(|v| {
+                let c = (v.unwrap_count, v.last_unwrap_at, v.wrap_count, v.rewrap_in_count, v.rewrap_out_count);
+                (v.version, c.0, c.1, c.2, c.3, c.4, v.last_wrap_at)
+            })
+            .collect()
+    };
+    let key = store.get("old").await.unwrap().unwrap();
+    assert_eq!(counts(&key), vec![(1, 7, 70, 11, 2, 5, 71), (2, 0, 0, 3, 5, 0, 72)]);
+    let usage =
+        UsageRecord { key: "old".into(), version: 2, unwraps: 4, last_unwrap_at: 80, wraps: 6, ..Default::default() };
+    store.record_usage("after-move", &[usage]).await.unwrap();
+    assert_eq!(counts(&store.get("old").await.unwrap().unwrap())[1], (2, 4, 80, 9, 5, 0, 72));
 }
 
 #[tokio::test]

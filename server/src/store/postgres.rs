@@ -33,11 +33,19 @@ macro_rules! key_columns {
     };
 }
 
-/// Columns of `key_versions` read into a [`VersionRecord`] (but `version`).
+/// Columns of `versions_joined!` read into a [`VersionRecord`] (but `version`).
 macro_rules! version_columns {
     () => {
         "state, backend, backend_ref, mode, unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, \
          rewrap_out_count, last_wrap_at, created_at, updated_at"
+    };
+}
+
+/// The versions with their usage counts (every version has one row of
+/// counts, created and removed with it).
+macro_rules! versions_joined {
+    () => {
+        "key_versions JOIN key_usage USING (key_name, version)"
     };
 }
 
@@ -147,7 +155,9 @@ impl PostgresStore {
         let rows = sqlx::query(concat!(
             "SELECT version, ",
             version_columns!(),
-            " FROM key_versions WHERE key_name = $1 ORDER BY version"
+            " FROM ",
+            versions_joined!(),
+            " WHERE key_name = $1 ORDER BY version"
         ))
         .bind(name)
         .fetch_all(&mut **tx)
@@ -217,9 +227,8 @@ impl PostgresStore {
         v: &VersionRecord,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, mode, created_at, updated_at, \
-             unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, rewrap_out_count, last_wrap_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, mode, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(name)
         .bind(i64::from(v.version))
@@ -229,6 +238,18 @@ impl PostgresStore {
         .bind(v.mode.as_str())
         .bind(v.created_at)
         .bind(v.updated_at)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(name.to_owned()),
+            _ => unavailable(e),
+        })?;
+        sqlx::query(
+            "INSERT INTO key_usage (key_name, version, unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, \
+             rewrap_out_count, last_wrap_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(name)
+        .bind(i64::from(v.version))
         .bind(to_i64(v.unwrap_count))
         .bind(v.last_unwrap_at)
         .bind(to_i64(v.wrap_count))
@@ -262,7 +283,9 @@ impl KeyStore for PostgresStore {
         let versions = sqlx::query(concat!(
             "SELECT key_name, version, ",
             version_columns!(),
-            " FROM key_versions WHERE key_name > $1 AND key_name <= $2 ORDER BY key_name, version"
+            " FROM ",
+            versions_joined!(),
+            " WHERE key_name > $1 AND key_name <= $2 ORDER BY key_name, version"
         ))
         .bind(after)
         .bind(&last)
@@ -409,8 +432,9 @@ impl KeyStore for PostgresStore {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT k.name, k.current_version FROM keys k \
              JOIN key_versions v ON v.key_name = k.name AND v.version = k.current_version \
+             JOIN key_usage u ON u.key_name = v.key_name AND u.version = v.version \
              WHERE (k.rotation_period_secs > 0 AND v.created_at + k.rotation_period_secs <= $1) \
-             OR v.wrap_count >= CASE WHEN k.max_wraps_per_version > 0 AND k.max_wraps_per_version < $2 \
+             OR u.wrap_count >= CASE WHEN k.max_wraps_per_version > 0 AND k.max_wraps_per_version < $2 \
              THEN k.max_wraps_per_version ELSE $2 END \
              ORDER BY k.name",
         )
@@ -464,7 +488,7 @@ impl KeyStore for PostgresStore {
         for chunk in merge_usage(usage).chunks(USAGE_ROWS_PER_STATEMENT) {
             let column = |f: fn(&UsageRecord) -> i64| chunk.iter().map(f).collect::<Vec<i64>>();
             sqlx::query(
-                "UPDATE key_versions AS kv SET unwrap_count = kv.unwrap_count + u.unwraps, \
+                "UPDATE key_usage AS kv SET unwrap_count = kv.unwrap_count + u.unwraps, \
                  last_unwrap_at = GREATEST(kv.last_unwrap_at, u.last_unwrap_at), \
                  wrap_count = kv.wrap_count + u.wraps, rewrap_in_count = kv.rewrap_in_count + u.rewraps_in, \
                  rewrap_out_count = kv.rewrap_out_count + u.rewraps_out, \

@@ -83,7 +83,7 @@ impl<R: Columns> Reader<'_, R> {
     }
 }
 
-/// A row of `key_versions` (columns `version` and `version_columns!`) of key `name`.
+/// A row of `key_versions` with its `key_usage` (columns `version` and `version_columns!`) of key `name`.
 pub(super) fn version_from_row(name: &str, row: &impl Columns) -> Result<VersionRecord, StoreError> {
     let r = Reader { row, what: name };
     Ok(VersionRecord {

@@ -23,11 +23,19 @@ macro_rules! key_columns {
     };
 }
 
-/// Columns of `key_versions` read into a [`VersionRecord`] (but `version`).
+/// Columns of `versions_joined!` read into a [`VersionRecord`] (but `version`).
 macro_rules! version_columns {
     () => {
         "state, backend, backend_ref, mode, unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, \
          rewrap_out_count, last_wrap_at, created_at, updated_at"
+    };
+}
+
+/// The versions with their usage counts (every version has one row of
+/// counts, created and removed with it).
+macro_rules! versions_joined {
+    () => {
+        "key_versions JOIN key_usage USING (key_name, version)"
     };
 }
 
@@ -124,7 +132,9 @@ impl SqliteStore {
         let rows = sqlx::query(concat!(
             "SELECT version, ",
             version_columns!(),
-            " FROM key_versions WHERE key_name = ? ORDER BY version"
+            " FROM ",
+            versions_joined!(),
+            " WHERE key_name = ? ORDER BY version"
         ))
         .bind(name)
         .fetch_all(&mut **tx)
@@ -179,9 +189,8 @@ impl SqliteStore {
 
     async fn insert_version(tx: &mut Transaction<'_, Sqlite>, name: &str, v: &VersionRecord) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, mode, created_at, updated_at, \
-             unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, rewrap_out_count, last_wrap_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO key_versions (key_name, version, state, backend, backend_ref, mode, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(name)
         .bind(i64::from(v.version))
@@ -191,6 +200,18 @@ impl SqliteStore {
         .bind(v.mode.as_str())
         .bind(v.created_at)
         .bind(v.updated_at)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(name.to_owned()),
+            _ => unavailable(e),
+        })?;
+        sqlx::query(
+            "INSERT INTO key_usage (key_name, version, unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, \
+             rewrap_out_count, last_wrap_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(name)
+        .bind(i64::from(v.version))
         .bind(to_i64(v.unwrap_count))
         .bind(v.last_unwrap_at)
         .bind(to_i64(v.wrap_count))
@@ -224,7 +245,9 @@ impl KeyStore for SqliteStore {
         let versions = sqlx::query(concat!(
             "SELECT key_name, version, ",
             version_columns!(),
-            " FROM key_versions WHERE key_name > ? AND key_name <= ? ORDER BY key_name, version"
+            " FROM ",
+            versions_joined!(),
+            " WHERE key_name > ? AND key_name <= ? ORDER BY key_name, version"
         ))
         .bind(after)
         .bind(&last)
@@ -374,8 +397,9 @@ impl KeyStore for SqliteStore {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT k.name, k.current_version FROM keys k \
              JOIN key_versions v ON v.key_name = k.name AND v.version = k.current_version \
+             JOIN key_usage u ON u.key_name = v.key_name AND u.version = v.version \
              WHERE (k.rotation_period_secs > 0 AND v.created_at + k.rotation_period_secs <= ?1) \
-             OR v.wrap_count >= CASE WHEN k.max_wraps_per_version > 0 AND k.max_wraps_per_version < ?2 \
+             OR u.wrap_count >= CASE WHEN k.max_wraps_per_version > 0 AND k.max_wraps_per_version < ?2 \
              THEN k.max_wraps_per_version ELSE ?2 END \
              ORDER BY k.name",
         )
@@ -574,12 +598,12 @@ fn usage_statement(rows: usize) -> String {
     format!(
         "WITH u (key_name, version, unwraps, last_unwrap_at, wraps, rewraps_in, rewraps_out, last_wrap_at) \
          AS (VALUES {values}) \
-         UPDATE key_versions SET unwrap_count = unwrap_count + u.unwraps, \
-         last_unwrap_at = MAX(key_versions.last_unwrap_at, u.last_unwrap_at), \
+         UPDATE key_usage SET unwrap_count = unwrap_count + u.unwraps, \
+         last_unwrap_at = MAX(key_usage.last_unwrap_at, u.last_unwrap_at), \
          wrap_count = wrap_count + u.wraps, rewrap_in_count = rewrap_in_count + u.rewraps_in, \
          rewrap_out_count = rewrap_out_count + u.rewraps_out, \
-         last_wrap_at = MAX(key_versions.last_wrap_at, u.last_wrap_at) \
-         FROM u WHERE key_versions.key_name = u.key_name AND key_versions.version = u.version"
+         last_wrap_at = MAX(key_usage.last_wrap_at, u.last_wrap_at) \
+         FROM u WHERE key_usage.key_name = u.key_name AND key_usage.version = u.version"
     )
 }
 
@@ -592,7 +616,7 @@ mod tests {
     use crate::backend::local::LocalBackend;
     use crate::backend::root_key::RootKey;
     use crate::core::keyring::{Keyring, NewKey};
-    use crate::store::{BackendRef, KeyMode};
+    use crate::store::{BackendRef, KeyMode, KeyReplacement, UsageRecord};
 
     /// The sealed material of a destroyed version is in neither the
     /// database file nor its WAL afterwards.
@@ -633,6 +657,80 @@ mod tests {
         store.update(&key).await.unwrap();
         assert!(!holds(&wal), "the destroyed version's material is still in the WAL");
         assert!(!holds(&path), "the destroyed version's material is still in the database file");
+    }
+
+    /// A table written before usage counts had their own table keeps every
+    /// count through the migration; flushes add to them afterwards, and a
+    /// replaced key's counts stay one row per version.
+    #[tokio::test]
+    async fn usage_counts_move_to_their_own_table_with_the_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kb.sqlite");
+        // The schema before the move: the migrations up to 0007.
+        let before = dir.path().join("migrations");
+        std::fs::create_dir(&before).unwrap();
+        let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+        let mut copied = 0;
+        for entry in std::fs::read_dir(&all).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.as_str() < "0008" {
+                std::fs::copy(entry.path(), before.join(&name)).unwrap();
+                copied += 1;
+            }
+        }
+        assert_eq!(copied, 7);
+        let options = SqliteConnectOptions::new().filename(&path).create_if_missing(true).foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+        sqlx::migrate::Migrator::new(before.as_path()).await.unwrap().run(&pool).await.unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO keys (name, backend, current_version, min_decryption_version, created_at, updated_at) \
+             VALUES ('old', 'local', 2, 1, 1, 1); \
+             INSERT INTO key_versions (key_name, version, state, backend, backend_ref, created_at, updated_at, \
+             unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, rewrap_out_count, last_wrap_at) VALUES \
+             ('old', 1, 'decrypt_only', 'local', x'01', 1, 1, 7, 70, 11, 2, 5, 71), \
+             ('old', 2, 'active', 'local', x'02', 2, 2, 0, 0, 3, 5, 0, 72);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        let counts = |key: &KeyRecord| -> Vec<(u32, u64, i64, u64, u64, u64, i64)> {
+            key.versions
+                .iter()
+                .map(|v| {
+                    let c = (v.unwrap_count, v.last_unwrap_at, v.wrap_count, v.rewrap_in_count, v.rewrap_out_count);
+                    (v.version, c.0, c.1, c.2, c.3, c.4, v.last_wrap_at)
+                })
+                .collect()
+        };
+        let key = store.get("old").await.unwrap().unwrap();
+        assert_eq!(counts(&key), vec![(1, 7, 70, 11, 2, 5, 71), (2, 0, 0, 3, 5, 0, 72)]);
+        let usage = UsageRecord {
+            key: "old".into(),
+            version: 2,
+            unwraps: 4,
+            last_unwrap_at: 80,
+            wraps: 6,
+            ..Default::default()
+        };
+        store.record_usage("after-move", &[usage]).await.unwrap();
+        let key = store.get("old").await.unwrap().unwrap();
+        assert_eq!(counts(&key)[1], (2, 4, 80, 9, 5, 0, 72));
+        let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('key_versions')")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+        assert!(!columns.iter().any(|c| c.ends_with("_count")), "the old count columns are left: {columns:?}");
+
+        // Replaced (removed and written again): still one row of counts each.
+        let replacement = KeyReplacement { record: key.clone(), expected_revision: Some(key.revision) };
+        store.replace_keys(&[replacement]).await.unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM key_usage").fetch_one(&store.pool).await.unwrap();
+        assert_eq!(rows, 2);
+        assert_eq!(counts(&store.get("old").await.unwrap().unwrap()), counts(&key));
     }
 
     #[tokio::test]

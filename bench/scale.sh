@@ -53,8 +53,12 @@ for n in $SCALE_KEYS; do
   done
   load "scale-$n-list" --rpc list-keys --key-count "$n" --concurrency 4 --connections 1
   rss_end=$(rss "$pid")
+  # Stopping writes the usage counts not flushed yet (a row per key used).
+  stopping=$(date +%s%N)
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  echo "{\"n\": $n, \"created\": \"$created\", \"listen_ms\": $((listen_ns / 1000000)), \"first_wrap_ms\": $((first_ns / 1000000)), \"warm_ms\": ${warm_ms:-null}, \"rss_start_kib\": $rss_start, \"rss_warm_kib\": $rss_warm, \"rss_end_kib\": $rss_end}" >>"$facts"
+  stop_ns=$(( $(date +%s%N) - stopping ))
+  last_rows=$(sed -n 's/.*last usage counts written rows=\([0-9]*\).*/\1/p' "$dir/err" | head -1)
+  echo "{\"n\": $n, \"created\": \"$created\", \"listen_ms\": $((listen_ns / 1000000)), \"first_wrap_ms\": $((first_ns / 1000000)), \"warm_ms\": ${warm_ms:-null}, \"rss_start_kib\": $rss_start, \"rss_warm_kib\": $rss_warm, \"rss_end_kib\": $rss_end, \"stop_ms\": $((stop_ns / 1000000)), \"last_flush_rows\": ${last_rows:-null}}" >>"$facts"
   rm -rf "$dir"
 done
 
@@ -74,14 +78,16 @@ print("on core 0, and the load generator on core 1 measures the first answered W
 print("on demand: the broker serves before it has read the table), then Wrap on one key and on a random key per")
 print("request, interleaved, and ListKeys pages of 100 from a random point (4 in flight). Memory: resident set at")
 print("the first answer, once the table is in the cache (keys loaded, none used), and at the end (every key used")
-print("at random: records plus opened KEKs up to the cipher bound).\n")
-print("| keys | created | start to first Wrap ms | table cached after ms | RSS at start MiB | RSS cached MiB | per cached key B | RSS at end MiB |")
-print("|---:|---|---:|---:|---:|---:|---:|---:|")
+print("at random: records plus opened KEKs up to the cipher bound). Stop: from SIGTERM to exit, which writes the")
+print("usage counts not flushed yet (one row per key and version used since the last flush).\n")
+print("| keys | created | start to first Wrap ms | table cached after ms | RSS at start MiB | RSS cached MiB | per cached key B | RSS at end MiB | stop ms (rows written) |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
 for f in facts:
     per_key = (f["rss_warm_kib"] - f["rss_start_kib"]) * 1024 / f["n"]
     created = f["created"].replace("created ", "")
     print(f"| {f['n']:,} | {created} | {f['first_wrap_ms']} | {f['warm_ms']} | {f['rss_start_kib']/1024:.1f} | "
-          f"{f['rss_warm_kib']/1024:.1f} | {per_key:.0f} | {f['rss_end_kib']/1024:.1f} |")
+          f"{f['rss_warm_kib']/1024:.1f} | {per_key:.0f} | {f['rss_end_kib']/1024:.1f} | "
+          f"{f['stop_ms']:,} ({f['last_flush_rows'] or 0:,}) |")
 print()
 print("| keys | Wrap one key req/s | Wrap random key req/s | random / one | spread one | spread random | CPU µs/req one | CPU µs/req random | p99 µs random | ListKeys page req/s | ListKeys p50 µs | p99 µs |")
 print("|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")

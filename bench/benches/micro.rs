@@ -77,7 +77,7 @@ fn policy(c: &mut Criterion) {
     )
     .unwrap();
     let gate = Gate::new(Policy::compile(&AuthConfig::default(), &config).unwrap());
-    let peer = Peer { identities: vec![Identity::parse("spiffe://prod/orders").unwrap()], transport: Transport::Tls };
+    let peer = Peer::new(vec![Identity::parse("spiffe://prod/orders").unwrap()], Transport::Tls);
     c.bench_function("policy/unwrap_check_on_a_key_glob", |b| {
         b.iter(|| black_box(gate.check(&peer, Rpc::Unwrap, black_box("orders-eu-1")).is_ok()))
     });

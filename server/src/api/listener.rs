@@ -170,7 +170,7 @@ impl Incoming {
                                 .peer_certificates()
                                 .and_then(|certs| certs.first())
                                 .map(|cert| gate.policy().certificate_fields().identify(cert))
-                                .unwrap_or_else(|| Peer { identities: Vec::new(), transport: Transport::Tls });
+                                .unwrap_or_else(|| Peer::new(Vec::new(), Transport::Tls));
                             tracing::debug!(%remote, identity = %peer.name(), "mTLS connection accepted");
                             let connection =
                                 Connection { io: Io::Tls(Box::new(stream)), peer: PeerInfo(Arc::new(peer)) };

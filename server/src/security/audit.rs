@@ -104,7 +104,7 @@ pub struct Event {
 #[derive(Debug, Clone, Default)]
 pub struct Record {
     /// The caller.
-    pub identity: String,
+    pub identity: Arc<str>,
     /// The RPC.
     pub rpc: &'static str,
     /// Key name.
@@ -210,7 +210,7 @@ impl AuditLog {
         };
         let (prev, seq) = match &file {
             Some(f) => f.chain_tail(),
-            None => (zero_hash(), 0),
+            None => (LineHash::ZERO, 0),
         };
         let writer = Writer { file, stdout: config.stdout, prev, seq, lost: 0, lost_since: None, bytes: Vec::new() };
         Ok(Arc::new(Self {
@@ -366,13 +366,30 @@ fn unavailable() -> ServiceError {
     )
 }
 
-fn zero_hash() -> String {
-    "0".repeat(64)
+/// The SHA-256 of a line in hex, as the next line carries it (kept without
+/// an allocation: the writer makes one per event).
+#[derive(Clone, Copy)]
+struct LineHash([u8; 64]);
+
+impl LineHash {
+    const ZERO: Self = Self([b'0'; 64]);
+
+    fn of(line: &[u8]) -> Self {
+        let mut hex = [0; 64];
+        // 32 bytes always fit 64 hex digits.
+        let _ = hex::encode_to_slice(sha2::Sha256::digest(line), &mut hex);
+        Self(hex)
+    }
+
+    fn as_str(&self) -> &str {
+        // Hex digits are ASCII.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 /// The hash a line passes on to the next one.
 pub fn line_hash(line: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(line))
+    LineHash::of(line).as_str().to_owned()
 }
 
 struct FileSink {
@@ -406,16 +423,16 @@ impl FileSink {
 
     /// The hash and sequence number of the last event written, from this
     /// file or, when it is empty, the newest rotated one.
-    fn chain_tail(&self) -> (String, u64) {
+    fn chain_tail(&self) -> (LineHash, u64) {
         let mut candidates = vec![self.path.clone()];
         candidates.extend(rotated_siblings(&self.path).into_iter().rev());
         for path in candidates {
             if let Some(last) = last_line(&path) {
                 let seq = serde_json::from_slice::<Event>(&last).map(|e| e.seq).unwrap_or(0);
-                return (line_hash(&last), seq);
+                return (LineHash::of(&last), seq);
             }
         }
-        (zero_hash(), 0)
+        (LineHash::ZERO, 0)
     }
 
     /// Reopens the file when it was renamed or removed from outside
@@ -506,7 +523,7 @@ fn last_line(path: &Path) -> Option<Vec<u8>> {
 struct Writer {
     file: Option<FileSink>,
     stdout: bool,
-    prev: String,
+    prev: LineHash,
     seq: u64,
     /// Events lost since the sink last worked.
     lost: u64,
@@ -525,7 +542,7 @@ impl Writer {
         let now = now_rfc3339();
         let mut bytes = std::mem::take(&mut self.bytes);
         bytes.clear();
-        let (mut prev, mut seq) = (self.prev.clone(), self.seq);
+        let (mut prev, mut seq) = (self.prev, self.seq);
         let mut append = |record: &Record, bytes: &mut Vec<u8>| {
             seq += 1;
             let event = EventRef {
@@ -541,17 +558,17 @@ impl Writer {
                 count: record.count.max(1),
                 context_sha256: &record.context_sha256,
                 detail: &record.detail,
-                prev: &prev,
+                prev: prev.as_str(),
             };
             let start = bytes.len();
             // Serializing plain strings and numbers cannot fail.
             let _ = serde_json::to_writer(&mut *bytes, &event);
-            prev = line_hash(&bytes[start..]);
+            prev = LineHash::of(&bytes[start..]);
             bytes.push(b'\n');
         };
         if self.lost > 0 {
             let gap = Record {
-                identity: "keybroker".to_owned(),
+                identity: "keybroker".into(),
                 rpc: "AuditGap",
                 code: Some(ErrorCode::Unavailable),
                 count: self.lost,

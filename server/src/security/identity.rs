@@ -147,18 +147,27 @@ pub struct Peer {
     pub identities: Vec<Identity>,
     /// How it connected.
     pub transport: Transport,
+    /// [`Peer::name`], made once per connection (every call's audit event,
+    /// rate limit and span carry it).
+    name: Arc<str>,
 }
 
 impl Peer {
+    /// The peer that speaks for `identities`.
+    pub fn new(identities: Vec<Identity>, transport: Transport) -> Self {
+        let name = identities.first().map_or_else(|| "<no identity>".into(), |i| i.to_string().into());
+        Self { identities, transport, name }
+    }
+
     /// The identity shown in logs, audit events and errors: the first one,
     /// or `<no identity>`.
-    pub fn name(&self) -> String {
-        self.identities.first().map_or_else(|| "<no identity>".to_owned(), ToString::to_string)
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
     }
 
     /// The peer of a Unix socket connection.
     pub fn unix(uid: u32) -> Self {
-        Self { identities: vec![Identity::uid(uid)], transport: Transport::Unix }
+        Self::new(vec![Identity::uid(uid)], Transport::Unix)
     }
 }
 
@@ -186,7 +195,7 @@ impl CertificateFields {
 
     /// The peer a verified end-entity certificate (DER) speaks for.
     pub fn identify(&self, cert_der: &[u8]) -> Peer {
-        Peer { identities: certificate_identities(cert_der, &self.0), transport: Transport::Tls }
+        Peer::new(certificate_identities(cert_der, &self.0), Transport::Tls)
     }
 }
 
@@ -257,7 +266,7 @@ mod tests {
         // Default: the URI SAN only.
         let peer = CertificateFields::default().identify(&cert);
         assert_eq!(peer.identities, vec![Identity::parse("spiffe://kb/app").unwrap()]);
-        assert_eq!(peer.name(), "spiffe://kb/app");
+        assert_eq!(&**peer.name(), "spiffe://kb/app");
         // A CN that reads like a uid is a cn: identity, never the uid.
         let all = [IdentityKind::Uri, IdentityKind::Dns, IdentityKind::Cn, IdentityKind::Spki256];
         let peer = CertificateFields::new(&all).unwrap().identify(&cert);

@@ -26,7 +26,7 @@ use crate::error::{ErrorCode, ServiceError, ServiceResult};
 pub struct Limits {
     in_flight: Option<Arc<Semaphore>>,
     max_in_flight: usize,
-    rate: Option<DefaultKeyedRateLimiter<String>>,
+    rate: Option<DefaultKeyedRateLimiter<Arc<str>>>,
     rate_setting: u32,
     deadline: Duration,
     rejections: std::sync::atomic::AtomicU64,
@@ -97,17 +97,17 @@ impl Limits {
 
     /// Charges `n` more calls to `identity`'s rate (the items of a batch
     /// beyond the call itself).
-    pub fn charge(&self, identity: &str, n: usize) -> ServiceResult<()> {
+    pub fn charge(&self, identity: &Arc<str>, n: usize) -> ServiceResult<()> {
         let (Some(rate), Some(n)) = (&self.rate, u32::try_from(n).ok().and_then(NonZeroU32::new)) else {
             return Ok(());
         };
-        match rate.check_key_n(&identity.to_owned(), n) {
+        match rate.check_key_n(identity, n) {
             Ok(Ok(())) => Ok(()),
             _ => Err(self.rate_exceeded(identity)),
         }
     }
 
-    fn admit(&self, identity: &String) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ServiceError> {
+    fn admit(&self, identity: &Arc<str>) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ServiceError> {
         if let Some(rate) = &self.rate
             && rate.check_key(identity).is_err()
         {
@@ -200,9 +200,9 @@ where
         // The caller's name, only when a rate or a span needs it (not on
         // every call).
         let identity = if self.limits.rate.is_some() || crate::telemetry::exporting() {
-            request.extensions().get::<PeerInfo>().map(|p| p.0.name()).unwrap_or_default()
+            request.extensions().get::<PeerInfo>().map(|p| p.0.name().clone()).unwrap_or_else(|| "".into())
         } else {
-            String::new()
+            "".into()
         };
         // The call's span, a child of the caller's trace when it sent one.
         let span = crate::traced_span!(
@@ -212,7 +212,7 @@ where
             rpc.system = "grpc",
             rpc.service = path.trim_start_matches('/').split('/').next().unwrap_or_default(),
             rpc.method = method,
-            keybroker.identity = identity.as_str(),
+            keybroker.identity = &*identity,
             keybroker.key = tracing::field::Empty,
             keybroker.version = tracing::field::Empty,
             keybroker.backend = tracing::field::Empty,

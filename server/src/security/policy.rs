@@ -338,7 +338,7 @@ mod tests {
     use crate::security::identity::Transport;
 
     fn peer(names: &[&str]) -> Peer {
-        Peer { identities: names.iter().map(|n| Identity::parse(n).unwrap()).collect(), transport: Transport::Tls }
+        Peer::new(names.iter().map(|n| Identity::parse(n).unwrap()).collect(), Transport::Tls)
     }
 
     fn policy(text: &str) -> Result<Policy, String> {

@@ -106,7 +106,14 @@ impl Guards {
     /// Starts a call of `rpc` for the caller of `request`.
     pub fn call<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<Call<'_>, Status> {
         let peer = identity::peer(request)?;
-        Ok(Call { guards: self, rpc, identity: peer.name(), peer, started: Instant::now(), last: Default::default() })
+        Ok(Call {
+            guards: self,
+            rpc,
+            identity: peer.name().clone(),
+            peer,
+            started: Instant::now(),
+            last: Default::default(),
+        })
     }
 }
 
@@ -139,7 +146,7 @@ pub struct Call<'a> {
     guards: &'a Guards,
     rpc: &'static str,
     peer: Arc<Peer>,
-    identity: String,
+    identity: Arc<str>,
     started: Instant,
     /// A batch's last decision: items of one key share it.
     last: std::sync::Mutex<Option<(Rpc, String, bool)>>,
@@ -152,7 +159,7 @@ impl Call<'_> {
     }
 
     /// The caller's name.
-    pub fn identity(&self) -> &str {
+    pub fn identity(&self) -> &Arc<str> {
         &self.identity
     }
 

@@ -96,7 +96,7 @@ impl KmsV2Service {
             Err(e) => (Some(e.code()), format!("uid={uid}: {}", e.message())),
         };
         let record = Record {
-            identity: peer.name(),
+            identity: peer.name().clone(),
             rpc,
             key: key.to_owned(),
             version,

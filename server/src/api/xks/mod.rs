@@ -497,8 +497,13 @@ impl XksService {
         let (result, record) = match route {
             Route::Health => (self.health(&body).await, None),
             Route::Key { id, op } => {
-                let mut record =
-                    Record { identity: caller, rpc: op.name(), key: id.to_owned(), count: 1, ..Record::default() };
+                let mut record = Record {
+                    identity: caller.into(),
+                    rpc: op.name(),
+                    key: id.to_owned(),
+                    count: 1,
+                    ..Record::default()
+                };
                 let result = self.key_call(id, op, &body, &mut record).await;
                 (result, Some(record))
             }
@@ -575,10 +580,7 @@ impl XksService {
             return Err(Failure(XksError::Validation, "requestMetadata.kmsKeyArn is required".to_owned()));
         }
         if self.authorize {
-            let peer = Peer {
-                identities: vec![Identity::new(IdentityKind::Aws, principal.clone())],
-                transport: Transport::Xks,
-            };
+            let peer = Peer::new(vec![Identity::new(IdentityKind::Aws, principal.clone())], Transport::Xks);
             if let Err(err) = self.gate.check(&peer, op.rpc(), id) {
                 tracing::info!(principal = %principal, key = id, kms_operation = %meta.kms_operation, "XKS request denied by the policy");
                 return Err(Failure::of(&err));

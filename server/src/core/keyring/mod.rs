@@ -458,7 +458,7 @@ impl Keyring {
             Err(err) => (Some(err.code()), err.message().to_owned()),
         };
         audit.record_detached(crate::security::audit::Record {
-            identity: "keybroker".to_owned(),
+            identity: "keybroker".into(),
             rpc,
             key: key.to_owned(),
             version,

@@ -1,7 +1,7 @@
 //! One conformance suite for every [`KeyStore`]: each store's tests call
 //! [`run_all`] with a fresh, empty store (as kes and quickwit do).
 
-use super::{KeyMode, KeyRecord, KeyReplacement, KeyStore, StoreError, VersionRecord, VersionState};
+use super::{KeyMode, KeyRecord, KeyReplacement, KeyStore, StoreError, UsageRecord, VersionRecord, VersionState};
 use crate::material::BackendRef;
 
 fn version(v: u32, state: VersionState) -> VersionRecord {
@@ -44,6 +44,38 @@ pub async fn run_all(store: &dyn KeyStore) {
     keys_are_due_for_rotation_by_age_or_by_wraps(store).await;
     a_job_lease_has_one_holder_at_a_time(store).await;
     usage_of_many_keys_in_one_batch(store).await;
+}
+
+/// The rows of key `old` the usage-table migration tests write in the schema
+/// before it, per version: (version, unwraps, last unwrap, wraps, rewraps in,
+/// rewraps out, last wrap).
+pub const COUNTS_BEFORE_THE_MOVE: [(u32, u64, i64, u64, u64, u64, i64); 2] =
+    [(1, 7, 70, 11, 2, 5, 71), (2, 0, 0, 3, 5, 0, 72)];
+
+fn counts(key: &KeyRecord) -> Vec<(u32, u64, i64, u64, u64, u64, i64)> {
+    key.versions
+        .iter()
+        .map(|v| {
+            let c = (v.unwrap_count, v.last_unwrap_at, v.wrap_count, v.rewrap_in_count, v.rewrap_out_count);
+            (v.version, c.0, c.1, c.2, c.3, c.4, v.last_wrap_at)
+        })
+        .collect()
+}
+
+/// A store opened on a table written before usage counts had their own
+/// table ([`COUNTS_BEFORE_THE_MOVE`]) holds every count, a flush adds to
+/// them, and a replaced key (removed and written again) keeps them.
+pub async fn usage_counts_carried_over_by_the_move(store: &dyn KeyStore) {
+    let key = store.get("old").await.unwrap().unwrap();
+    assert_eq!(counts(&key), COUNTS_BEFORE_THE_MOVE);
+    let usage =
+        UsageRecord { key: "old".into(), version: 2, unwraps: 4, last_unwrap_at: 80, wraps: 6, ..Default::default() };
+    store.record_usage("after-move", &[usage]).await.unwrap();
+    let key = store.get("old").await.unwrap().unwrap();
+    assert_eq!(counts(&key)[1], (2, 4, 80, 9, 5, 0, 72));
+    let replacement = KeyReplacement { record: key.clone(), expected_revision: Some(key.revision) };
+    store.replace_keys(&[replacement]).await.unwrap();
+    assert_eq!(counts(&store.get("old").await.unwrap().unwrap()), counts(&key));
 }
 
 async fn a_job_lease_has_one_holder_at_a_time(store: &dyn KeyStore) {

@@ -258,10 +258,8 @@ impl PostgresStore {
         .bind(v.last_wrap_at)
         .execute(&mut **tx)
         .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(name.to_owned()),
-            _ => unavailable(e),
-        })?;
+        // Its version was just inserted; the row of counts goes with it.
+        .map_err(unavailable)?;
         Ok(())
     }
 }

@@ -39,8 +39,9 @@ async fn usage_counts_move_to_their_own_table_with_the_migration(pg: &Postgres) 
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     sqlx::migrate::Migrator::new(dir.path()).await.unwrap().run(&pool).await.unwrap();
     sqlx::raw_sql(
-        "INSERT INTO keys (name, backend, current_version, min_decryption_version, created_at, updated_at) \
-         VALUES ('old', 'local', 2, 1, 1, 1); \
+        "INSERT INTO keys (name, backend, current_version, min_decryption_version, rotation_period_secs, \
+             created_at, updated_at) \
+         VALUES ('old', 'local', 2, 1, 100, 1, 1); \
          INSERT INTO key_versions (key_name, version, state, backend, backend_ref, created_at, updated_at, \
          unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, rewrap_out_count, last_wrap_at) VALUES \
          ('old', 1, 'decrypt_only', 'local', '\\x01', 1, 1, 7, 70, 11, 2, 5, 71), \

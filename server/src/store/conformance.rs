@@ -63,9 +63,13 @@ fn counts(key: &KeyRecord) -> Vec<(u32, u64, i64, u64, u64, u64, i64)> {
 }
 
 /// A store opened on a table written before usage counts had their own
-/// table ([`COUNTS_BEFORE_THE_MOVE`]) holds every count, a flush adds to
-/// them, and a replaced key (removed and written again) keeps them.
+/// table ([`COUNTS_BEFORE_THE_MOVE`]; a rotation period of 100 s, its
+/// current version 2 made at 2) holds every count, a flush adds to them, a
+/// replaced key (removed and written again) keeps them, and the key is due
+/// by age from its current version's creation.
 pub async fn usage_counts_carried_over_by_the_move(store: &dyn KeyStore) {
+    assert!(store.due_for_rotation(101, 1 << 40).await.unwrap().is_empty());
+    assert_eq!(store.due_for_rotation(102, 1 << 40).await.unwrap(), vec![("old".to_owned(), 2)]);
     let key = store.get("old").await.unwrap().unwrap();
     assert_eq!(counts(&key), COUNTS_BEFORE_THE_MOVE);
     let usage =
@@ -128,6 +132,22 @@ async fn keys_are_due_for_rotation_by_age_or_by_wraps(store: &dyn KeyStore) {
     let capped = |cap| async move { store.due_for_rotation(1_700_000_050, cap).await.unwrap() };
     assert!(capped(3).await.iter().any(|(k, _)| k == "seq-c"), "at the cap");
     assert!(!capped(4).await.iter().any(|(k, _)| k == "seq-c"), "below the cap");
+
+    // Rotated: the new current version's age counts, from its creation.
+    let mut rotated = store.get("due-by-age").await.unwrap().unwrap();
+    rotated.versions[0].state = VersionState::DecryptOnly;
+    let mut v2 = version(2, VersionState::Active);
+    v2.created_at = 1_700_000_200;
+    rotated.versions.push(v2);
+    rotated.current_version = 2;
+    store.update(&rotated).await.unwrap();
+    assert!(due(1_700_000_250).await.iter().all(|(k, _)| k != "due-by-age"), "the new version is not due yet");
+    assert!(due(1_700_000_301).await.contains(&("due-by-age".to_owned(), 2)));
+    // A period taken away: never due by age again.
+    let mut kept = store.get("due-by-age").await.unwrap().unwrap();
+    kept.rotation_period_secs = 0;
+    store.update(&kept).await.unwrap();
+    assert!(due(1_800_000_000).await.iter().all(|(k, _)| k != "due-by-age"));
 }
 
 async fn every_write_of_a_key_is_a_numbered_change(store: &dyn KeyStore) {

@@ -174,7 +174,13 @@ impl PostgresStore {
             .fetch_one(&mut **tx)
             .await
             .map_err(unavailable)?;
-        sqlx::query("UPDATE keys SET change_seq = $1 WHERE name = $2")
+        // With the time its current version is due by age (see migration
+        // `rotate_after`): every write of a key ends here.
+        sqlx::query(
+            "UPDATE keys SET change_seq = $1, rotate_after = CASE WHEN rotation_period_secs > 0 THEN rotation_period_secs + COALESCE((SELECT v.created_at \
+             FROM key_versions v WHERE v.key_name = keys.name AND v.version = keys.current_version), 0) ELSE 0 END \
+             WHERE name = $2",
+        )
             .bind(seq)
             .bind(name)
             .execute(&mut **tx)
@@ -427,14 +433,19 @@ impl KeyStore for PostgresStore {
     }
 
     async fn due_for_rotation(&self, now: i64, default_max_wraps: u64) -> Result<Vec<(String, u32)>, StoreError> {
+        // Due by age: from the index of `rotate_after`. Due by wraps: the
+        // usage rows at or over the lowest bound, each checked against its
+        // key's own bound.
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT k.name, k.current_version FROM keys k \
-             JOIN key_versions v ON v.key_name = k.name AND v.version = k.current_version \
-             JOIN key_usage u ON u.key_name = v.key_name AND u.version = v.version \
-             WHERE (k.rotation_period_secs > 0 AND v.created_at + k.rotation_period_secs <= $1) \
-             OR u.wrap_count >= CASE WHEN k.max_wraps_per_version > 0 AND k.max_wraps_per_version < $2 \
+            "SELECT name, current_version FROM keys WHERE rotate_after > 0 AND rotate_after <= $1 \
+             UNION \
+             SELECT k.name, k.current_version FROM key_usage u \
+             JOIN keys k ON k.name = u.key_name AND k.current_version = u.version \
+             WHERE u.wrap_count >= LEAST($2, COALESCE((SELECT MIN(max_wraps_per_version) FROM keys \
+             WHERE max_wraps_per_version > 0), $2)) \
+             AND u.wrap_count >= CASE WHEN k.max_wraps_per_version > 0 AND k.max_wraps_per_version < $2 \
              THEN k.max_wraps_per_version ELSE $2 END \
-             ORDER BY k.name",
+             ORDER BY 1",
         )
         .bind(now)
         .bind(to_i64(default_max_wraps))

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use keybroker_server::config::DatabaseUrl;
-use keybroker_server::store::conformance::{run_all, usage_counts_carried_over_by_the_move};
+use keybroker_server::store::conformance::{rows_before_the_move, run_all, usage_counts_carried_over_by_the_move};
 use keybroker_server::store::postgres::PostgresStore;
 use keybroker_server::store::sqlite::SqliteStore;
 use keybroker_tests::{POSTGRES_TEST_PASSWORD, Postgres, tempdir};
@@ -38,18 +38,7 @@ async fn usage_counts_move_to_their_own_table_with_the_migration(pg: &Postgres) 
     }
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     sqlx::migrate::Migrator::new(dir.path()).await.unwrap().run(&pool).await.unwrap();
-    sqlx::raw_sql(
-        "INSERT INTO keys (name, backend, current_version, min_decryption_version, rotation_period_secs, \
-             created_at, updated_at) \
-         VALUES ('old', 'local', 2, 1, 100, 1, 1); \
-         INSERT INTO key_versions (key_name, version, state, backend, backend_ref, created_at, updated_at, \
-         unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, rewrap_out_count, last_wrap_at) VALUES \
-         ('old', 1, 'decrypt_only', 'local', '\\x01', 1, 1, 7, 70, 11, 2, 5, 71), \
-         ('old', 2, 'active', 'local', '\\x02', 2, 2, 0, 0, 3, 5, 0, 72);",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(rows_before_the_move(|b| format!("'\\x{b:02x}'")))).execute(&pool).await.unwrap();
     pool.close().await;
 
     let store = PostgresStore::open(&DatabaseUrl::new(url), 2, Duration::from_secs(2)).await.unwrap();

@@ -52,6 +52,30 @@ pub async fn run_all(store: &dyn KeyStore) {
 pub const COUNTS_BEFORE_THE_MOVE: [(u32, u64, i64, u64, u64, u64, i64); 2] =
     [(1, 7, 70, 11, 2, 5, 71), (2, 0, 0, 3, 5, 0, 72)];
 
+/// Key `old` with [`COUNTS_BEFORE_THE_MOVE`], as SQL for the schema before
+/// the move (a rotation period of 100 s; version N made at N). `blob` writes
+/// a one-byte binary literal in the store's dialect.
+pub fn rows_before_the_move(blob: fn(u8) -> String) -> String {
+    let versions: Vec<String> = COUNTS_BEFORE_THE_MOVE
+        .iter()
+        .map(|&(v, unwraps, last_unwrap, wraps, rewraps_in, rewraps_out, last_wrap)| {
+            let state = if v == 2 { "active" } else { "decrypt_only" };
+            format!(
+                "('old', {v}, '{state}', 'local', {}, {v}, {v}, {unwraps}, {last_unwrap}, {wraps}, {rewraps_in}, \
+                 {rewraps_out}, {last_wrap})",
+                blob(v as u8)
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO keys (name, backend, current_version, min_decryption_version, rotation_period_secs, created_at, \
+         updated_at) VALUES ('old', 'local', 2, 1, 100, 1, 1); \
+         INSERT INTO key_versions (key_name, version, state, backend, backend_ref, created_at, updated_at, \
+         unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, rewrap_out_count, last_wrap_at) VALUES {};",
+        versions.join(", ")
+    )
+}
+
 fn counts(key: &KeyRecord) -> Vec<(u32, u64, i64, u64, u64, u64, i64)> {
     key.versions
         .iter()

@@ -694,18 +694,10 @@ mod tests {
         let options = SqliteConnectOptions::new().filename(&path).create_if_missing(true).foreign_keys(true);
         let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
         sqlx::migrate::Migrator::new(before.as_path()).await.unwrap().run(&pool).await.unwrap();
-        sqlx::raw_sql(
-            "INSERT INTO keys (name, backend, current_version, min_decryption_version, rotation_period_secs, \
-             created_at, updated_at) \
-             VALUES ('old', 'local', 2, 1, 100, 1, 1); \
-             INSERT INTO key_versions (key_name, version, state, backend, backend_ref, created_at, updated_at, \
-             unwrap_count, last_unwrap_at, wrap_count, rewrap_in_count, rewrap_out_count, last_wrap_at) VALUES \
-             ('old', 1, 'decrypt_only', 'local', x'01', 1, 1, 7, 70, 11, 2, 5, 71), \
-             ('old', 2, 'active', 'local', x'02', 2, 2, 0, 0, 3, 5, 0, 72);",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(crate::store::conformance::rows_before_the_move(|b| format!("x'{b:02x}'"))))
+            .execute(&pool)
+            .await
+            .unwrap();
         pool.close().await;
 
         let store = SqliteStore::open(&path).await.unwrap();

@@ -197,13 +197,9 @@ where
         let path = request.uri().path();
         let method = path.rsplit('/').next().unwrap_or_default();
         let rpc = crate::telemetry::metrics::rpc_index(method);
-        // The caller's name, only when a rate or a span needs it (not on
-        // every call).
-        let identity = if self.limits.rate.is_some() || crate::telemetry::exporting() {
-            request.extensions().get::<PeerInfo>().map(|p| p.0.name().clone()).unwrap_or_else(|| "".into())
-        } else {
-            "".into()
-        };
+        // The caller's name (made once per connection: a shared string).
+        let identity: Arc<str> =
+            request.extensions().get::<PeerInfo>().map_or_else(|| Arc::from(""), |p| p.0.name().clone());
         // The call's span, a child of the caller's trace when it sent one.
         let span = crate::traced_span!(
             "rpc",

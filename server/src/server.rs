@@ -402,7 +402,7 @@ pub async fn run(
         let listener = bind_unix(&kms.socket, 0o600).map_err(|e| {
             StartError::Other(format!("invalid setting `kms_v2.socket`: {}: {e}", kms.socket.display()))
         })?;
-        let incoming = Incoming::new(gate.clone());
+        let incoming = Incoming::new(gate.clone(), None);
         incoming.add_unix(listener);
         let service =
             crate::api::kms_v2::KmsV2Service::new(broker.clone(), gate.clone(), audit.clone(), kms.key.clone())
@@ -481,7 +481,7 @@ pub async fn run(
     let listener =
         TcpListener::bind(config.listen).await.map_err(|cause| StartError::Bind { addr: config.listen, cause })?;
     let addr = listener.local_addr().map_err(|cause| StartError::Bind { addr: config.listen, cause })?;
-    let incoming = Incoming::new(gate.clone());
+    let incoming = Incoming::new(gate.clone(), Some(audit.clone()));
     incoming.add_tls(listener, tls_config.clone(), Duration::from_secs(config.tls.handshake_timeout_seconds));
     Reloader {
         path: options.config_path.clone(),

@@ -223,6 +223,13 @@ async fn calls_fail_closed_while_the_audit_log_cannot_be_written() {
     std::fs::remove_file(&log).unwrap();
     std::os::unix::fs::symlink("/dev/full", &log).unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The call that finds the sink failing gets no reply: its connection
+    // holds the reply until the event is written, and closes instead (tonic
+    // reports the closed connection as a transport error, gRPC core clients
+    // as UNAVAILABLE).
+    let err = wrap(&mut app).await.unwrap_err();
+    assert!(matches!(err.code(), Code::Unavailable | Code::Unknown), "{err:?}");
+    // From then on calls are refused with UNAVAILABLE, on a new connection.
     let err = wrap(&mut app).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("audit log cannot be written"), "{}", err.message());

@@ -18,6 +18,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
+use crate::security::audit::{AuditLog, ReplyGate};
 use crate::security::identity::{Peer, PeerInfo, Transport};
 use crate::security::policy::Gate;
 use crate::security::tls::TlsHolder;
@@ -32,6 +33,19 @@ enum Io {
 pub struct Connection {
     io: Io,
     peer: PeerInfo,
+}
+
+impl Connection {
+    fn new(io: Io, peer: Peer, audit: Option<&Arc<AuditLog>>) -> Self {
+        let replies = audit.and_then(ReplyGate::new);
+        Self { io, peer: PeerInfo { peer: Arc::new(peer), replies } }
+    }
+
+    /// Holds the bytes about to be written until the audit events of the
+    /// calls answered so far are written.
+    fn gate(&self) -> io::Result<()> {
+        self.peer.replies.as_ref().map_or(Ok(()), |gate| gate.before_write())
+    }
 }
 
 impl Connected for Connection {
@@ -65,6 +79,7 @@ impl AsyncRead for Connection {
 
 impl AsyncWrite for Connection {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.gate()?;
         delegate!(self, io => io.poll_write(cx, buf))
     }
 
@@ -81,6 +96,7 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.gate()?;
         delegate!(self, io => io.poll_write_vectored(cx, bufs))
     }
 
@@ -97,6 +113,8 @@ pub struct Incoming {
     tx: mpsc::Sender<io::Result<Connection>>,
     rx: mpsc::Receiver<io::Result<Connection>>,
     gate: Arc<Gate>,
+    /// The audit log whose events hold each connection's replies.
+    audit: Option<Arc<AuditLog>>,
 }
 
 /// Refused TLS handshakes, logged at WARN with the peer and the reason, each
@@ -132,10 +150,12 @@ impl Refusals {
 
 impl Incoming {
     /// An empty set of listeners whose callers are named by the
-    /// certificate fields of `gate`'s policy.
-    pub fn new(gate: Arc<Gate>) -> Self {
+    /// certificate fields of `gate`'s policy. With `audit`, each
+    /// connection holds its replies until their calls' events are written
+    /// (calls queue their events without waiting).
+    pub fn new(gate: Arc<Gate>, audit: Option<Arc<AuditLog>>) -> Self {
         let (tx, rx) = mpsc::channel(128);
-        Self { tx, rx, gate }
+        Self { tx, rx, gate, audit }
     }
 
     /// Accepts mTLS connections on `listener`. Each handshake runs in its own
@@ -145,6 +165,7 @@ impl Incoming {
     pub fn add_tls(&self, listener: TcpListener, tls: Arc<TlsHolder>, handshake_timeout: Duration) {
         let tx = self.tx.clone();
         let gate = self.gate.clone();
+        let audit = self.audit.clone();
         let refusals = Arc::new(Refusals::default());
         tokio::spawn(async move {
             while !tx.is_closed() {
@@ -159,7 +180,7 @@ impl Incoming {
                 };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = TlsAcceptor::from(tls.load_full());
-                let (gate, tx) = (gate.clone(), tx.clone());
+                let (gate, tx, audit) = (gate.clone(), tx.clone(), audit.clone());
                 let refusals = refusals.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
@@ -172,8 +193,7 @@ impl Incoming {
                                 .map(|cert| gate.policy().certificate_fields().identify(cert))
                                 .unwrap_or_else(|| Peer::new(Vec::new(), Transport::Tls));
                             tracing::debug!(%remote, identity = %peer.name(), "mTLS connection accepted");
-                            let connection =
-                                Connection { io: Io::Tls(Box::new(stream)), peer: PeerInfo(Arc::new(peer)) };
+                            let connection = Connection::new(Io::Tls(Box::new(stream)), peer, audit.as_ref());
                             let _ = tx.send(Ok(connection)).await;
                         }
                         Ok(Err(err)) => refusals.report(remote, &err.to_string()),
@@ -188,6 +208,7 @@ impl Incoming {
     /// the socket's peer credentials.
     pub fn add_unix(&self, listener: UnixListener) {
         let tx = self.tx.clone();
+        let audit = self.audit.clone();
         tokio::spawn(async move {
             while !tx.is_closed() {
                 let stream = match listener.accept().await {
@@ -206,7 +227,7 @@ impl Incoming {
                     }
                 };
                 tracing::debug!(identity = %peer.name(), "unix socket connection accepted");
-                let connection = Connection { io: Io::Unix(stream), peer: PeerInfo(Arc::new(peer)) };
+                let connection = Connection::new(Io::Unix(stream), peer, audit.as_ref());
                 if tx.send(Ok(connection)).await.is_err() {
                     break;
                 }

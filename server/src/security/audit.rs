@@ -10,15 +10,26 @@
 //! A call's event is written before the call answers: when the log fails
 //! closed (the default), a call whose event cannot be written fails with
 //! UNAVAILABLE instead of going unrecorded. Events are written by group
-//! commit: a call queues its event; the first call to find no writer under
-//! way becomes the writer, lets the calls that are ready run once (one
-//! `yield`), then chains and writes every queued event with one `write(2)`
-//! and tells the others whether theirs reached the sink. Under load one
-//! write carries the events of many calls (a write per event cost more than
-//! the rest of the audit log together); alone, a call writes its own. A
-//! writer whose call is cancelled still writes the queue (on drop). (No
-//! thread hop: handing events to a writer thread and waiting for its
-//! acknowledgement cost more than the write itself.)
+//! commit, in one of two ways:
+//!
+//! - On the broker's own listeners, a call queues its event and returns at
+//!   once; its connection holds its bytes (a [`ReplyGate`] in front of the
+//!   connection's writes) until every event queued so far is written with one
+//!   `write(2)`. No reply byte leaves before its call's event is in the
+//!   file, and the call is polled once, not woken again: under load one
+//!   write carries the events of every call answered since the last one. An
+//!   event that cannot be written closes the connections whose calls it
+//!   covers (their replies are never sent, clients see UNAVAILABLE); while
+//!   the sink fails, new calls are refused with UNAVAILABLE before they run.
+//! - Elsewhere (admin calls, the KMS v2 and XKS listeners), the call waits:
+//!   the first call to find no writer under way becomes the writer, lets the
+//!   calls that are ready run once (one `yield`), then writes every queued
+//!   event and tells the others whether theirs reached the sink. A writer
+//!   whose call is cancelled still writes the queue (on drop).
+//!
+//! (A write per event cost more than the rest of the audit log together;
+//! handing events to a writer thread and waiting for its acknowledgement
+//! cost more than the write itself.)
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -160,6 +171,12 @@ pub struct AuditLog {
     writer: Option<std::sync::Mutex<Writer>>,
     /// Events waiting for the group commit under way.
     queue: std::sync::Mutex<Queue>,
+    /// Events queued since start (the last one's number).
+    enqueued: AtomicU64,
+    /// Every event up to this number has been written or has failed.
+    written_through: AtomicU64,
+    /// The highest event number of a write that failed.
+    failed_through: AtomicU64,
     fail_closed: bool,
     healthy: AtomicBool,
     failures: AtomicU64,
@@ -189,6 +206,9 @@ impl AuditLog {
         Arc::new(Self {
             writer: None,
             queue: std::sync::Mutex::default(),
+            enqueued: AtomicU64::new(0),
+            written_through: AtomicU64::new(0),
+            failed_through: AtomicU64::new(0),
             fail_closed: false,
             healthy: AtomicBool::new(true),
             failures: AtomicU64::new(0),
@@ -216,6 +236,9 @@ impl AuditLog {
         Ok(Arc::new(Self {
             writer: Some(std::sync::Mutex::new(writer)),
             queue: std::sync::Mutex::default(),
+            enqueued: AtomicU64::new(0),
+            written_through: AtomicU64::new(0),
+            failed_through: AtomicU64::new(0),
             fail_closed: config.fail_closed,
             healthy: AtomicBool::new(true),
             failures: AtomicU64::new(0),
@@ -250,8 +273,11 @@ impl AuditLog {
     fn write(&self, records: &[Record]) -> bool {
         let Some(writer) = &self.writer else { return true };
         let mut writer = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.write_locked(&mut writer, records)
+    }
+
+    fn write_locked(&self, writer: &mut Writer, records: &[Record]) -> bool {
         let written = writer.write_records(records);
-        drop(writer);
         // A probe (no events) is not counted as a write of calls' events.
         if !records.is_empty() {
             self.writes.fetch_add(1, Ordering::Relaxed);
@@ -260,6 +286,55 @@ impl AuditLog {
         counter.fetch_add(records.len() as u64, Ordering::Relaxed);
         self.healthy.store(written, Ordering::Relaxed);
         written
+    }
+
+    /// Queues `records`, with `waiter` to be told whether they were written;
+    /// the number of the last queued event, and whether the caller is to
+    /// write the queue (it waits, and no writer is under way).
+    fn enqueue(
+        &self,
+        records: impl IntoIterator<Item = Record>,
+        waiter: Option<tokio::sync::oneshot::Sender<bool>>,
+    ) -> (u64, bool) {
+        let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = queue.records.len();
+        queue.records.extend(records);
+        queue.enqueued += (queue.records.len() - before) as u64;
+        self.enqueued.store(queue.enqueued, Ordering::Release);
+        let lead = match waiter {
+            Some(tx) => {
+                queue.waiters.push(tx);
+                !std::mem::replace(&mut queue.writing, true)
+            }
+            None => false,
+        };
+        (queue.enqueued, lead)
+    }
+
+    /// Writes every queued event with one write (unless every event up to
+    /// `through` is written already: a concurrent write took them), and
+    /// tells the waiting calls whether theirs reached the sink.
+    fn flush(&self, through: u64) {
+        let Some(writer) = &self.writer else { return };
+        let mut writer = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.written_through.load(Ordering::Acquire) >= through {
+            return;
+        }
+        // Taken under the writer's lock: events are chained in queue order.
+        let (records, waiters, last) = {
+            let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            queue.writing = false;
+            (std::mem::take(&mut queue.records), std::mem::take(&mut queue.waiters), queue.enqueued)
+        };
+        let written = self.write_locked(&mut writer, &records);
+        if !written {
+            self.failed_through.fetch_max(last, Ordering::AcqRel);
+        }
+        self.written_through.store(last, Ordering::Release);
+        drop(writer);
+        for waiter in waiters {
+            let _ = waiter.send(written);
+        }
     }
 
     /// UNAVAILABLE when the log fails closed and its sink is failing: admin
@@ -284,28 +359,15 @@ impl AuditLog {
         if self.writer.is_none() {
             return Ok(());
         }
-        let waiter = {
-            let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            queue.records.extend(records);
-            if queue.writing {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                queue.waiters.push(tx);
-                Some(rx)
-            } else {
-                queue.writing = true;
-                None
-            }
-        };
-        let written = match waiter {
-            // The writer answers even when its own call is cancelled.
-            Some(rx) => rx.await.unwrap_or(false),
-            None => {
-                let mut commit = GroupCommit { log: self, armed: true };
-                tokio::task::yield_now().await;
-                commit.run()
-            }
-        };
-        if written || !self.fail_closed {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (_, lead) = self.enqueue(records, Some(tx));
+        if lead {
+            let mut commit = GroupCommit { log: self, armed: true };
+            tokio::task::yield_now().await;
+            commit.run();
+        }
+        // The writer answers even when its own call is cancelled.
+        if rx.await.unwrap_or(false) || !self.fail_closed {
             return Ok(());
         }
         Err(unavailable())
@@ -322,8 +384,10 @@ impl AuditLog {
 struct Queue {
     records: Vec<Record>,
     waiters: Vec<tokio::sync::oneshot::Sender<bool>>,
-    /// A call has taken the writing of the queue on itself.
+    /// A waiting call has taken the writing of the queue on itself.
     writing: bool,
+    /// Events queued since start.
+    enqueued: u64,
 }
 
 /// The writing of the queue a call took on; done on drop when the call is
@@ -334,20 +398,9 @@ struct GroupCommit<'a> {
 }
 
 impl GroupCommit<'_> {
-    /// Writes every queued event with one write; whether they reached the
-    /// sink (each waiting call is told the same).
-    fn run(&mut self) -> bool {
+    fn run(&mut self) {
         self.armed = false;
-        let (records, waiters) = {
-            let mut queue = self.log.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            queue.writing = false;
-            (std::mem::take(&mut queue.records), std::mem::take(&mut queue.waiters))
-        };
-        let written = self.log.write(&records);
-        for waiter in waiters {
-            let _ = waiter.send(written);
-        }
-        written
+        self.log.flush(u64::MAX);
     }
 }
 
@@ -356,6 +409,74 @@ impl Drop for GroupCommit<'_> {
         if self.armed {
             self.run();
         }
+    }
+}
+
+/// A connection's hold on its replies until the audit events of its calls
+/// are written (see the module's documentation): its calls queue their
+/// events without waiting, and the connection calls
+/// [`ReplyGate::before_write`] before it writes any byte.
+pub struct ReplyGate {
+    log: Arc<AuditLog>,
+    /// The number of the latest event of a call on this connection.
+    recorded: AtomicU64,
+    /// Every event up to this number was written when the connection last
+    /// wrote.
+    passed: AtomicU64,
+}
+
+impl std::fmt::Debug for ReplyGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyGate").field("passed", &self.passed).finish_non_exhaustive()
+    }
+}
+
+impl ReplyGate {
+    /// A gate on `log` for a new connection; none when the log is off.
+    pub fn new(log: &Arc<AuditLog>) -> Option<Arc<Self>> {
+        log.enabled().then(|| {
+            Arc::new(Self {
+                passed: AtomicU64::new(log.enqueued.load(Ordering::Acquire)),
+                recorded: AtomicU64::new(0),
+                log: log.clone(),
+            })
+        })
+    }
+
+    /// Queues the events of a call whose reply goes out through this
+    /// connection. While the sink of a log that fails closed is failing,
+    /// writes them at once instead: UNAVAILABLE when that fails too.
+    pub fn record_all(&self, records: impl IntoIterator<Item = Record>) -> ServiceResult<()> {
+        if self.log.fail_closed && !self.log.healthy() {
+            // The sink is failing: this call's own write is the probe, and
+            // the call is refused (nothing of it answered) unless it works.
+            let records: Vec<Record> = records.into_iter().collect();
+            return if self.log.write(&records) { Ok(()) } else { Err(unavailable()) };
+        }
+        let (last, _) = self.log.enqueue(records, None);
+        self.recorded.fetch_max(last, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Writes the queued events before the connection writes: an error (the
+    /// connection closes with its replies unsent) when the log fails closed
+    /// and an event of a call on this connection may not have been written.
+    pub fn before_write(&self) -> std::io::Result<()> {
+        let log = &self.log;
+        let through = log.enqueued.load(Ordering::Acquire);
+        let passed = self.passed.load(Ordering::Relaxed);
+        if through <= passed {
+            return Ok(());
+        }
+        log.flush(through);
+        if log.fail_closed
+            && log.failed_through.load(Ordering::Acquire) > passed
+            && self.recorded.load(Ordering::Acquire) > passed
+        {
+            return Err(std::io::Error::other("the audit log cannot be written: replies withheld (audit.fail_closed)"));
+        }
+        self.passed.store(through, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -821,5 +942,49 @@ mod tests {
         let keys: Vec<String> = lines(&path).iter().map(|l| serde_json::from_str::<Event>(l).unwrap().key).collect();
         assert_eq!(keys, ["first", "second"]);
         assert_eq!(verify(std::slice::from_ref(&path)).unwrap(), Verdict::Intact { events: 2 });
+    }
+
+    #[tokio::test]
+    async fn a_gated_connection_writes_the_queued_events_before_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let config = AuditConfig { file: Some(path.clone()), ..AuditConfig::default() };
+        let log = AuditLog::open(&config).unwrap();
+        let event = |key: &str| Record { identity: "uid:1".into(), rpc: "Wrap", key: key.into(), ..Record::default() };
+        let (busy, idle) = (ReplyGate::new(&log).unwrap(), ReplyGate::new(&log).unwrap());
+        busy.record_all([event("a"), event("b")]).unwrap();
+        assert!(lines(&path).is_empty(), "a call queues its events without writing");
+        idle.before_write().unwrap();
+        assert_eq!(lines(&path).len(), 2, "any connection's write carries every queued event");
+        busy.record_all([event("c")]).unwrap();
+        busy.before_write().unwrap();
+        busy.before_write().unwrap();
+        let keys: Vec<String> = lines(&path).iter().map(|l| serde_json::from_str::<Event>(l).unwrap().key).collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+        assert_eq!(log.written(), (3, 2), "three events in two writes");
+
+        // The sink fails (noticed on the first write a second after the last
+        // check): the connection whose call's event was lost is refused its
+        // bytes, one with no call since is not; new calls are refused.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        busy.record_all([event("lost")]).unwrap();
+        let err = busy.before_write().unwrap_err();
+        assert!(err.to_string().contains("audit log cannot be written"), "{err}");
+        idle.before_write().unwrap();
+        let refused = idle.record_all([event("refused")]).unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::Unavailable);
+        assert_eq!(log.failures(), 2);
+
+        // Writable again: the next call's own write is the probe; the first
+        // line says how many events were lost.
+        std::fs::remove_file(&path).unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        idle.record_all([event("back")]).unwrap();
+        idle.before_write().unwrap();
+        let events: Vec<Event> = lines(&path).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!((events[0].rpc.as_str(), events[0].count), ("AuditGap", 2), "{events:?}");
+        assert_eq!(events[1].key, "back");
     }
 }

@@ -173,7 +173,13 @@ impl Peer {
 
 /// The caller of a request, placed in request extensions by the listener.
 #[derive(Debug, Clone)]
-pub struct PeerInfo(pub Arc<Peer>);
+pub struct PeerInfo {
+    /// Who is calling.
+    pub peer: Arc<Peer>,
+    /// The connection's hold on its replies until their audit events are
+    /// written; none where calls wait for their events themselves.
+    pub replies: Option<Arc<crate::security::audit::ReplyGate>>,
+}
 
 /// The certificate fields that count as identities, in order.
 #[derive(Debug, Clone)]
@@ -240,10 +246,15 @@ pub fn certificate_identities(cert_der: &[u8], kinds: &[IdentityKind]) -> Vec<Id
 /// The peer of a request, or `UNAUTHENTICATED` when the listener attached
 /// none (never the case on the keybroker listeners).
 pub fn peer<T>(request: &Request<T>) -> Result<Arc<Peer>, Status> {
+    peer_info(request).map(|p| p.peer.clone())
+}
+
+/// The caller of a request and its connection's reply gate, or
+/// `UNAUTHENTICATED` like [`peer`].
+pub fn peer_info<T>(request: &Request<T>) -> Result<&PeerInfo, Status> {
     request
         .extensions()
         .get::<PeerInfo>()
-        .map(|p| p.0.clone())
         .ok_or_else(|| Status::unauthenticated("no client identity on this connection"))
 }
 

@@ -199,7 +199,7 @@ where
         let rpc = crate::telemetry::metrics::rpc_index(method);
         // The caller's name (made once per connection: a shared string).
         let identity: Arc<str> =
-            request.extensions().get::<PeerInfo>().map_or_else(|| Arc::from(""), |p| p.0.name().clone());
+            request.extensions().get::<PeerInfo>().map_or_else(|| Arc::from(""), |p| p.peer.name().clone());
         // The call's span, a child of the caller's trace when it sent one.
         let span = crate::traced_span!(
             "rpc",

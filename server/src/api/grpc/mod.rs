@@ -17,7 +17,7 @@ use crate::backend::Backends;
 use crate::backend::health::HealthBoard;
 use crate::core::keyring::{CachedKey, Count};
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
-use crate::security::audit::{AuditLog, Record};
+use crate::security::audit::{AuditLog, Record, ReplyGate};
 use crate::security::identity::{self, Peer};
 use crate::security::limits::Limits;
 use crate::security::policy::{Gate, Rpc};
@@ -105,12 +105,13 @@ pub struct Guards {
 impl Guards {
     /// Starts a call of `rpc` for the caller of `request`.
     pub fn call<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<Call<'_>, Status> {
-        let peer = identity::peer(request)?;
+        let info = identity::peer_info(request)?;
         Ok(Call {
             guards: self,
             rpc,
-            identity: peer.name().clone(),
-            peer,
+            identity: info.peer.name().clone(),
+            peer: info.peer.clone(),
+            replies: info.replies.clone(),
             started: Instant::now(),
             last: Default::default(),
         })
@@ -147,6 +148,8 @@ pub struct Call<'a> {
     rpc: &'static str,
     peer: Arc<Peer>,
     identity: Arc<str>,
+    /// The connection's hold on the reply until its event is written.
+    replies: Option<Arc<ReplyGate>>,
     started: Instant,
     /// A batch's last decision: items of one key share it.
     last: std::sync::Mutex<Option<(Rpc, String, bool)>>,
@@ -245,7 +248,7 @@ impl Call<'_> {
         let (code, detail) = outcome(&result);
         self.observe(&touched, code);
         let record = self.record(touched, code, 1, detail);
-        self.guards.audit.record(record).await?;
+        self.record_before_reply(std::iter::once(record)).await?;
         respond(result)
     }
 
@@ -265,7 +268,7 @@ impl Call<'_> {
         self.observe(&first.unwrap_or_default(), result.as_ref().err().map(ServiceError::code));
         if let Err(err) = &result {
             let record = self.record(Touched::default(), Some(err.code()), 1, err.message().to_owned());
-            self.guards.audit.record(record).await?;
+            self.record_before_reply(std::iter::once(record)).await?;
             return respond(result);
         }
         let records: Vec<Record> = groups
@@ -275,8 +278,18 @@ impl Call<'_> {
                 self.record(touched, code, count, String::new())
             })
             .collect();
-        self.guards.audit.record_all(records).await?;
+        self.record_before_reply(records).await?;
         respond(result)
+    }
+
+    /// Records a data-plane call's events so that none of its reply leaves
+    /// before they are written: queued for the connection's gate when it has
+    /// one (no wait here), else written before this returns.
+    async fn record_before_reply(&self, records: impl IntoIterator<Item = Record>) -> ServiceResult<()> {
+        match &self.replies {
+            Some(gate) => gate.record_all(records),
+            None => self.guards.audit.record_all(records).await,
+        }
     }
 
     /// Records an admin call and answers it. The change is made already, so

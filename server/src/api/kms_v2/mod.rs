@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 use crate::core::broker::Broker;
 use crate::error::ServiceError;
 use crate::security::audit::{AuditLog, Record};
-use crate::security::identity::{Peer, PeerInfo};
+use crate::security::identity::{Peer, peer};
 use crate::security::policy::{Gate, Rpc};
 
 pub use generated::{DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse};
@@ -109,14 +109,6 @@ impl KmsV2Service {
         };
         self.audit.record(record).await.map_err(Status::from)
     }
-}
-
-fn peer<T>(request: &Request<T>) -> Result<Arc<Peer>, Status> {
-    request
-        .extensions()
-        .get::<PeerInfo>()
-        .map(|p| p.0.clone())
-        .ok_or_else(|| Status::unauthenticated("no peer credentials on this connection"))
 }
 
 /// The annotation naming the key version of a data key.

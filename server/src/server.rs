@@ -506,7 +506,6 @@ pub async fn run(
 
     let stop = Arc::new(tokio::sync::Notify::new());
     let serve = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -178,7 +178,7 @@ impl Incoming {
                         continue;
                     }
                 };
-                let _ = tcp.set_nodelay(true);
+                tune(&tcp);
                 let acceptor = TlsAcceptor::from(tls.load_full());
                 let (gate, tx, audit) = (gate.clone(), tx.clone(), audit.clone());
                 let refusals = refusals.clone();
@@ -241,6 +241,29 @@ impl Incoming {
     }
 }
 
+/// How long an accepted TCP connection may be silent before the kernel
+/// probes it, then the gap between probes and how many go unanswered before
+/// it is dropped: a peer that died without closing is let go after about
+/// a minute.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Socket options of an accepted TCP connection: replies go out at once
+/// (no Nagle delay), and dead peers are found by the kernel's keepalive
+/// probes (HTTP/2 PINGs would do the same at the cost of a clock read per
+/// received frame).
+fn tune(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(err) = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(%err, "TCP keepalive not set");
+    }
+}
+
 /// Binds a Unix socket at `path` with file mode `mode` (0600: the broker's
 /// user only), replacing a stale socket left by a previous run.
 pub fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
@@ -255,4 +278,24 @@ pub fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_are_probed_by_tcp_keepalive_and_skip_nagle() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        tune(&accepted);
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert!(accepted.nodelay().unwrap());
+        drop(client);
+    }
 }

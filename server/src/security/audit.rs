@@ -666,24 +666,8 @@ impl Writer {
         let (mut prev, mut seq) = (self.prev, self.seq);
         let mut append = |record: &Record, bytes: &mut Vec<u8>| {
             seq += 1;
-            let event = EventRef {
-                seq,
-                time: &now,
-                identity: &record.identity,
-                rpc: record.rpc,
-                key: &record.key,
-                version: record.version,
-                backend: &record.backend,
-                code: code_name(record.code),
-                latency_us: record.latency_us,
-                count: record.count.max(1),
-                context_sha256: &record.context_sha256,
-                detail: &record.detail,
-                prev: prev.as_str(),
-            };
             let start = bytes.len();
-            // Serializing plain strings and numbers cannot fail.
-            let _ = serde_json::to_writer(&mut *bytes, &event);
+            write_line(bytes, seq, &now, record, &prev);
             prev = LineHash::of(&bytes[start..]);
             bytes.push(b'\n');
         };
@@ -742,22 +726,57 @@ impl Writer {
     }
 }
 
-/// An [`Event`] borrowed from its record, for writing without copies.
-#[derive(Serialize)]
-struct EventRef<'a> {
-    seq: u64,
-    time: &'a str,
-    identity: &'a str,
-    rpc: &'a str,
-    key: &'a str,
-    version: u32,
-    backend: &'a str,
-    code: &'a str,
-    latency_us: u64,
-    count: u64,
-    context_sha256: &'a str,
-    detail: &'a str,
-    prev: &'a str,
+/// Appends the JSON of one event (the fields of [`Event`], in its order;
+/// byte for byte what `serde_json` writes for it), without a newline.
+fn write_line(out: &mut Vec<u8>, seq: u64, time: &str, record: &Record, prev: &LineHash) {
+    let mut numbers = itoa::Buffer::new();
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(numbers.format(seq).as_bytes());
+    out.extend_from_slice(b",\"time\":");
+    json_plain(out, time);
+    out.extend_from_slice(b",\"identity\":");
+    json_str(out, &record.identity);
+    out.extend_from_slice(b",\"rpc\":");
+    json_plain(out, record.rpc);
+    out.extend_from_slice(b",\"key\":");
+    json_str(out, &record.key);
+    out.extend_from_slice(b",\"version\":");
+    out.extend_from_slice(numbers.format(record.version).as_bytes());
+    out.extend_from_slice(b",\"backend\":");
+    json_str(out, &record.backend);
+    out.extend_from_slice(b",\"code\":");
+    json_plain(out, code_name(record.code));
+    out.extend_from_slice(b",\"latency_us\":");
+    out.extend_from_slice(numbers.format(record.latency_us).as_bytes());
+    out.extend_from_slice(b",\"count\":");
+    out.extend_from_slice(numbers.format(record.count.max(1)).as_bytes());
+    out.extend_from_slice(b",\"context_sha256\":");
+    json_str(out, &record.context_sha256);
+    out.extend_from_slice(b",\"detail\":");
+    json_str(out, &record.detail);
+    out.extend_from_slice(b",\"prev\":");
+    json_plain(out, prev.as_str());
+    out.push(b'}');
+}
+
+/// A JSON string: copied as is when nothing in it needs escaping (the
+/// common case), else escaped by `serde_json`.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        json_plain(out, s);
+    } else {
+        // Writing a string to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// A JSON string the broker made itself (a time, a name of its own, a hex
+/// hash): nothing in it needs escaping.
+fn json_plain(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\'), "{s:?}");
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
 }
 
 fn now_rfc3339() -> String {
@@ -942,6 +961,41 @@ mod tests {
         let keys: Vec<String> = lines(&path).iter().map(|l| serde_json::from_str::<Event>(l).unwrap().key).collect();
         assert_eq!(keys, ["first", "second"]);
         assert_eq!(verify(std::slice::from_ref(&path)).unwrap(), Verdict::Intact { events: 2 });
+    }
+
+    #[test]
+    fn a_line_is_what_serde_json_writes_for_the_event() {
+        let record = Record {
+            identity: "spiffe://prod/orders \"quoted\" \\ back\u{1}".into(),
+            rpc: "Wrap",
+            key: "orders-\u{e9}t\u{e9}".into(),
+            version: 7,
+            backend: "local".into(),
+            code: Some(ErrorCode::InvalidArgument),
+            latency_us: 41,
+            count: 0,
+            context_sha256: "ab".repeat(32),
+            detail: "line\nbreak\ttab".into(),
+        };
+        let prev = LineHash::of(b"previous");
+        let mut line = Vec::new();
+        write_line(&mut line, 42, "2026-11-30T04:05:12.123456Z", &record, &prev);
+        let event = Event {
+            seq: 42,
+            time: "2026-11-30T04:05:12.123456Z".into(),
+            identity: record.identity.to_string(),
+            rpc: "Wrap".into(),
+            key: record.key.clone(),
+            version: 7,
+            backend: "local".into(),
+            code: "INVALID_ARGUMENT".into(),
+            latency_us: 41,
+            count: 1,
+            context_sha256: record.context_sha256.clone(),
+            detail: record.detail.clone(),
+            prev: prev.as_str().into(),
+        };
+        assert_eq!(String::from_utf8(line).unwrap(), serde_json::to_string(&event).unwrap());
     }
 
     #[tokio::test]

@@ -35,7 +35,8 @@ pub const DEFAULT_MAX_CIPHERS: usize = 100_000;
 /// go is unsealed again on its next use).
 struct CipherCache {
     table: hashbrown::HashTable<CachedCipher>,
-    hasher: std::hash::RandomState,
+    /// foldhash, seeded per process (like the key cache's).
+    hasher: foldhash::fast::RandomState,
     max: usize,
 }
 
@@ -53,10 +54,10 @@ impl CachedCipher {
 
 impl CipherCache {
     fn new(max: usize) -> Self {
-        Self { table: hashbrown::HashTable::new(), hasher: std::hash::RandomState::new(), max }
+        Self { table: hashbrown::HashTable::new(), hasher: foldhash::fast::RandomState::default(), max }
     }
 
-    fn hash(hasher: &std::hash::RandomState, key: &str, version: u32) -> u64 {
+    fn hash(hasher: &foldhash::fast::RandomState, key: &str, version: u32) -> u64 {
         std::hash::BuildHasher::hash_one(hasher, (key, version))
     }
 

@@ -219,15 +219,17 @@ impl CachedKey {
 }
 
 /// The cached keys by name: a table of the records alone, hashed by their
-/// own name (no second copy of each name as a map key).
+/// own name (no second copy of each name as a map key). Hashed with
+/// foldhash, seeded per process: every call hashes a name here, and only
+/// names of keys that exist (made by admins) are ever inserted.
 struct KeyCache {
     table: hashbrown::HashTable<Arc<CachedKey>>,
-    hasher: std::hash::RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl KeyCache {
     fn new() -> Self {
-        Self { table: hashbrown::HashTable::new(), hasher: std::hash::RandomState::new() }
+        Self { table: hashbrown::HashTable::new(), hasher: foldhash::fast::RandomState::default() }
     }
 
     fn hash(&self, name: &str) -> u64 {

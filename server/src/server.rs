@@ -482,6 +482,7 @@ pub async fn run(
         TcpListener::bind(config.listen).await.map_err(|cause| StartError::Bind { addr: config.listen, cause })?;
     let addr = listener.local_addr().map_err(|cause| StartError::Bind { addr: config.listen, cause })?;
     let incoming = Incoming::new(gate.clone(), Some(audit.clone()));
+    spawn_audit_flusher(audit.clone());
     incoming.add_tls(listener, tls_config.clone(), Duration::from_secs(config.tls.handshake_timeout_seconds));
     Reloader {
         path: options.config_path.clone(),
@@ -527,6 +528,7 @@ pub async fn run(
             tracing::warn!(grace_seconds = grace.as_secs(), "grace period over; closing remaining connections");
         }
     }
+    audit.flush_pending();
     let started = std::time::Instant::now();
     match keyring.flush_usage().await {
         Ok(rows) => tracing::info!(rows, ms = started.elapsed().as_millis() as u64, "last usage counts written"),
@@ -626,6 +628,19 @@ fn spawn_rotation_scheduler(keyring: Arc<Keyring>, interval: Duration, hard_max_
                 }
             };
             tokio::time::sleep_until(started + wait).await;
+        }
+    });
+}
+
+/// Writes, every second, the audit events queued by calls whose replies
+/// did not go out (connections write the others before their replies).
+fn spawn_audit_flusher(audit: Arc<AuditLog>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            audit.flush_pending();
         }
     });
 }

@@ -373,6 +373,16 @@ impl AuditLog {
         Err(unavailable())
     }
 
+    /// Writes the events queued by calls whose replies have not gone out
+    /// (a cancelled call's, or any while no connection writes): every
+    /// second, and at shutdown.
+    pub fn flush_pending(&self) {
+        let through = self.enqueued.load(Ordering::Acquire);
+        if self.written_through.load(Ordering::Acquire) < through {
+            self.flush(through);
+        }
+    }
+
     /// Records an action the broker took on its own.
     pub fn record_detached(&self, record: Record) {
         self.write(std::slice::from_ref(&record));
@@ -1016,6 +1026,13 @@ mod tests {
         let keys: Vec<String> = lines(&path).iter().map(|l| serde_json::from_str::<Event>(l).unwrap().key).collect();
         assert_eq!(keys, ["a", "b", "c"]);
         assert_eq!(log.written(), (3, 2), "three events in two writes");
+        // An event whose reply never goes out (its call was cancelled, no
+        // connection writes) is written by the periodic flush.
+        busy.record_all([event("cancelled")]).unwrap();
+        log.flush_pending();
+        assert_eq!(lines(&path).len(), 4);
+        busy.before_write().unwrap();
+        assert_eq!(log.written(), (4, 3), "nothing left for the connection to write");
 
         // The sink fails (noticed on the first write a second after the last
         // check): the connection whose call's event was lost is refused its

@@ -863,6 +863,18 @@ mod tests {
         std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
     }
 
+    /// A log on a new file (kept while the folder is).
+    fn fresh_log() -> (tempfile::TempDir, PathBuf, Arc<AuditLog>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&AuditConfig { file: Some(path.clone()), ..AuditConfig::default() }).unwrap();
+        (dir, path, log)
+    }
+
+    fn event(key: &str) -> Record {
+        Record { identity: "uid:1".into(), rpc: "Wrap", key: key.into(), ..Record::default() }
+    }
+
     async fn write_events(config: &AuditConfig, n: u64) {
         let log = AuditLog::open(config).unwrap();
         for i in 0..n {
@@ -947,11 +959,7 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_writer_still_writes_the_events_waiting_for_it() {
         use std::future::Future;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let config = AuditConfig { file: Some(path.clone()), ..AuditConfig::default() };
-        let log = AuditLog::open(&config).unwrap();
-        let event = |key: &str| Record { identity: "uid:1".into(), rpc: "Wrap", key: key.into(), ..Record::default() };
+        let (_dir, path, log) = fresh_log();
         // The first call becomes the writer and yields before writing.
         let mut writer = Box::pin(log.record(event("first")));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -1010,11 +1018,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_gated_connection_writes_the_queued_events_before_its_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let config = AuditConfig { file: Some(path.clone()), ..AuditConfig::default() };
-        let log = AuditLog::open(&config).unwrap();
-        let event = |key: &str| Record { identity: "uid:1".into(), rpc: "Wrap", key: key.into(), ..Record::default() };
+        let (_dir, path, log) = fresh_log();
         let (busy, idle) = (ReplyGate::new(&log).unwrap(), ReplyGate::new(&log).unwrap());
         busy.record_all([event("a"), event("b")]).unwrap();
         assert!(lines(&path).is_empty(), "a call queues its events without writing");

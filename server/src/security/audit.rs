@@ -19,8 +19,9 @@
 //!   file, and the call is polled once, not woken again: under load one
 //!   write carries the events of every call answered since the last one. An
 //!   event that cannot be written closes the connections whose calls it
-//!   covers (their replies are never sent, clients see UNAVAILABLE); while
-//!   the sink fails, new calls are refused with UNAVAILABLE before they run.
+//!   covers (their replies are never sent; clients see the connection
+//!   close: tonic reports a transport error, gRPC core clients UNAVAILABLE);
+//!   while the sink fails, new calls are refused with UNAVAILABLE.
 //! - Elsewhere (admin calls, the KMS v2 and XKS listeners), the call waits:
 //!   the first call to find no writer under way becomes the writer, lets the
 //!   calls that are ready run once (one `yield`), then writes every queued

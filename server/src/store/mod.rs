@@ -11,6 +11,7 @@ pub mod postgres;
 mod rows;
 pub mod sqlite;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
@@ -189,23 +190,29 @@ pub struct UsageRecord {
 
 /// `usage` with the rows of one (key, version) added together, in key and
 /// version order: a store applies each row with one multi-row statement,
-/// which would take only one of two rows for the same version.
-pub fn merge_usage(usage: &[UsageRecord]) -> Vec<UsageRecord> {
-    let mut merged: BTreeMap<(&str, u32), UsageRecord> = BTreeMap::new();
-    for u in usage {
-        merged
-            .entry((u.key.as_str(), u.version))
-            .and_modify(|m| {
+/// which would take only one of two rows for the same version, and every
+/// broker of a fleet updates rows in the same order. Sorted, not built in a
+/// map: a flush after traffic over a million keys has a row per key, and
+/// only the rows added together are copied.
+pub fn merge_usage(usage: &[UsageRecord]) -> Vec<Cow<'_, UsageRecord>> {
+    let mut rows: Vec<&UsageRecord> = usage.iter().collect();
+    rows.sort_unstable_by(|a, b| (a.key.as_str(), a.version).cmp(&(b.key.as_str(), b.version)));
+    let mut merged: Vec<Cow<'_, UsageRecord>> = Vec::with_capacity(rows.len());
+    for u in rows {
+        match merged.last_mut() {
+            Some(m) if m.key == u.key && m.version == u.version => {
+                let m = m.to_mut();
                 m.unwraps += u.unwraps;
                 m.last_unwrap_at = m.last_unwrap_at.max(u.last_unwrap_at);
                 m.wraps += u.wraps;
                 m.rewraps_in += u.rewraps_in;
                 m.rewraps_out += u.rewraps_out;
                 m.last_wrap_at = m.last_wrap_at.max(u.last_wrap_at);
-            })
-            .or_insert_with(|| u.clone());
+            }
+            _ => merged.push(Cow::Borrowed(u)),
+        }
     }
-    merged.into_values().collect()
+    merged
 }
 
 /// Usage rows per statement of [`KeyStore::record_usage`].
@@ -475,4 +482,31 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Ids of jobs neither done nor failed, oldest first (resumed at start).
     async fn unfinished_jobs(&self) -> Result<Vec<String>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str, version: u32, unwraps: u64, last_unwrap_at: i64, wraps: u64) -> UsageRecord {
+        UsageRecord { key: key.to_owned(), version, unwraps, last_unwrap_at, wraps, ..Default::default() }
+    }
+
+    #[test]
+    fn usage_rows_of_one_version_are_added_together_in_key_and_version_order() {
+        let usage = [
+            row("b", 1, 1, 10, 0),
+            row("a", 2, 0, 0, 5),
+            row("b", 1, 2, 30, 1),
+            row("a", 1, 3, 20, 0),
+            row("b", 1, 4, 20, 2),
+        ];
+        let merged = merge_usage(&usage);
+        let rows: Vec<UsageRecord> = merged.iter().map(|u| u.as_ref().clone()).collect();
+        assert_eq!(rows, [row("a", 1, 3, 20, 0), row("a", 2, 0, 0, 5), row("b", 1, 7, 30, 3)]);
+        // Rows of their own are the caller's, not copies.
+        assert!(matches!(merged[0], Cow::Borrowed(u) if std::ptr::eq(u, &usage[3])));
+        assert!(matches!(merged[2], Cow::Owned(_)));
+        assert!(merge_usage(&[]).is_empty());
+    }
 }

@@ -495,7 +495,7 @@ impl KeyStore for PostgresStore {
         // One statement over arrays: a flush after a second of calls over
         // many keys has a row per key.
         for chunk in merge_usage(usage).chunks(USAGE_ROWS_PER_STATEMENT) {
-            let column = |f: fn(&UsageRecord) -> i64| chunk.iter().map(f).collect::<Vec<i64>>();
+            let column = |f: fn(&UsageRecord) -> i64| chunk.iter().map(|u| f(u)).collect::<Vec<i64>>();
             sqlx::query(
                 "UPDATE key_usage AS kv SET unwrap_count = kv.unwrap_count + u.unwraps, \
                  last_unwrap_at = GREATEST(kv.last_unwrap_at, u.last_unwrap_at), \

@@ -73,6 +73,10 @@ pub struct CachedKey {
     /// the keyring's dirty list.
     dirty: AtomicBool,
     dirty_keys: Weak<DirtyKeys>,
+    /// The keyring's cache holds this record now (set when it goes in,
+    /// cleared when it is replaced or let go): a flush re-reads only the
+    /// keys whose taken record left the cache.
+    cached: AtomicBool,
 }
 
 /// The records counted on since the last flush: a flush takes the counts of
@@ -88,7 +92,15 @@ impl CachedKey {
             .collect();
         let flushed = record.versions.iter().map(|_| Default::default()).collect();
         let used = AtomicU32::new(previous.map_or(0, |p| p.used.load(Ordering::Relaxed)));
-        Self { record, counters, flushed, used, dirty: AtomicBool::new(false), dirty_keys: Arc::downgrade(dirty_keys) }
+        Self {
+            record,
+            counters,
+            flushed,
+            used,
+            dirty: AtomicBool::new(false),
+            dirty_keys: Arc::downgrade(dirty_keys),
+            cached: AtomicBool::new(false),
+        }
     }
 
     /// Lists this record for the next flush unless it is listed already.
@@ -246,6 +258,7 @@ impl KeyCache {
 
     /// Inserts `key`, replacing the record of the same name.
     fn insert(&mut self, key: Arc<CachedKey>) {
+        key.cached.store(true, Ordering::SeqCst);
         let hash = self.hash(&key.record.name);
         let hasher = &self.hasher;
         match self.table.entry(
@@ -253,7 +266,9 @@ impl KeyCache {
             |k| k.record.name == key.record.name,
             |k| std::hash::BuildHasher::hash_one(hasher, k.record.name.as_str()),
         ) {
-            hashbrown::hash_table::Entry::Occupied(mut entry) => *entry.get_mut() = key,
+            hashbrown::hash_table::Entry::Occupied(mut entry) => {
+                std::mem::replace(entry.get_mut(), key).cached.store(false, Ordering::SeqCst);
+            }
             hashbrown::hash_table::Entry::Vacant(entry) => {
                 entry.insert(key);
             }
@@ -262,7 +277,7 @@ impl KeyCache {
 
     fn remove(&mut self, name: &str) {
         if let Ok(entry) = self.table.find_entry(self.hash(name), |k| k.record.name == name) {
-            entry.remove();
+            entry.remove().0.cached.store(false, Ordering::SeqCst);
         }
     }
 
@@ -274,8 +289,15 @@ impl KeyCache {
         self.table.iter()
     }
 
-    fn retain(&mut self, keep: impl FnMut(&mut Arc<CachedKey>) -> bool) {
-        self.table.retain(keep);
+    /// Keeps the records `keep` accepts.
+    fn retain(&mut self, mut keep: impl FnMut(&Arc<CachedKey>) -> bool) {
+        self.table.retain(|key| {
+            let kept = keep(key);
+            if !kept {
+                key.cached.store(false, Ordering::SeqCst);
+            }
+            kept
+        });
     }
 }
 
@@ -283,7 +305,8 @@ impl KeyCache {
 struct UsageBatch {
     /// Unique per broker and batch: the store applies an id once.
     id: String,
-    usage: Vec<UsageRecord>,
+    /// Shared with the store call, so a retry does not copy it.
+    usage: Arc<[UsageRecord]>,
     /// Where the counts came from, to count them as flushed once applied.
     taken: Vec<(Arc<CachedKey>, usize, [u64; COUNTS])>,
 }
@@ -496,7 +519,7 @@ impl Keyring {
         let (id, usage) = {
             let in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let Some(batch) = in_flight.as_ref() else { return Ok(0) };
-            (batch.id.clone(), batch.usage.clone())
+            (batch.id.clone(), Arc::clone(&batch.usage))
         };
         self.store.record_usage(&id, &usage).await?;
         let done = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
@@ -509,16 +532,23 @@ impl Keyring {
             }
         }
         // A record read while the batch was on its way holds neither its
-        // counts nor their in-flight share any more: read those keys again.
-        // (Compared by address, in a set: a flush after traffic over a
-        // million keys takes hundreds of thousands of records.)
-        let records: HashSet<usize> = taken.iter().map(|(key, _, _)| Arc::as_ptr(key).addr()).collect();
-        let mut names: Vec<&str> = taken.iter().map(|(key, _, _)| key.record.name.as_str()).collect();
-        names.dedup();
-        for name in names {
-            let current = self.read_cache().get(name).map(|key| Arc::as_ptr(key).addr());
-            if current.is_some_and(|current| !records.contains(&current)) {
-                let _ = self.reload(name).await;
+        // counts nor their in-flight share: read again the keys whose taken
+        // record left the cache (replaced by a newer read, or let go and read
+        // again) unless the record cached now is one taken too. Usually none
+        // did, so a flush over a million keys makes no lookup here.
+        let left: Vec<&str> = taken
+            .iter()
+            .filter(|(key, _, _)| !key.cached.load(Ordering::SeqCst))
+            .map(|(key, _, _)| key.record.name.as_str())
+            .collect();
+        if !left.is_empty() {
+            let records: HashSet<usize> = taken.iter().map(|(key, _, _)| Arc::as_ptr(key).addr()).collect();
+            let names: HashSet<&str> = left.into_iter().collect();
+            for name in names {
+                let current = self.read_cache().get(name).map(|key| Arc::as_ptr(key).addr());
+                if current.is_some_and(|current| !records.contains(&current)) {
+                    let _ = self.reload(name).await;
+                }
             }
         }
         Ok(usage.len())
@@ -527,18 +557,13 @@ impl Keyring {
     /// Takes every cached key's unflushed counts into a new batch.
     fn take_pending(&self) -> UsageBatch {
         let keys = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        for key in &keys {
-            // Before the counts are taken: a count made after this lists
-            // the record again.
-            key.dirty.store(false, Ordering::SeqCst);
-        }
         let t = now();
-        let mut batch = UsageBatch {
-            id: format!("{}-{}", self.broker_id, self.batches.fetch_add(1, Ordering::Relaxed)),
-            usage: Vec::new(),
-            taken: Vec::new(),
-        };
+        let mut usage = Vec::with_capacity(keys.len());
+        let mut taken = Vec::with_capacity(keys.len());
         for key in &keys {
+            // Before its counts are taken: a count made after this lists the
+            // record again.
+            key.dirty.store(false, Ordering::SeqCst);
             for (i, c) in key.counters.iter().enumerate() {
                 let n: [u64; COUNTS] = std::array::from_fn(|k| {
                     // Moved, not copied: a reader sees each count exactly once.
@@ -550,7 +575,7 @@ impl Keyring {
                     continue;
                 }
                 let made = n[Count::Wraps as usize] + n[Count::RewrapsIn as usize];
-                batch.usage.push(UsageRecord {
+                usage.push(UsageRecord {
                     key: key.record.name.clone(),
                     version: i as u32 + 1,
                     unwraps: n[Count::Unwraps as usize],
@@ -561,10 +586,14 @@ impl Keyring {
                     // Wraps are timed at the flush, not on the hot path.
                     last_wrap_at: if made > 0 { t } else { 0 },
                 });
-                batch.taken.push((key.clone(), i, n));
+                taken.push((key.clone(), i, n));
             }
         }
-        batch
+        UsageBatch {
+            id: format!("{}-{}", self.broker_id, self.batches.fetch_add(1, Ordering::Relaxed)),
+            usage: usage.into(),
+            taken,
+        }
     }
 
     /// The configured backends.
@@ -811,5 +840,58 @@ impl Keyring {
         let more = found.len() > limit;
         found.truncate(limit);
         (found, more)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::local::LocalBackend;
+    use crate::backend::root_key::RootKey;
+    use crate::store::sqlite::SqliteStore;
+
+    async fn keyring(dir: &tempfile::TempDir) -> Keyring {
+        let root = RootKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "test").unwrap();
+        let mut backends = Backends::default();
+        backends.insert(Arc::new(LocalBackend::new("local", root)));
+        let store = Arc::new(SqliteStore::open(&dir.path().join("kb.sqlite")).await.unwrap());
+        Keyring::new(store, backends, "local".into())
+    }
+
+    /// Counts a flush takes from a record that has since left the cache
+    /// (replaced by a newer read, or let go and read again) are in the
+    /// totals of the record cached after the flush: neither lost nor
+    /// counted twice.
+    #[tokio::test]
+    async fn counts_of_a_record_read_again_before_the_flush_are_in_the_cache_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = keyring(&dir).await;
+        for name in ["a", "b"] {
+            keyring.create(NewKey { name: name.into(), ..Default::default() }).await.unwrap();
+        }
+        let a = keyring.key("a").await.unwrap();
+        let b = keyring.key("b").await.unwrap();
+        for _ in 0..3 {
+            a.count(1, Count::Wraps);
+        }
+        b.count_n(1, Count::Wraps, 2);
+        // Replaced: the newer record shares the counters.
+        keyring.reload("a").await.unwrap();
+        assert!(!a.cached.load(Ordering::SeqCst));
+        assert_eq!(keyring.key("a").await.unwrap().wrap_count(1), 3);
+        // Let go and read again: the new record starts from the store.
+        keyring.write_cache().remove("b");
+        assert!(!b.cached.load(Ordering::SeqCst));
+        assert_eq!(keyring.key("b").await.unwrap().wrap_count(1), 0);
+
+        assert_eq!(keyring.flush_usage().await.unwrap(), 2);
+        assert_eq!(keyring.key("a").await.unwrap().wrap_count(1), 3);
+        assert_eq!(keyring.key("b").await.unwrap().wrap_count(1), 2);
+        // A record still cached is not read again: its own flushed counts hold.
+        let b = keyring.key("b").await.unwrap();
+        b.count(1, Count::Wraps);
+        assert_eq!(keyring.flush_usage().await.unwrap(), 1);
+        assert!(Arc::ptr_eq(&b, &keyring.key("b").await.unwrap()));
+        assert_eq!(b.wrap_count(1), 3);
     }
 }

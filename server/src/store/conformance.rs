@@ -92,8 +92,8 @@ fn counts(key: &KeyRecord) -> Vec<(u32, u64, i64, u64, u64, u64, i64)> {
 /// replaced key (removed and written again) keeps them, and the key is due
 /// by age from its current version's creation.
 pub async fn usage_counts_carried_over_by_the_move(store: &dyn KeyStore) {
-    assert!(store.due_for_rotation(101, 1 << 40).await.unwrap().is_empty());
-    assert_eq!(store.due_for_rotation(102, 1 << 40).await.unwrap(), vec![("old".to_owned(), 2)]);
+    assert!(due_in_one_look(store, 101, 1 << 40).await.is_empty());
+    assert_eq!(due_in_one_look(store, 102, 1 << 40).await, vec![("old".to_owned(), 2)]);
     let key = store.get("old").await.unwrap().unwrap();
     assert_eq!(counts(&key), COUNTS_BEFORE_THE_MOVE);
     let usage =
@@ -133,6 +133,13 @@ async fn a_job_lease_has_one_holder_at_a_time(store: &dyn KeyStore) {
     assert!(!store.lease_job("no-such-job", "one", t, 1000).await.unwrap());
 }
 
+/// The keys due for rotation at `now` with every usage row read at once.
+async fn due_in_one_look(store: &dyn KeyStore, now: i64, default_max_wraps: u64) -> Vec<(String, u32)> {
+    let found = store.due_for_rotation(now, default_max_wraps, &super::WrapScan::all()).await.unwrap();
+    assert_eq!(found.last, None, "one look reads to the end");
+    found.due
+}
+
 async fn keys_are_due_for_rotation_by_age_or_by_wraps(store: &dyn KeyStore) {
     // key() versions are created at 1_700_000_001; no key of the suite so
     // far has a period below a day or a wrap count near the limit.
@@ -143,7 +150,7 @@ async fn keys_are_due_for_rotation_by_age_or_by_wraps(store: &dyn KeyStore) {
     used.rotation_period_secs = 0;
     used.max_wraps_per_version = 5;
     store.create(&used).await.unwrap();
-    let due = |now| async move { store.due_for_rotation(now, 1 << 30).await.unwrap() };
+    let due = |now| due_in_one_look(store, now, 1 << 30);
     assert!(due(1_700_000_050).await.is_empty(), "nothing is due yet");
     assert_eq!(due(1_700_000_101).await, vec![("due-by-age".to_owned(), 1)]);
     let wraps = |n| super::UsageRecord { key: "due-by-wraps".into(), version: 1, wraps: n, ..Default::default() };
@@ -151,9 +158,34 @@ async fn keys_are_due_for_rotation_by_age_or_by_wraps(store: &dyn KeyStore) {
     assert!(due(1_700_000_050).await.is_empty(), "4 of 5 wraps");
     store.record_usage("due-2", &[wraps(1)]).await.unwrap();
     assert_eq!(due(1_700_000_050).await, vec![("due-by-wraps".to_owned(), 1)]);
+    // Read in windows of one row: every key's rows are read once per round,
+    // whole keys per window, and the key due by wraps is found in its own.
+    let mut scan = super::WrapScan { after: String::new(), rows: 1 };
+    let (mut looks, mut found, mut read) = (0, Vec::new(), Vec::new());
+    loop {
+        let step = store.due_for_rotation(1_700_000_050, 1 << 30, &scan).await.unwrap();
+        looks += 1;
+        found.extend(step.due);
+        match step.last {
+            Some(last) => {
+                assert!(!read.contains(&last), "the window after {:?} read {last:?} again", scan.after);
+                read.push(last.clone());
+                scan.after = last;
+            }
+            None => break,
+        }
+    }
+    let keys_with_usage = store.list_page("", 1000).await.unwrap().len();
+    assert!(
+        looks > 1 && read.len() <= keys_with_usage,
+        "{looks} looks, {} windows over {keys_with_usage} keys",
+        read.len()
+    );
+    assert!(read.contains(&"due-by-wraps".to_owned()), "{read:?}");
+    assert_eq!(found, vec![("due-by-wraps".to_owned(), 1)], "only the wrap-due key, once");
     // The broker's own limit caps a key's policy: seq-c has 3 wraps under a
     // policy of 2^32.
-    let capped = |cap| async move { store.due_for_rotation(1_700_000_050, cap).await.unwrap() };
+    let capped = |cap| due_in_one_look(store, 1_700_000_050, cap);
     assert!(capped(3).await.iter().any(|(k, _)| k == "seq-c"), "at the cap");
     assert!(!capped(4).await.iter().any(|(k, _)| k == "seq-c"), "below the cap");
 

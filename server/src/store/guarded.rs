@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{JobItem, JobPhase, JobRecord, KeyRecord, KeyReplacement, KeyStore, StoreError, UsageRecord};
+use super::{
+    DueForRotation, JobItem, JobPhase, JobRecord, KeyRecord, KeyReplacement, KeyStore, StoreError, UsageRecord,
+    WrapScan,
+};
 use crate::breaker::Breaker;
 
 /// A store behind a circuit breaker, named for the messages.
@@ -94,8 +97,13 @@ impl KeyStore for GuardedStore {
         self.call("changed_since", self.inner.changed_since(since)).await
     }
 
-    async fn due_for_rotation(&self, now: i64, default_max_wraps: u64) -> Result<Vec<(String, u32)>, StoreError> {
-        self.call("due_for_rotation", self.inner.due_for_rotation(now, default_max_wraps)).await
+    async fn due_for_rotation(
+        &self,
+        now: i64,
+        default_max_wraps: u64,
+        scan: &WrapScan,
+    ) -> Result<DueForRotation, StoreError> {
+        self.call("due_for_rotation", self.inner.due_for_rotation(now, default_max_wraps, scan)).await
     }
 
     async fn replace_keys(&self, writes: &[KeyReplacement]) -> Result<(), StoreError> {

@@ -215,6 +215,35 @@ pub fn merge_usage(usage: &[UsageRecord]) -> Vec<Cow<'_, UsageRecord>> {
     merged
 }
 
+/// Which usage rows a look for keys due by wraps reads: the keys after
+/// `after` in name order, whole keys up to about `rows` rows. A table of a
+/// million keys is read in steps of bounded work instead of all at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrapScan {
+    /// Read keys after this name ("": from the first key).
+    pub after: String,
+    /// Rows to read, rounded up to a whole key.
+    pub rows: u32,
+}
+
+impl WrapScan {
+    /// Every row at once.
+    pub fn all() -> Self {
+        Self { after: String::new(), rows: u32::MAX }
+    }
+}
+
+/// What [`KeyStore::due_for_rotation`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DueForRotation {
+    /// Each due key's name and current version, in name order.
+    pub due: Vec<(String, u32)>,
+    /// The last key the window read, where the next one starts; `None`
+    /// when it read to the end of the table (the next starts again at the
+    /// first key).
+    pub last: Option<String>,
+}
+
 /// Usage rows per statement of [`KeyStore::record_usage`].
 pub const USAGE_ROWS_PER_STATEMENT: usize = 500;
 
@@ -443,11 +472,19 @@ pub trait KeyStore: Send + Sync + 'static {
     }
 
     /// Keys whose current version is due for rotation at Unix time `now`:
-    /// older than the key's rotation period, or with at least the key's
-    /// `max_wraps_per_version` wraps (`default_max_wraps` when the key sets
-    /// none, and never above `default_max_wraps`). Returns each key's name
-    /// and current version (for a compare-and-swap rotation).
-    async fn due_for_rotation(&self, now: i64, default_max_wraps: u64) -> Result<Vec<(String, u32)>, StoreError>;
+    /// older than the key's rotation period (every key, from an index), or
+    /// with at least the key's `max_wraps_per_version` wraps
+    /// (`default_max_wraps` when the key sets none, and never above
+    /// `default_max_wraps`) among the keys of `scan` (a window of the usage
+    /// rows: the wrap counts have no index, which every flush would have to
+    /// update). Returns each key's name and current version (for a
+    /// compare-and-swap rotation), and where the next window starts.
+    async fn due_for_rotation(
+        &self,
+        now: i64,
+        default_max_wraps: u64,
+        scan: &WrapScan,
+    ) -> Result<DueForRotation, StoreError>;
 
     /// Writes every key of `writes` in one transaction, all or nothing
     /// (offline migration and restore). Returns `AlreadyExists` for a key

@@ -11,8 +11,8 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::rows::{item_from_row, job_from_row, key_from_row, keys_from_rows, version_from_row};
 use super::{
-    JobItem, JobPhase, JobRecord, KeyRecord, KeyReplacement, KeyStore, StoreError, USAGE_ROWS_PER_STATEMENT,
-    UsageRecord, VersionRecord, VersionState, merge_usage,
+    DueForRotation, JobItem, JobPhase, JobRecord, KeyRecord, KeyReplacement, KeyStore, StoreError,
+    USAGE_ROWS_PER_STATEMENT, UsageRecord, VersionRecord, VersionState, WrapScan, merge_usage,
 };
 
 /// Columns of `keys`, as a macro so queries stay string literals.
@@ -397,29 +397,48 @@ impl KeyStore for SqliteStore {
         Ok(u64::try_from(seq).unwrap_or(0))
     }
 
-    async fn due_for_rotation(&self, now: i64, default_max_wraps: u64) -> Result<Vec<(String, u32)>, StoreError> {
+    async fn due_for_rotation(
+        &self,
+        now: i64,
+        default_max_wraps: u64,
+        scan: &WrapScan,
+    ) -> Result<DueForRotation, StoreError> {
+        // The window: up to the key of its last row (from the primary key).
+        let last: Option<String> = sqlx::query_scalar(
+            "SELECT key_name FROM key_usage WHERE key_name > ? ORDER BY key_name, version LIMIT 1 OFFSET ?",
+        )
+        .bind(&scan.after)
+        .bind(i64::from(scan.rows.max(1)) - 1)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
         // Due by age: from the index of `rotate_after`. Due by wraps: one
-        // pass over the narrow usage table for counts at or over the lowest
-        // bound, each looked up in `keys` (CROSS JOIN keeps that order: the
-        // planner would otherwise look up every key's counts, 8x slower at a
-        // million keys).
-        let rows: Vec<(String, i64)> = sqlx::query_as(
+        // pass over the window of the narrow usage table for counts at or
+        // over the lowest bound, each looked up in `keys` (CROSS JOIN keeps
+        // that order: the planner would otherwise look up every key's
+        // counts, 8x slower at a million keys).
+        let upto = if last.is_some() { "AND u.key_name <= ?4 " } else { "" };
+        let sql = format!(
             "SELECT name, current_version FROM keys WHERE rotate_after > 0 AND rotate_after <= ?1 \
              UNION \
              SELECT k.name, k.current_version FROM key_usage u \
              CROSS JOIN keys k ON k.name = u.key_name AND k.current_version = u.version \
-             WHERE u.wrap_count >= MIN(?2, COALESCE((SELECT MIN(max_wraps_per_version) FROM keys \
+             WHERE u.key_name > ?3 {upto}\
+             AND u.wrap_count >= MIN(?2, COALESCE((SELECT MIN(max_wraps_per_version) FROM keys \
              WHERE max_wraps_per_version > 0), ?2)) \
              AND u.wrap_count >= CASE WHEN k.max_wraps_per_version > 0 AND k.max_wraps_per_version < ?2 \
              THEN k.max_wraps_per_version ELSE ?2 END \
-             ORDER BY 1",
-        )
-        .bind(now)
-        .bind(to_i64(default_max_wraps))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(rows.into_iter().filter_map(|(name, v)| Some((name, u32::try_from(v).ok()?))).collect())
+             ORDER BY 1"
+        );
+        // Built from a fixed choice, never from input.
+        let mut query =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(now).bind(to_i64(default_max_wraps)).bind(&scan.after);
+        if let Some(last) = &last {
+            query = query.bind(last);
+        }
+        let rows: Vec<(String, i64)> = query.fetch_all(&self.pool).await.map_err(unavailable)?;
+        let due = rows.into_iter().filter_map(|(name, v)| Some((name, u32::try_from(v).ok()?))).collect();
+        Ok(DueForRotation { due, last })
     }
 
     async fn changed_since(&self, since: u64) -> Result<(u64, Vec<String>), StoreError> {

@@ -9,7 +9,7 @@
 
 mod lifecycle;
 
-pub use lifecycle::{DEFAULT_MAX_WRAPS, NewKey, PolicyChange, VersionChange};
+pub use lifecycle::{DEFAULT_MAX_WRAPS, NewKey, PolicyChange, VersionChange, WRAP_SCAN_ROWS};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -335,6 +335,8 @@ pub struct Keyring {
     in_flight: Mutex<Option<UsageBatch>>,
     /// One flush at a time.
     flushing: tokio::sync::Mutex<()>,
+    /// The key after which the next look for keys due by wraps reads.
+    wrap_scan: Mutex<String>,
     /// Where the broker's own actions (automatic rotation, migration
     /// steps) are recorded.
     audit: std::sync::OnceLock<Arc<crate::security::audit::AuditLog>>,
@@ -396,6 +398,7 @@ impl Keyring {
             batches: AtomicU64::new(0),
             in_flight: Mutex::new(None),
             flushing: tokio::sync::Mutex::new(()),
+            wrap_scan: Mutex::new(String::new()),
             audit: std::sync::OnceLock::new(),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
@@ -695,6 +698,10 @@ impl Keyring {
                 true
             }
         });
+    }
+
+    fn lock_wrap_scan(&self) -> std::sync::MutexGuard<'_, String> {
+        self.wrap_scan.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, KeyCache> {

@@ -193,7 +193,6 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         use tracing::Instrument;
-        let started = std::time::Instant::now();
         let path = request.uri().path();
         let method = path.rsplit('/').next().unwrap_or_default();
         let rpc = crate::telemetry::metrics::rpc_index(method);
@@ -219,8 +218,9 @@ where
         let permit = match self.limits.admit(&identity) {
             Ok(permit) => permit,
             Err(err) => {
+                // Refused at once: no clock read on the way in for it.
                 if let Some(m) = crate::telemetry::metrics::get() {
-                    m.request(rpc, tonic::Code::ResourceExhausted as usize, started.elapsed());
+                    m.request(rpc, tonic::Code::ResourceExhausted as usize, std::time::Duration::ZERO);
                 }
                 let response = Status::from(err).into_http();
                 return Box::pin(async move { Ok(response) });
@@ -238,7 +238,8 @@ where
                 Err(_) => {
                     if let Some(m) = crate::telemetry::metrics::get() {
                         m.deadline_exceeded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        m.request(rpc, tonic::Code::DeadlineExceeded as usize, started.elapsed());
+                        // It ran for its whole deadline.
+                        m.request(rpc, tonic::Code::DeadlineExceeded as usize, deadline);
                     }
                     let message = if deadline < configured {
                         format!("the call's deadline of {} ms passed", deadline.as_millis())

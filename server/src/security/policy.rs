@@ -199,8 +199,47 @@ fn default_certificate_identities() -> Vec<IdentityKind> {
 }
 
 struct Rule {
-    glob: GlobMatcher,
+    keys: KeyPattern,
     rights: u32,
+}
+
+/// A key-name glob, matched without the regex engine in its common shapes
+/// (every call checks one): `*`, a plain name, a prefix followed by `*`.
+enum KeyPattern {
+    /// `*`: every key.
+    Any,
+    /// No wildcard: this name only.
+    Exact(String),
+    /// A plain prefix followed by `*` (which, as in `globset`, matches any
+    /// sequence, separators included).
+    Prefix(String),
+    /// Any other glob.
+    Glob(GlobMatcher),
+}
+
+impl KeyPattern {
+    /// `pattern` compiled; an error names what is wrong with it.
+    fn new(pattern: &str) -> Result<Self, globset::Error> {
+        // Checked as a glob whatever its shape, so every pattern is
+        // accepted or refused as globset would.
+        let glob = Glob::new(pattern)?.compile_matcher();
+        let plain = |s: &str| !s.contains(['*', '?', '[', ']', '{', '}', '\\', '!']);
+        Ok(match pattern.strip_suffix('*') {
+            Some("") => Self::Any,
+            Some(prefix) if plain(prefix) => Self::Prefix(prefix.to_owned()),
+            None if plain(pattern) => Self::Exact(pattern.to_owned()),
+            _ => Self::Glob(glob),
+        })
+    }
+
+    fn is_match(&self, key: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Exact(name) => key == name,
+            Self::Prefix(prefix) => key.starts_with(prefix.as_str()),
+            Self::Glob(glob) => glob.is_match(key),
+        }
+    }
 }
 
 /// A compiled policy: per identity, the rules of every role it holds.
@@ -224,22 +263,19 @@ impl Policy {
         for (role, rules) in &policy.roles {
             let mut compiled = Vec::new();
             for (pattern, rpcs) in rules {
-                let glob = Glob::new(pattern)
-                    .map_err(|e| format!("policy.roles.{role}: key pattern {pattern:?}: {e}"))?
-                    .compile_matcher();
+                let keys = KeyPattern::new(pattern)
+                    .map_err(|e| format!("policy.roles.{role}: key pattern {pattern:?}: {e}"))?;
                 let mut rights = 0;
                 for rpc in rpcs {
                     rights |= rights_of(rpc).map_err(|e| format!("policy.roles.{role}.{pattern:?}: {e}"))?;
                 }
-                compiled.push(Arc::new(Rule { glob, rights }));
+                compiled.push(Arc::new(Rule { keys, rights }));
             }
             roles.insert(role.as_str(), compiled);
         }
-        let everything = |rights: u32| -> Result<Arc<Rule>, String> {
-            Ok(Arc::new(Rule { glob: Glob::new("*").map_err(|e| e.to_string())?.compile_matcher(), rights }))
-        };
-        let admin = everything(rights_of("admin")?)?;
-        let app = everything(rights_of("data")?)?;
+        let everything = |rights: u32| Arc::new(Rule { keys: KeyPattern::Any, rights });
+        let admin = everything(rights_of("admin")?);
+        let app = everything(rights_of("data")?);
         let mut grants: HashMap<Identity, Vec<Arc<Rule>>> = HashMap::new();
         for (setting, list, rule) in [
             ("auth.admin_identities", &auth.admin_identities, &admin),
@@ -274,7 +310,7 @@ impl Policy {
     /// Whether `peer` may call `rpc` on `key`.
     pub fn allows(&self, peer: &Peer, rpc: Rpc, key: &str) -> bool {
         let bit = rpc.bit();
-        self.rules(peer).any(|r| r.rights & bit != 0 && r.glob.is_match(key))
+        self.rules(peer).any(|r| r.rights & bit != 0 && r.keys.is_match(key))
     }
 
     /// Whether `peer` may call `rpc` on some key (for RPCs that name no key,
@@ -350,6 +386,26 @@ mod tests {
         }
         let both: Both = toml::from_str(text).map_err(|e| e.to_string())?;
         Policy::compile(&both.auth.unwrap_or_default(), &both.policy)
+    }
+
+    /// The shapes matched without the regex engine answer as globset does.
+    #[test]
+    fn key_patterns_match_as_their_globs_do() {
+        let patterns =
+            ["*", "**", "demo", "demo*", "demo-*", "de*mo", "demo?", "d[ae]mo", "{demo,prod}-*", "*-prod", "a.b*", ""];
+        let keys = ["demo", "demo-1", "demox", "dama", "prod-1", "x-prod", "a.b", "a.bc", "axb", "Demo", "de/mo", ""];
+        for pattern in patterns {
+            let glob = Glob::new(pattern).unwrap().compile_matcher();
+            let compiled = KeyPattern::new(pattern).unwrap();
+            for key in keys {
+                assert_eq!(compiled.is_match(key), glob.is_match(key), "{pattern:?} on {key:?}");
+            }
+        }
+        assert!(matches!(KeyPattern::new("*"), Ok(KeyPattern::Any)));
+        assert!(matches!(KeyPattern::new("demo"), Ok(KeyPattern::Exact(_))));
+        assert!(matches!(KeyPattern::new("demo-*"), Ok(KeyPattern::Prefix(_))));
+        assert!(matches!(KeyPattern::new("d[ae]mo"), Ok(KeyPattern::Glob(_))));
+        assert!(KeyPattern::new("d[ae").is_err());
     }
 
     #[test]

@@ -113,6 +113,7 @@ impl Guards {
             peer: info.peer.clone(),
             replies: info.replies.clone(),
             started: Instant::now(),
+            took: std::sync::OnceLock::new(),
             last: Default::default(),
         })
     }
@@ -151,6 +152,9 @@ pub struct Call<'a> {
     /// The connection's hold on the reply until its event is written.
     replies: Option<Arc<ReplyGate>>,
     started: Instant,
+    /// The call's duration, read from the clock once (for the metrics and
+    /// the audit event) when its outcome is known.
+    took: std::sync::OnceLock<std::time::Duration>,
     /// A batch's last decision: items of one key share it.
     last: std::sync::Mutex<Option<(Rpc, String, bool)>>,
 }
@@ -200,11 +204,16 @@ impl Call<'_> {
         self.guards.gate.check_somewhere(&self.peer, rpc)
     }
 
+    /// How long the call took, as of the first time this is asked.
+    fn took(&self) -> std::time::Duration {
+        *self.took.get_or_init(|| self.started.elapsed())
+    }
+
     /// Counts the call in the metrics and names its key in its span.
     fn observe(&self, touched: &Touched, code: Option<ErrorCode>) {
         if let Some(m) = crate::telemetry::metrics::get() {
             let code = code.map_or(0, |c| c.grpc() as usize);
-            m.request(crate::telemetry::metrics::rpc_index(self.rpc), code, self.started.elapsed());
+            m.request(crate::telemetry::metrics::rpc_index(self.rpc), code, self.took());
         }
         if crate::telemetry::exporting() {
             let span = tracing::Span::current();
@@ -230,7 +239,7 @@ impl Call<'_> {
             version: touched.version,
             backend: touched.backend,
             code,
-            latency_us: self.started.elapsed().as_micros() as u64,
+            latency_us: self.took().as_micros() as u64,
             count,
             context_sha256: touched.context_sha256,
             detail,

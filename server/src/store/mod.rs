@@ -244,6 +244,15 @@ pub struct DueForRotation {
     pub last: Option<String>,
 }
 
+impl DueForRotation {
+    /// From a store's rows of (name, current version); a version out of
+    /// range (never written by keybroker) is left out.
+    pub fn from_rows(rows: Vec<(String, i64)>, last: Option<String>) -> Self {
+        let due = rows.into_iter().filter_map(|(name, v)| Some((name, u32::try_from(v).ok()?))).collect();
+        Self { due, last }
+    }
+}
+
 /// Usage rows per statement of [`KeyStore::record_usage`].
 pub const USAGE_ROWS_PER_STATEMENT: usize = 500;
 

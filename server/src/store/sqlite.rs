@@ -437,8 +437,7 @@ impl KeyStore for SqliteStore {
             query = query.bind(last);
         }
         let rows: Vec<(String, i64)> = query.fetch_all(&self.pool).await.map_err(unavailable)?;
-        let due = rows.into_iter().filter_map(|(name, v)| Some((name, u32::try_from(v).ok()?))).collect();
-        Ok(DueForRotation { due, last })
+        Ok(DueForRotation::from_rows(rows, last))
     }
 
     async fn changed_since(&self, since: u64) -> Result<(u64, Vec<String>), StoreError> {

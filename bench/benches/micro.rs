@@ -42,7 +42,7 @@ fn local_backend(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let backend = LocalBackend::new("local", root());
     let reference = rt.block_on(backend.create_version("k", 1)).unwrap();
-    let v = VersionRef { key: "k", version: 1, reference: &reference };
+    let v = VersionRef::new("k", 1, &reference);
     let context = BTreeMap::new();
     let aad = Aad { header: b"KB-header-bytes", context: &context };
     let mut payload = Vec::new();

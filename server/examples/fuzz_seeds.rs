@@ -32,7 +32,7 @@ async fn main() {
         let mut envelope = Vec::new();
         write_header(&mut envelope, Algorithm::Aes256Gcm, "orders", 3);
         let header = envelope.clone();
-        let version = VersionRef { key: "orders", version: 3, reference: &reference };
+        let version = VersionRef::new("orders", 3, &reference);
         local.wrap(version, &[9u8; 32], Aad { header: &header, context: &context }, &mut envelope).await.expect("wrap");
         write("envelope", name, &envelope);
         let sidecar =

@@ -176,7 +176,7 @@ async fn load_root_key(config: &Config, env: &Environment, backends: &Backends) 
             StartError::Other(format!("invalid setting `root_key.sealed_file`: {}: {e}", sealed_file.display()))
         })?;
         let context = Default::default();
-        let version = VersionRef { key: crate::backend::root_key::ROOT_KEY_NAME, version: 1, reference: &reference };
+        let version = VersionRef::new(crate::backend::root_key::ROOT_KEY_NAME, 1, &reference);
         let key = backend
             .unwrap(version, &sealed, Aad { header: ROOT_KEY_SEAL_HEADER, context: &context })
             .await
@@ -217,7 +217,7 @@ pub async fn seal_root_key(config: &Config, env: &Environment) -> Result<std::pa
     let mut key = zeroize::Zeroizing::new([0u8; 32]);
     rand::Rng::fill_bytes(&mut rand::rng(), key.as_mut_slice());
     let context = Default::default();
-    let version = VersionRef { key: crate::backend::root_key::ROOT_KEY_NAME, version: 1, reference: &reference };
+    let version = VersionRef::new(crate::backend::root_key::ROOT_KEY_NAME, 1, &reference);
     let mut sealed = Vec::new();
     backend
         .wrap(version, key.as_slice(), Aad { header: ROOT_KEY_SEAL_HEADER, context: &context }, &mut sealed)
@@ -284,7 +284,7 @@ async fn verify_root_key(keyring: &Keyring) -> Result<(), StartError> {
             if backend.kind() != "local" {
                 continue;
             }
-            let version = VersionRef { key: &key.name, version: v.version, reference: &v.backend_ref };
+            let version = VersionRef::new(&key.name, v.version, &v.backend_ref);
             backend.export(version).await.map_err(StartError::WrongRootKey)?;
             checked.insert(v.backend.clone());
         }

@@ -20,7 +20,7 @@ fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 fn version<'a>(key: &'a str, version: u32, reference: &'a BackendRef) -> VersionRef<'a> {
-    VersionRef { key, version, reference }
+    VersionRef::new(key, version, reference)
 }
 
 /// What every backend must do. `exportable` says whether export succeeds.
@@ -194,7 +194,7 @@ async fn pkcs11_sessions_are_pooled_for_concurrent_calls() {
     for i in 0..64u8 {
         let (backend, reference, context) = (backend.clone(), reference.clone(), context.clone());
         tasks.push(tokio::spawn(async move {
-            let v = VersionRef { key: "pool", version: 1, reference: &reference };
+            let v = VersionRef::new("pool", 1, &reference);
             let mut payload = Vec::new();
             backend.wrap(v, &[i; 32], Aad { header: b"h", context: &context }, &mut payload).await.unwrap();
             let plain = backend.unwrap(v, &payload, Aad { header: b"h", context: &context }).await.unwrap();

@@ -41,7 +41,7 @@ fn token(dir: &std::path::Path) -> SoftHsm {
 
 async fn round_trip(backend: &dyn KeyBackend, key: &str, version: u32, reference: &BackendRef) -> Result<(), String> {
     let context = BTreeMap::new();
-    let v = VersionRef { key, version, reference };
+    let v = VersionRef::new(key, version, reference);
     let mut payload = Vec::new();
     backend
         .wrap(v, &[7; 32], Aad { header: b"h", context: &context }, &mut payload)
@@ -71,7 +71,7 @@ async fn hsm_objects_are_found_by_a_unique_id_and_never_created_twice_under_one_
     let root = one.create_root_key(ROOT_KEY_NAME).await.unwrap();
     let data = one.create_version(ROOT_KEY_NAME, 1).await.unwrap();
     assert_ne!(root, data);
-    one.destroy_version(VersionRef { key: ROOT_KEY_NAME, version: 1, reference: &data }).await.unwrap();
+    one.destroy_version(VersionRef::new(ROOT_KEY_NAME, 1, &data)).await.unwrap();
     round_trip(&one, ROOT_KEY_NAME, 1, &root).await.expect("the root key's sealing object was destroyed");
     // Attaching by label finds the one object with that label.
     let attached = one.attach("x", 1, &format!("keybroker-root:{ROOT_KEY_NAME}")).await.unwrap();
@@ -99,20 +99,11 @@ async fn an_hsm_import_reuses_its_own_object_and_replaces_nothing() {
     let sealed = local.import("moved", 3, &material).await.unwrap();
     let context = BTreeMap::new();
     let mut payload = Vec::new();
-    hsm.wrap(
-        VersionRef { key: "moved", version: 3, reference: &first },
-        b"dek",
-        Aad { header: b"h", context: &context },
-        &mut payload,
-    )
-    .await
-    .unwrap();
+    hsm.wrap(VersionRef::new("moved", 3, &first), b"dek", Aad { header: b"h", context: &context }, &mut payload)
+        .await
+        .unwrap();
     let opened = local
-        .unwrap(
-            VersionRef { key: "moved", version: 3, reference: &sealed },
-            &payload,
-            Aad { header: b"h", context: &context },
-        )
+        .unwrap(VersionRef::new("moved", 3, &sealed), &payload, Aad { header: b"h", context: &context })
         .await
         .unwrap();
     assert_eq!(opened.as_slice(), b"dek");

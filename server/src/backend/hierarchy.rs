@@ -78,7 +78,7 @@ impl HierarchyBackend {
         rand::rng().fill_bytes(kek.as_mut_slice());
         let context = Default::default();
         let header = seal_header(key, version);
-        let remote_version = VersionRef { key, version, reference: &remote };
+        let remote_version = VersionRef::new(key, version, &remote);
         let mut sealed = Vec::new();
         self.inner
             .wrap(remote_version, kek.as_slice(), Aad { header: &header, context: &context }, &mut sealed)
@@ -115,7 +115,7 @@ impl HierarchyBackend {
             .ok_or_else(|| self.material_error(v.key, v.version, "hierarchy reference has an unknown format"))?;
         let context = Default::default();
         let header = seal_header(v.key, v.version);
-        let remote_version = VersionRef { key: v.key, version: v.version, reference: &remote };
+        let remote_version = VersionRef::new(v.key, v.version, &remote);
         let kek = self.inner.unwrap(remote_version, sealed, Aad { header: &header, context: &context }).await.map_err(
             |e| match e {
                 BackendError::AuthenticationFailed { .. } => {
@@ -209,7 +209,9 @@ impl KeyBackend for HierarchyBackend {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&(version.key.to_owned(), version.version));
         match split_ref(version.reference) {
-            Some((remote, _)) => self.inner.destroy_version(VersionRef { reference: &remote, ..version }).await,
+            Some((remote, _)) => {
+                self.inner.destroy_version(VersionRef { reference: &remote, opened: None, ..version }).await
+            }
             None => Ok(()),
         }
     }

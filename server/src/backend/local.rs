@@ -16,7 +16,7 @@ use rand::Rng;
 use zeroize::Zeroizing;
 
 use super::root_key::RootKey;
-use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, VersionRef, WrapItem};
+use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, OpenedKek, VersionRef, WrapItem};
 use crate::core::envelope::{Algorithm, GCM_NONCE_LEN, GCM_TAG_LEN};
 
 /// Bytes of a KEK.
@@ -68,8 +68,8 @@ impl CipherCache {
 
     fn insert(&mut self, key: &str, version: u32, cipher: Arc<DekCipher>) {
         if self.table.len() >= self.max {
-            // An eighth goes, in the table's (random) order.
-            let mut excess = self.table.len() - (self.max - self.max / 8);
+            // An eighth goes (at least one), in the table's (random) order.
+            let mut excess = self.table.len() - (self.max - (self.max / 8).max(1));
             self.table.retain(|_| {
                 if excess == 0 {
                     return true;
@@ -189,15 +189,29 @@ impl LocalBackend {
         BackendError::Material { backend: self.name.clone(), key: key.to_owned(), version, reason: reason.to_owned() }
     }
 
+    /// The opened KEK of `v`: the one the caller kept if this cache still
+    /// holds it, else from this cache, else unsealed (and kept for the
+    /// caller).
     fn cipher(&self, v: VersionRef<'_>) -> Result<Arc<DekCipher>, BackendError> {
-        if let Some(cipher) = self.read_cache().get(v.key, v.version) {
-            return Ok(cipher.clone());
+        if let Some(cipher) = v.opened.and_then(OpenedKek::get) {
+            return Ok(cipher);
         }
-        let kek = self.unseal(v)?;
-        let cipher = Arc::new(
-            DekCipher::new(kek.as_slice()).ok_or_else(|| self.material_error(v.key, v.version, "bad KEK length"))?,
-        );
-        self.write_cache().insert(v.key, v.version, cipher.clone());
+        let cached = self.read_cache().get(v.key, v.version).cloned();
+        let cipher = match cached {
+            Some(cipher) => cipher,
+            None => {
+                let kek = self.unseal(v)?;
+                let cipher = Arc::new(
+                    DekCipher::new(kek.as_slice())
+                        .ok_or_else(|| self.material_error(v.key, v.version, "bad KEK length"))?,
+                );
+                self.write_cache().insert(v.key, v.version, cipher.clone());
+                cipher
+            }
+        };
+        if let Some(opened) = v.opened {
+            opened.set(&cipher);
+        }
         Ok(cipher)
     }
 
@@ -398,7 +412,7 @@ mod tests {
     async fn wrap_unwrap_and_tamper() {
         let b = backend(1);
         let r = b.create_version("k", 1).await.unwrap();
-        let v = VersionRef { key: "k", version: 1, reference: &r };
+        let v = VersionRef::new("k", 1, &r);
         let ctx = Default::default();
         let mut out = b"hdr".to_vec();
         b.wrap(v, b"secret dek", aad(b"aad", &ctx), &mut out).await.unwrap();
@@ -418,10 +432,10 @@ mod tests {
     async fn sealed_material_is_bound_to_root_key_and_version() {
         let b = backend(1);
         let r = b.create_version("k", 1).await.unwrap();
-        let moved = VersionRef { key: "k", version: 2, reference: &r };
+        let moved = VersionRef::new("k", 2, &r);
         assert!(matches!(b.export(moved).await, Err(BackendError::Material { .. })));
         let other_root = backend(2);
-        let err = other_root.export(VersionRef { key: "k", version: 1, reference: &r }).await.unwrap_err();
+        let err = other_root.export(VersionRef::new("k", 1, &r)).await.unwrap_err();
         assert!(err.to_string().contains("wrong root key"), "{err}");
     }
 
@@ -430,12 +444,12 @@ mod tests {
         let a = backend(1);
         let b = backend(2);
         let ra = a.create_version("k", 1).await.unwrap();
-        let va = VersionRef { key: "k", version: 1, reference: &ra };
+        let va = VersionRef::new("k", 1, &ra);
         let ctx = Default::default();
         let mut out = Vec::new();
         a.wrap(va, b"dek", aad(b"", &ctx), &mut out).await.unwrap();
         let rb = b.import("k", 1, &a.export(va).await.unwrap()).await.unwrap();
-        let vb = VersionRef { key: "k", version: 1, reference: &rb };
+        let vb = VersionRef::new("k", 1, &rb);
         assert_eq!(&**b.unwrap(vb, &out, aad(b"", &ctx)).await.unwrap(), b"dek");
         assert!(b.import("k", 2, &[0; 16]).await.is_err());
     }
@@ -448,7 +462,7 @@ mod tests {
         for i in 0..100u32 {
             let name = format!("k{i}");
             let reference = backend.create_version(&name, 1).await.unwrap();
-            let v = VersionRef { key: &name, version: 1, reference: &reference };
+            let v = VersionRef::new(&name, 1, &reference);
             let mut wrapped = Vec::new();
             backend.wrap(v, b"dek", aad(b"h", &ctx), &mut wrapped).await.unwrap();
             assert!(backend.cached_ciphers() <= 16, "{} held", backend.cached_ciphers());
@@ -457,11 +471,40 @@ mod tests {
         assert!(backend.cached_ciphers() >= 14);
         // A KEK let go is unsealed again: every DEK still unwraps.
         for (name, reference, wrapped) in &refs {
-            let v = VersionRef { key: name, version: 1, reference };
+            let v = VersionRef::new(name, 1, reference);
             let dek = backend.unwrap(v, wrapped, aad(b"h", &ctx)).await.unwrap();
             assert_eq!(dek.as_slice(), b"dek");
         }
         assert!(backend.cached_ciphers() <= 16);
+    }
+
+    /// The place a caller keeps an opened KEK holds it only while this
+    /// backend's bounded cache does: a KEK the cache lets go, or drops when
+    /// its version is destroyed, is gone from there too.
+    #[tokio::test]
+    async fn a_kept_kek_lasts_only_while_the_cache_holds_it() {
+        // A bound of one: each KEK opened lets the one before go.
+        let backend = backend(3).with_max_ciphers(1);
+        let ctx = Default::default();
+        let reference = backend.create_version("k", 1).await.unwrap();
+        let opened = OpenedKek::default();
+        let v = VersionRef { opened: Some(&opened), ..VersionRef::new("k", 1, &reference) };
+        let mut wrapped = Vec::new();
+        backend.wrap(v, b"dek", aad(b"h", &ctx), &mut wrapped).await.unwrap();
+        let kept = opened.get().expect("the call kept the KEK it opened");
+        assert!(Arc::ptr_eq(&kept, backend.read_cache().get("k", 1).unwrap()));
+        drop(kept);
+
+        let other = backend.create_version("o", 1).await.unwrap();
+        backend.wrap(VersionRef::new("o", 1, &other), b"dek", aad(b"h", &ctx), &mut Vec::new()).await.unwrap();
+        assert!(backend.read_cache().get("k", 1).is_none());
+        assert!(opened.get().is_none(), "a KEK the cache let go is kept elsewhere");
+        // The next call opens it again, and keeps it again.
+        assert_eq!(&**backend.unwrap(v, &wrapped[..], aad(b"h", &ctx)).await.unwrap(), b"dek");
+        assert!(opened.get().is_some());
+
+        backend.destroy_version(v).await.unwrap();
+        assert!(opened.get().is_none(), "a destroyed version's KEK is kept elsewhere");
     }
 
     #[test]

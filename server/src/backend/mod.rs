@@ -101,6 +101,43 @@ pub struct VersionRef<'a> {
     pub version: u32,
     /// What the backend returned from `create_version` or `import`.
     pub reference: &'a BackendRef,
+    /// Where the caller keeps the KEK the backend opened for this version
+    /// last, so the next call reaches it without the backend's lookup
+    /// (`None`: the backend looks it up).
+    pub opened: Option<&'a OpenedKek>,
+}
+
+impl<'a> VersionRef<'a> {
+    /// Version `version` of `key`, held by the backend as `reference`.
+    pub fn new(key: &'a str, version: u32, reference: &'a BackendRef) -> Self {
+        Self { key, version, reference, opened: None }
+    }
+}
+
+/// The KEK a backend opened for a key version, kept by the caller beside
+/// its record of the version (the keyring's cached key). Weak: the
+/// backend's bounded cache owns every opened KEK, so one it lets go, or
+/// drops when the version is destroyed, is gone from here too, and its key
+/// schedule is wiped as before.
+#[derive(Default)]
+pub struct OpenedKek(std::sync::Mutex<std::sync::Weak<local::DekCipher>>);
+
+impl OpenedKek {
+    /// The KEK kept here, if its backend still holds it.
+    pub fn get(&self) -> Option<Arc<local::DekCipher>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).upgrade()
+    }
+
+    /// Keeps `cipher` (a weak reference to it).
+    pub fn set(&self, cipher: &Arc<local::DekCipher>) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(cipher);
+    }
+}
+
+impl std::fmt::Debug for OpenedKek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpenedKek(..)")
+    }
 }
 
 /// Why a backend operation failed.

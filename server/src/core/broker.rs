@@ -7,11 +7,12 @@ use std::sync::Arc;
 use rand::Rng;
 use zeroize::Zeroizing;
 
-use crate::backend::{Aad, VersionRef, WrapItem};
+use crate::backend::{Aad, WrapItem};
 use crate::config::LimitsConfig;
 use crate::core::envelope::{self, write_header};
 use crate::core::keyring::{CachedKey, Count, Keyring, check_key_name};
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
+use crate::store::VersionRecord;
 
 /// Context keys keybroker reserves for itself (the AWS KMS backend adds
 /// `keybroker:header`).
@@ -161,12 +162,12 @@ impl Broker {
         if made >= self.limits.max_wraps_per_version {
             return Err(self.wraps_exhausted(key, current.version, made));
         }
-        let backend = self.keyring.backends().get_mode(&current.backend, current.mode)?;
+        let backend = cached.backend(current, self.keyring.backends())?;
         let mut header = Vec::with_capacity(13 + key.len());
         write_header(&mut header, backend.algorithm(), key, current.version);
         let mut ciphertext = Vec::with_capacity(header.len() + plaintext.len() + 64);
         ciphertext.extend_from_slice(&header);
-        let version = VersionRef { key, version: current.version, reference: &current.backend_ref };
+        let version = cached.version_ref(current);
         backend
             .wrap(version, plaintext, Aad { header: &header, context }, &mut ciphertext)
             .await
@@ -174,7 +175,7 @@ impl Broker {
         if let Some(count) = count {
             cached.count(current.version, count);
         }
-        Ok(Wrapped { ciphertext, key: key.to_owned(), version: current.version, backend: current.backend.clone() })
+        Ok(Wrapped { ciphertext, key: key.to_owned(), version: current.version, backend: backend.name().to_owned() })
     }
 
     /// Wraps a run of a batch's items under one key: the key, its current
@@ -203,10 +204,10 @@ impl Broker {
             }
             checked.push(check);
         }
-        let backend = self.keyring.backends().get_mode(&current.backend, current.mode)?;
+        let backend = cached.backend(current, self.keyring.backends())?;
         let mut header = Vec::with_capacity(13 + key.len());
         write_header(&mut header, backend.algorithm(), key, current.version);
-        let version = VersionRef { key, version: current.version, reference: &current.backend_ref };
+        let version = cached.version_ref(current);
         let mut sealed = backend.wrap_many(version, &header, &valid).await.into_iter();
         let ciphertexts: Vec<ServiceResult<Vec<u8>>> = checked
             .into_iter()
@@ -223,7 +224,7 @@ impl Broker {
             .collect();
         let wrapped = ciphertexts.iter().filter(|r| r.is_ok()).count();
         cached.count_n(current.version, Count::Wraps, wrapped as u64);
-        Ok(WrappedRun { version: current.version, backend: current.backend.clone(), ciphertexts })
+        Ok(WrappedRun { version: current.version, backend: backend.name().to_owned(), ciphertexts })
     }
 
     fn check_plaintext(&self, plaintext: &[u8]) -> ServiceResult<()> {
@@ -271,7 +272,7 @@ impl Broker {
         let env = envelope::parse(ciphertext).map_err(|e| ServiceError::invalid(e.to_string()))?;
         let cached = self.keyring.key_for_version(env.key, env.version).await?;
         let record = cached.unwrappable(env.version)?;
-        let backend = self.keyring.backends().get_mode(&record.backend, record.mode)?;
+        let backend = cached.backend(record, self.keyring.backends())?;
         if backend.algorithm() != env.algorithm {
             return Err(ServiceError::invalid(format!(
                 "ciphertext payload algorithm {:?} does not match version {} of key {:?} ({:?})",
@@ -281,7 +282,7 @@ impl Broker {
                 backend.algorithm()
             )));
         }
-        let version = VersionRef { key: env.key, version: env.version, reference: &record.backend_ref };
+        let version = cached.version_ref(record);
         let plaintext = backend
             .unwrap(version, env.payload, Aad { header: env.header, context })
             .await
@@ -294,7 +295,7 @@ impl Broker {
             key: env.key.to_owned(),
             version: env.version,
             rewrap_advised: env.version != cached.record.current_version,
-            backend: record.backend.clone(),
+            backend: backend.name().to_owned(),
         };
         Ok((unwrapped, cached))
     }
@@ -373,13 +374,14 @@ pub const GCM_NONCE_LEN: usize = 12;
 pub const GCM_TAG_LEN: usize = 16;
 
 impl Broker {
-    fn gcm_backend(
-        &self,
-        backend: &str,
-        mode: crate::store::KeyMode,
-    ) -> ServiceResult<Arc<dyn crate::backend::KeyBackend>> {
-        let b = self.keyring.backends().get_mode(backend, mode)?;
-        if mode == crate::store::KeyMode::Direct && b.kind() == "aws-kms" {
+    fn gcm_backend<'a>(
+        &'a self,
+        cached: &'a CachedKey,
+        version: &VersionRecord,
+    ) -> ServiceResult<&'a Arc<dyn crate::backend::KeyBackend>> {
+        let b = cached.backend(version, self.keyring.backends())?;
+        let backend = &version.backend;
+        if version.mode == crate::store::KeyMode::Direct && b.kind() == "aws-kms" {
             return Err(ServiceError::new(
                 ErrorCode::Unimplemented,
                 format!(
@@ -387,7 +389,7 @@ impl Broker {
                 ),
             ));
         }
-        Ok(b.clone())
+        Ok(b)
     }
 
     /// Seals `plaintext` under the current version of `key` with
@@ -402,8 +404,8 @@ impl Broker {
         check_key_name(key)?;
         let cached = self.keyring.key(key).await?;
         let current = cached.current()?;
-        let backend = self.gcm_backend(&current.backend, current.mode)?;
-        let version = VersionRef { key, version: current.version, reference: &current.backend_ref };
+        let backend = self.gcm_backend(&cached, current)?;
+        let version = cached.version_ref(current);
         let context = BTreeMap::new();
         let aad = aad_for(current.version);
         let mut payload = Vec::with_capacity(plaintext.len() + GCM_NONCE_LEN + GCM_TAG_LEN);
@@ -412,7 +414,7 @@ impl Broker {
             .await
             .map_err(|e| e.for_caller(key, current.version))?;
         cached.count(current.version, Count::Wraps);
-        Ok(Detached { version: current.version, backend: current.backend.clone(), payload })
+        Ok(Detached { version: current.version, backend: backend.name().to_owned(), payload })
     }
 
     /// Opens a payload sealed by [`Broker::seal_detached`] under `version` of
@@ -427,13 +429,13 @@ impl Broker {
         check_key_name(key)?;
         let cached = self.keyring.key_for_version(key, version).await?;
         let record = cached.unwrappable(version)?;
-        let backend = self.gcm_backend(&record.backend, record.mode)?;
-        let v = VersionRef { key, version, reference: &record.backend_ref };
+        let backend = self.gcm_backend(&cached, record)?;
+        let v = cached.version_ref(record);
         let context = BTreeMap::new();
         match backend.unwrap(v, payload, Aad { header: aad, context: &context }).await {
             Ok(plaintext) => {
                 cached.count_unwrap(version, crate::core::keyring::now());
-                Ok((plaintext, record.backend.clone()))
+                Ok((plaintext, backend.name().to_owned()))
             }
             Err(crate::backend::BackendError::AuthenticationFailed { .. }) => Err(OpenFailure::Authentication),
             Err(e) => Err(OpenFailure::Service(e.for_caller(key, version))),

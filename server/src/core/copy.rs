@@ -49,7 +49,7 @@ async fn carry_version(key: &str, v: &VersionRecord, from: &Backends, to: &Side)
     }
     let source = from.get_mode(&v.backend, v.mode)?;
     let (target_name, target) = to.target_backend(&v.backend)?;
-    let here = VersionRef { key, version: v.version, reference: &v.backend_ref };
+    let here = VersionRef::new(key, v.version, &v.backend_ref);
     if source.exportable() && target.importable() {
         let imported = target.import(key, v.version, &source.export(here).await?).await?;
         let there = VersionRef { reference: &imported, ..here };
@@ -116,8 +116,8 @@ async fn same_material(
                 t.backend, v.version
             )));
         };
-        let here = VersionRef { key: &record.name, version: v.version, reference: &v.backend_ref };
-        let theirs = VersionRef { key: &record.name, version: v.version, reference: &t.backend_ref };
+        let here = VersionRef::new(&record.name, v.version, &v.backend_ref);
+        let theirs = VersionRef::new(&record.name, v.version, &t.backend_ref);
         match verify_copy(source.as_ref(), here, there.as_ref(), theirs).await {
             Ok(()) => compared += 1,
             Err(err) if err.code() == ErrorCode::Unavailable => return Err(err),

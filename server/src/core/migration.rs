@@ -471,7 +471,7 @@ impl Migrator {
         if source.exportable() && target.importable() {
             let mut copied = Vec::new();
             for v in on_source.iter().filter(|v| v.mode == KeyMode::Direct) {
-                let from = VersionRef { key, version: v.version, reference: &v.backend_ref };
+                let from = VersionRef::new(key, v.version, &v.backend_ref);
                 let material = Zeroizing::new(source.export(from).await?.to_vec());
                 let reference = target.import(key, v.version, &material).await?;
                 verify_copy(source.as_ref(), from, target.as_ref(), VersionRef { reference: &reference, ..from })

@@ -184,7 +184,7 @@ pub async fn backup(side: &Side, out: &Path, key: &BundleKey) -> Result<BackupRe
                 let backend = side.backends.get_mode(&v.backend, v.mode).map_err(|e| e.to_string())?;
                 if backend.exportable() {
                     let kek = backend
-                        .export(VersionRef { key: &r.name, version: v.version, reference: &v.backend_ref })
+                        .export(VersionRef::new(&r.name, v.version, &v.backend_ref))
                         .await
                         .map_err(|e| e.to_string())?;
                     material = Some(b64(&kek));

@@ -475,7 +475,7 @@ impl Keyring {
                             .unwrap_or_else(|err| vec![format!("unknown ({err})")])
                     };
                     if users.is_empty() {
-                        backend.destroy_version(VersionRef { key: name, version, reference: &old.backend_ref }).await
+                        backend.destroy_version(VersionRef::new(name, version, &old.backend_ref)).await
                     } else {
                         tracing::info!(key = %name, version, backend = %old.backend, users = %users.join(", "),
                             "version destroyed in the table; its backend material is kept: other versions use it");
@@ -570,7 +570,7 @@ fn describe_time(unix: i64) -> String {
 /// Erases material made for a version that was never recorded (a lost race
 /// or a failed store write); logged when it cannot be erased.
 async fn discard_material(backend: &dyn KeyBackend, key: &str, version: u32, reference: &BackendRef) {
-    if let Err(err) = backend.destroy_version(VersionRef { key, version, reference }).await {
+    if let Err(err) = backend.destroy_version(VersionRef::new(key, version, reference)).await {
         tracing::warn!(key, version, backend = backend.name(), %err,
             "material made for a version that was not recorded could not be erased");
     }

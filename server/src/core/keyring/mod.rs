@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::backend::Backends;
+use crate::backend::{Backends, KeyBackend, OpenedKek, VersionRef};
 use crate::core::envelope::is_valid_key_name;
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
 use crate::store::{KeyRecord, KeyStore, UsageRecord, VersionRecord, VersionState};
@@ -57,15 +57,39 @@ struct VersionCounters {
     last_unwrap: AtomicI64,
 }
 
-/// A key as cached: its record and per-version counters.
+/// What the cache keeps beside the record of each version, in one place
+/// for the call that uses it: the counters, the counts flushed since the
+/// record was read, the backend that serves the version (resolved when the
+/// record is cached, not per call) and the KEK that backend opened last.
+struct CachedVersion {
+    /// Shared with newer records of the key.
+    counters: Arc<VersionCounters>,
+    /// Counts of this broker's batches the store applied after the record
+    /// was read (so not in it).
+    flushed: [AtomicU64; COUNTS],
+    /// `None` when the version's backend (in its mode) is not configured
+    /// on this broker: a call then gets the error that says so.
+    backend: Option<Arc<dyn KeyBackend>>,
+    opened: OpenedKek,
+}
+
+impl std::fmt::Debug for CachedVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedVersion")
+            .field("counters", &self.counters)
+            .field("flushed", &self.flushed)
+            .field("backend", &self.backend.as_ref().map(|b| b.name()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key as cached: its record and what each version needs per call.
 #[derive(Debug)]
 pub struct CachedKey {
     /// The stored record.
     pub record: KeyRecord,
-    counters: Vec<Arc<VersionCounters>>,
-    /// Counts of this broker's batches the store applied after this record
-    /// was read (so not in it), by version index.
-    flushed: Vec<[AtomicU64; COUNTS]>,
+    /// By version index (version 1 first).
+    versions: Box<[CachedVersion]>,
     /// When a call last used the key (Unix seconds), for the choice of the
     /// keys a full cache lets go.
     used: AtomicU32,
@@ -86,16 +110,22 @@ pub struct CachedKey {
 type DirtyKeys = Mutex<Vec<Arc<CachedKey>>>;
 
 impl CachedKey {
-    fn new(record: KeyRecord, previous: Option<&CachedKey>, dirty_keys: &Arc<DirtyKeys>) -> Self {
-        let counters = (0..record.versions.len())
-            .map(|i| previous.and_then(|p| p.counters.get(i).cloned()).unwrap_or_default())
+    fn new(record: KeyRecord, previous: Option<&CachedKey>, dirty_keys: &Arc<DirtyKeys>, backends: &Backends) -> Self {
+        let versions = record
+            .versions
+            .iter()
+            .enumerate()
+            .map(|(i, v)| CachedVersion {
+                counters: previous.and_then(|p| p.versions.get(i)).map(|p| p.counters.clone()).unwrap_or_default(),
+                flushed: Default::default(),
+                backend: backends.get_mode(&v.backend, v.mode).ok().cloned(),
+                opened: OpenedKek::default(),
+            })
             .collect();
-        let flushed = record.versions.iter().map(|_| Default::default()).collect();
         let used = AtomicU32::new(previous.map_or(0, |p| p.used.load(Ordering::Relaxed)));
         Self {
             record,
-            counters,
-            flushed,
+            versions,
             used,
             dirty: AtomicBool::new(false),
             dirty_keys: Arc::downgrade(dirty_keys),
@@ -126,8 +156,34 @@ impl CachedKey {
         }
     }
 
+    fn cached_version(&self, version: u32) -> Option<&CachedVersion> {
+        version.checked_sub(1).and_then(|i| self.versions.get(i as usize))
+    }
+
     fn counters(&self, version: u32) -> Option<&VersionCounters> {
-        version.checked_sub(1).and_then(|i| self.counters.get(i as usize)).map(|c| c.as_ref())
+        self.cached_version(version).map(|v| v.counters.as_ref())
+    }
+
+    /// The backend that serves `version` (a version of this key), or
+    /// `FAILED_PRECONDITION` when it is not configured on this broker.
+    pub fn backend<'a>(
+        &'a self,
+        version: &VersionRecord,
+        backends: &'a Backends,
+    ) -> ServiceResult<&'a Arc<dyn KeyBackend>> {
+        match self.cached_version(version.version).and_then(|v| v.backend.as_ref()) {
+            Some(backend) => Ok(backend),
+            None => backends.get_mode(&version.backend, version.mode),
+        }
+    }
+
+    /// `version` (a version of this key) as its backend sees it, with the
+    /// place that keeps the KEK the backend opened for it.
+    pub fn version_ref<'a>(&'a self, version: &'a VersionRecord) -> VersionRef<'a> {
+        VersionRef {
+            opened: self.cached_version(version.version).map(|v| &v.opened),
+            ..VersionRef::new(&self.record.name, version.version, &version.backend_ref)
+        }
     }
 
     /// Counts one event of `count` under `version`.
@@ -161,13 +217,10 @@ impl CachedKey {
             Count::RewrapsIn => v.rewrap_in_count,
             Count::RewrapsOut => v.rewrap_out_count,
         });
-        let flushed = version
-            .checked_sub(1)
-            .and_then(|i| self.flushed.get(i as usize))
-            .map_or(0, |f| f[count as usize].load(Ordering::Relaxed));
-        self.counters(version).map_or(stored, |c| {
+        self.cached_version(version).map_or(stored, |v| {
+            let c = &v.counters;
             stored
-                + flushed
+                + v.flushed[count as usize].load(Ordering::Relaxed)
                 + c.pending[count as usize].load(Ordering::Relaxed)
                 + c.in_flight[count as usize].load(Ordering::Relaxed)
         })
@@ -530,8 +583,8 @@ impl Keyring {
         for (key, i, n) in &taken {
             for (k, v) in n.iter().enumerate() {
                 // Applied: now in the store, and in the record taken from.
-                key.flushed[*i][k].fetch_add(*v, Ordering::Relaxed);
-                key.counters[*i].in_flight[k].fetch_sub(*v, Ordering::Relaxed);
+                key.versions[*i].flushed[k].fetch_add(*v, Ordering::Relaxed);
+                key.versions[*i].counters.in_flight[k].fetch_sub(*v, Ordering::Relaxed);
             }
         }
         // A record read while the batch was on its way holds neither its
@@ -567,7 +620,7 @@ impl Keyring {
             // Before its counts are taken: a count made after this lists the
             // record again.
             key.dirty.store(false, Ordering::SeqCst);
-            for (i, c) in key.counters.iter().enumerate() {
+            for (i, c) in key.versions.iter().map(|v| &v.counters).enumerate() {
                 let n: [u64; COUNTS] = std::array::from_fn(|k| {
                     // Moved, not copied: a reader sees each count exactly once.
                     let v = c.pending[k].swap(0, Ordering::SeqCst);
@@ -651,7 +704,7 @@ impl Keyring {
                 return (added, true);
             }
             if !cache.contains_key(&record.name) {
-                cache.insert(Arc::new(CachedKey::new(record, None, &self.dirty)));
+                cache.insert(Arc::new(CachedKey::new(record, None, &self.dirty, &self.backends)));
                 added += 1;
             }
         }
@@ -723,7 +776,7 @@ impl Keyring {
                 return p.clone();
             }
         }
-        let cached = Arc::new(CachedKey::new(record, previous.as_deref(), &self.dirty));
+        let cached = Arc::new(CachedKey::new(record, previous.as_deref(), &self.dirty, &self.backends));
         cache.insert(cached.clone());
         if previous.is_none() {
             self.evict(&mut cache);
@@ -831,7 +884,7 @@ impl Keyring {
                 found.push(match cached {
                     Some(key) if key.record.revision >= record.revision => key,
                     Some(_) => self.install(record),
-                    None => Arc::new(CachedKey::new(record, None, &self.dirty)),
+                    None => Arc::new(CachedKey::new(record, None, &self.dirty, &self.backends)),
                 });
                 if found.len() > limit {
                     return Ok(Self::page_of(found, limit));
@@ -900,5 +953,47 @@ mod tests {
         assert_eq!(keyring.flush_usage().await.unwrap(), 1);
         assert!(Arc::ptr_eq(&b, &keyring.key("b").await.unwrap()));
         assert_eq!(b.wrap_count(1), 3);
+    }
+
+    /// A cached version carries the backend that serves it and the KEK that
+    /// backend opened for it; a broker without that backend answers
+    /// FAILED_PRECONDITION naming it.
+    #[tokio::test]
+    async fn a_cached_version_carries_its_backend_and_the_kek_it_opened() {
+        use crate::core::broker::Broker;
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Arc::new(keyring(&dir).await);
+        keyring.create(NewKey { name: "a".into(), ..Default::default() }).await.unwrap();
+        let broker = Broker::new(keyring.clone(), Default::default());
+        let context = Default::default();
+
+        let cached = keyring.key("a").await.unwrap();
+        let current = cached.current().unwrap();
+        assert_eq!(cached.backend(current, keyring.backends()).unwrap().name(), "local");
+        let opened = cached.version_ref(current).opened.expect("a cached version keeps its opened KEK");
+        assert!(opened.get().is_none(), "nothing opened before the first call");
+        let wrapped = broker.wrap("a", b"0123456789abcdef", &context).await.unwrap();
+        assert_eq!(wrapped.backend, "local");
+        assert!(opened.get().is_some(), "the call kept the KEK it opened");
+        let unwrapped = broker.unwrap(&wrapped.ciphertext, &context).await.unwrap();
+        assert_eq!(unwrapped.plaintext.as_slice(), b"0123456789abcdef");
+        assert_eq!(unwrapped.backend, "local");
+
+        // The same table seen by a broker whose only backend has another name.
+        let root = RootKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "test").unwrap();
+        let mut backends = Backends::default();
+        backends.insert(Arc::new(LocalBackend::new("elsewhere", root)));
+        let other = Arc::new(Keyring::new(keyring.store().clone(), backends, "elsewhere".into()));
+        let cached = other.key("a").await.unwrap();
+        let Err(err) = cached.backend(cached.current().unwrap(), other.backends()) else {
+            panic!("a backend this broker does not have was resolved");
+        };
+        assert_eq!(err.code(), ErrorCode::FailedPrecondition);
+        assert!(err.message().contains("\"local\" is not configured"), "{}", err.message());
+        let broker = Broker::new(other, Default::default());
+        let err = broker.wrap("a", b"0123456789abcdef", &context).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::FailedPrecondition, "{}", err.message());
+        let err = broker.unwrap(&wrapped.ciphertext, &context).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::FailedPrecondition, "{}", err.message());
     }
 }

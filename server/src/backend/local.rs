@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Nonce, Tag};
 use async_trait::async_trait;
-use rand::Rng;
+use rand::{Rng, RngExt};
 use zeroize::Zeroizing;
 
 use super::root_key::RootKey;
@@ -30,9 +30,8 @@ pub const DEFAULT_MAX_CIPHERS: usize = 100_000;
 
 /// Opened KEKs by (key name, version), in one flat table looked up with a
 /// borrowed name (the hot path allocates nothing; a miss allocates the
-/// name once). Holds at most `max` of them: a full cache lets an eighth go
-/// (whichever come first in the table's order, which is random; a KEK let
-/// go is unsealed again on its next use).
+/// name once). Holds at most `max` of them: a full cache lets an eighth go,
+/// chosen at random (a KEK let go is unsealed again on its next use).
 struct CipherCache {
     table: hashbrown::HashTable<CachedCipher>,
     /// foldhash, seeded per process (like the key cache's).
@@ -68,14 +67,19 @@ impl CipherCache {
 
     fn insert(&mut self, key: &str, version: u32, cipher: Arc<DekCipher>) {
         if self.table.len() >= self.max {
-            // An eighth goes (at least one), in the table's (random) order.
+            // An eighth goes (at least one), chosen uniformly at random:
+            // each KEK with the chance of those still to go among those
+            // still to look at (selection sampling). Not the first in the
+            // table's order: those lie in the same buckets every time, so
+            // the KEKs in the last buckets would never go.
             let mut excess = self.table.len() - (self.max - (self.max / 8).max(1));
+            let mut left = self.table.len();
+            let mut rng = rand::rng();
             self.table.retain(|_| {
-                if excess == 0 {
-                    return true;
-                }
-                excess -= 1;
-                false
+                let go = excess > 0 && rng.random_range(0..left) < excess;
+                left -= 1;
+                excess -= usize::from(go);
+                !go
             });
         }
         let hasher = &self.hasher;
@@ -476,6 +480,30 @@ mod tests {
             assert_eq!(dek.as_slice(), b"dek");
         }
         assert!(backend.cached_ciphers() <= 16);
+    }
+
+    /// A full cache lets KEKs go at random, wherever they lie in its table:
+    /// after many rounds none of the first KEKs opened is left (letting the
+    /// first in the table's order go kept those in its last buckets
+    /// forever).
+    #[tokio::test]
+    async fn a_full_cipher_cache_lets_any_kek_go() {
+        let backend = backend(5).with_max_ciphers(64);
+        let ctx = Default::default();
+        let mut first = Vec::new();
+        for i in 0..2000u32 {
+            let name = format!("k{i}");
+            let r = backend.create_version(&name, 1).await.unwrap();
+            backend.wrap(VersionRef::new(&name, 1, &r), b"dek", aad(b"h", &ctx), &mut Vec::new()).await.unwrap();
+            if i < 64 {
+                first.push(name);
+            }
+        }
+        // 1936 more KEKs made 242 rounds of 8 go: a given one stays with a
+        // chance of (7/8)^(about 240), about 1e-14.
+        let kept: Vec<&String> = first.iter().filter(|name| backend.read_cache().get(name, 1).is_some()).collect();
+        assert!(kept.is_empty(), "never let go: {kept:?}");
+        assert_eq!(backend.cached_ciphers(), 64);
     }
 
     /// The place a caller keeps an opened KEK holds it only while this

@@ -350,8 +350,10 @@ pub struct CacheConfig {
     #[serde(default = "default_cache_keys")]
     pub max_keys: usize,
     /// Most key versions whose unsealed KEK is held ready (an AES-256-GCM
-    /// key schedule, about 1 KiB each) by the local backend; a version
-    /// beyond is unsealed again on use (about a microsecond).
+    /// key schedule, about 1 KiB each) by the local backend, and by each
+    /// hierarchy-mode backend (within its TTL); when full, an eighth chosen
+    /// at random is let go. A version let go is unsealed again on use
+    /// (locally about a microsecond; in hierarchy mode a remote call).
     #[serde(default = "default_cache_ciphers")]
     pub max_ciphers: usize,
     /// Read the whole table into the cache after start (in the background,

@@ -140,7 +140,11 @@ async fn build_remote_backends(config: &Config, env: &Environment) -> Result<Bac
                 (Arc::new(Pkcs11Backend::new(name.clone(), settings)), *hierarchy_ttl_seconds)
             }
         };
-        backends.insert_hierarchy(name, Arc::new(HierarchyBackend::new(remote.clone(), Duration::from_secs(ttl))));
+        let hierarchy = Arc::new(
+            HierarchyBackend::new(remote.clone(), Duration::from_secs(ttl)).with_max_ciphers(config.cache.max_ciphers),
+        );
+        HierarchyBackend::spawn_expiry(&hierarchy);
+        backends.insert_hierarchy(name, hierarchy);
         backends.insert(remote);
     }
     Ok(backends)

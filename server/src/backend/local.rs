@@ -31,18 +31,23 @@ pub const DEFAULT_MAX_CIPHERS: usize = 100_000;
 /// Opened KEKs by (key name, version), in one flat table looked up with a
 /// borrowed name (the hot path allocates nothing; a miss allocates the
 /// name once). Holds at most `max` of them: a full cache lets an eighth go,
-/// chosen at random (a KEK let go is unsealed again on its next use).
-struct CipherCache {
+/// chosen at random (a KEK let go is unsealed again on its next use). With
+/// a TTL (hierarchy mode), a KEK opened longer ago than that is not used
+/// and goes first. The local backend and each hierarchy-mode backend hold
+/// one.
+pub(crate) struct CipherCache {
     table: hashbrown::HashTable<CachedCipher>,
     /// foldhash, seeded per process (like the key cache's).
     hasher: foldhash::fast::RandomState,
     max: usize,
+    ttl: Option<std::time::Duration>,
 }
 
 struct CachedCipher {
     key: Box<str>,
     version: u32,
     cipher: Arc<DekCipher>,
+    opened: std::time::Instant,
 }
 
 impl CachedCipher {
@@ -52,20 +57,54 @@ impl CachedCipher {
 }
 
 impl CipherCache {
-    fn new(max: usize) -> Self {
-        Self { table: hashbrown::HashTable::new(), hasher: foldhash::fast::RandomState::default(), max }
+    /// A cache of at most `max` opened KEKs (at least 1).
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            table: hashbrown::HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
+            max: max.max(1),
+            ttl: None,
+        }
+    }
+
+    /// Holds each KEK for at most `ttl` after it was opened.
+    pub(crate) fn with_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Holds at most `max` opened KEKs (at least 1).
+    pub(crate) fn set_max(&mut self, max: usize) {
+        self.max = max.max(1);
+    }
+
+    fn fresh(&self, c: &CachedCipher) -> bool {
+        self.ttl.is_none_or(|ttl| c.opened.elapsed() < ttl)
+    }
+
+    /// Lets go of the KEKs held longer than the TTL.
+    pub(crate) fn expire(&mut self) {
+        if let Some(ttl) = self.ttl {
+            self.table.retain(|c| c.opened.elapsed() < ttl);
+        }
     }
 
     fn hash(hasher: &foldhash::fast::RandomState, key: &str, version: u32) -> u64 {
         std::hash::BuildHasher::hash_one(hasher, (key, version))
     }
 
-    fn get(&self, key: &str, version: u32) -> Option<&Arc<DekCipher>> {
+    /// The KEK opened for `version` of `key`, unless let go or expired.
+    pub(crate) fn get(&self, key: &str, version: u32) -> Option<&Arc<DekCipher>> {
         let hash = Self::hash(&self.hasher, key, version);
-        self.table.find(hash, |c| c.is(key, version)).map(|c| &c.cipher)
+        self.table.find(hash, |c| c.is(key, version)).filter(|c| self.fresh(c)).map(|c| &c.cipher)
     }
 
-    fn insert(&mut self, key: &str, version: u32, cipher: Arc<DekCipher>) {
+    /// Holds `cipher` as the KEK of `version` of `key`, letting others go
+    /// if the cache is full (the expired first).
+    pub(crate) fn insert(&mut self, key: &str, version: u32, cipher: Arc<DekCipher>) {
+        if self.table.len() >= self.max {
+            self.expire();
+        }
         if self.table.len() >= self.max {
             // An eighth goes (at least one), chosen uniformly at random:
             // each KEK with the chance of those still to go among those
@@ -85,21 +124,27 @@ impl CipherCache {
         let hasher = &self.hasher;
         let hash = Self::hash(hasher, key, version);
         match self.table.entry(hash, |c| c.is(key, version), |c| Self::hash(hasher, &c.key, c.version)) {
-            hashbrown::hash_table::Entry::Occupied(mut entry) => entry.get_mut().cipher = cipher,
+            hashbrown::hash_table::Entry::Occupied(mut entry) => {
+                let c = entry.get_mut();
+                c.cipher = cipher;
+                c.opened = std::time::Instant::now();
+            }
             hashbrown::hash_table::Entry::Vacant(entry) => {
-                entry.insert(CachedCipher { key: key.into(), version, cipher });
+                entry.insert(CachedCipher { key: key.into(), version, cipher, opened: std::time::Instant::now() });
             }
         }
     }
 
-    fn remove(&mut self, key: &str, version: u32) {
+    /// Lets go of the KEK of `version` of `key` (a destroyed version).
+    pub(crate) fn remove(&mut self, key: &str, version: u32) {
         let hash = Self::hash(&self.hasher, key, version);
         if let Ok(entry) = self.table.find_entry(hash, |c| c.is(key, version)) {
             entry.remove();
         }
     }
 
-    fn len(&self) -> usize {
+    /// KEKs held now (expired ones included until they go).
+    pub(crate) fn len(&self) -> usize {
         self.table.len()
     }
 }
@@ -131,7 +176,7 @@ impl LocalBackend {
 
     /// Holds at most `max` opened KEKs (at least 1).
     pub fn with_max_ciphers(self, max: usize) -> Self {
-        self.write_cache().max = max.max(1);
+        self.write_cache().set_max(max);
         self
     }
 

@@ -47,7 +47,8 @@ struct CachedCipher {
     key: Box<str>,
     version: u32,
     cipher: Arc<DekCipher>,
-    opened: std::time::Instant,
+    /// When it was opened, with a TTL (no clock is read without one).
+    opened: Option<std::time::Instant>,
 }
 
 impl CachedCipher {
@@ -79,13 +80,13 @@ impl CipherCache {
     }
 
     fn fresh(&self, c: &CachedCipher) -> bool {
-        self.ttl.is_none_or(|ttl| c.opened.elapsed() < ttl)
+        self.ttl.is_none_or(|ttl| c.opened.is_none_or(|opened| opened.elapsed() < ttl))
     }
 
     /// Lets go of the KEKs held longer than the TTL.
     pub(crate) fn expire(&mut self) {
         if let Some(ttl) = self.ttl {
-            self.table.retain(|c| c.opened.elapsed() < ttl);
+            self.table.retain(|c| c.opened.is_none_or(|opened| opened.elapsed() < ttl));
         }
     }
 
@@ -121,16 +122,17 @@ impl CipherCache {
                 !go
             });
         }
+        let opened = self.ttl.map(|_| std::time::Instant::now());
         let hasher = &self.hasher;
         let hash = Self::hash(hasher, key, version);
         match self.table.entry(hash, |c| c.is(key, version), |c| Self::hash(hasher, &c.key, c.version)) {
             hashbrown::hash_table::Entry::Occupied(mut entry) => {
                 let c = entry.get_mut();
                 c.cipher = cipher;
-                c.opened = std::time::Instant::now();
+                c.opened = opened;
             }
             hashbrown::hash_table::Entry::Vacant(entry) => {
-                entry.insert(CachedCipher { key: key.into(), version, cipher, opened: std::time::Instant::now() });
+                entry.insert(CachedCipher { key: key.into(), version, cipher, opened });
             }
         }
     }

@@ -69,7 +69,7 @@ for n in $SCALE_KEYS; do
     for _ in $(seq 1 3000); do grep -q "version table read into the cache" "$dir/err" && break; sleep 0.1; done
     echo "scale $n: cipher bound $(( n + n / 10 )), opening KEKs"
     taskset -c 1 "$T/kb-loadgen" --url "https://$addr" --dev-dir "$work/kb" --rpc wrap --key-count "$n" \
-      --concurrency "$CONC" --duration $(( DURATION * 3 )) >/dev/null
+      --concurrency "$CONC" --duration $(( DURATION * 6 )) >/dev/null
     for round in $(seq 1 "$ROUNDS"); do
       echo "scale $n (cipher bound $(( n + n / 10 ))): round $round/$ROUNDS"
       load "scale-$n-one-covered" --rpc wrap --key tenant-0000000 --concurrency "$CONC"
@@ -123,7 +123,7 @@ covered = [f["n"] for f in facts if of(f"scale-{f['n']}-random-covered")]
 if covered:
     print()
     print("The largest table again, on a broker whose `cache.max_ciphers` covers every key (n + n/10), after an unmeasured")
-    print("pass of three rounds' length that opens most KEKs: the cost of the default bound to a working set of all of them.\n")
+    print("pass of six rounds' length that opens most KEKs: the cost of the default bound to a working set of all of them.\n")
     print("| keys | cipher bound | Wrap one key req/s | Wrap random key req/s | random / one | spread random | CPU µs/req random | p99 µs random |")
     print("|---:|---:|---:|---:|---:|---|---:|---:|")
     for n in covered:

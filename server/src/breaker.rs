@@ -5,6 +5,7 @@
 //! the store, below both.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// How often a call is let through to a dependency known to be down.
@@ -21,6 +22,9 @@ struct Down {
 #[derive(Debug, Default)]
 pub struct Breaker {
     down: Mutex<Option<Down>>,
+    /// Whether `down` holds a state (set and cleared under its lock): the
+    /// calls to a dependency that is up, nearly all of them, take no lock.
+    is_down: AtomicBool,
 }
 
 impl Breaker {
@@ -33,6 +37,9 @@ impl Breaker {
     /// and no probe went through within [`PROBE_INTERVAL`] (this call is
     /// the probe). Otherwise why it is known to be down.
     pub fn admit(&self) -> Result<(), String> {
+        if !self.is_down.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut down = self.lock();
         match down.as_mut() {
             None => Ok(()),
@@ -51,7 +58,12 @@ impl Breaker {
 
     /// Records that the dependency answered. Returns whether it was down.
     pub fn succeeded(&self) -> bool {
-        self.lock().take().is_some()
+        if !self.is_down.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut down = self.lock();
+        self.is_down.store(false, Ordering::Release);
+        down.take().is_some()
     }
 
     /// Records that the dependency could not be reached. Returns whether it
@@ -70,6 +82,7 @@ impl Breaker {
             None => {
                 let now = Instant::now();
                 *down = Some(Down { since: now, reason: reason.to_owned(), last_probe: now });
+                self.is_down.store(true, Ordering::Release);
                 true
             }
         }
@@ -77,7 +90,7 @@ impl Breaker {
 
     /// Whether the dependency is known to be down.
     pub fn is_down(&self) -> bool {
-        self.lock().is_some()
+        self.is_down.load(Ordering::Acquire)
     }
 }
 

@@ -152,7 +152,7 @@ impl Keyring {
             }
             return Err(err.into());
         }
-        Ok(self.install(record))
+        Ok(self.install_stored(record))
     }
 
     /// Creates `names` (none may exist) with `spec`'s settings, each with a
@@ -274,7 +274,7 @@ impl Keyring {
                 discard_material(target.as_ref(), name, next, reference).await;
             }
             match stored {
-                Ok(stored) => return Ok(self.install(stored)),
+                Ok(stored) => return Ok(self.install_stored(stored)),
                 Err(StoreError::Conflict(_)) if expected_current.is_none() => continue,
                 Err(StoreError::Conflict(_)) => {
                     return Err(ServiceError::new(
@@ -370,7 +370,7 @@ impl Keyring {
             }
             record.updated_at = now();
             match self.store.update(&record).await {
-                Ok(stored) => return Ok(self.install(stored)),
+                Ok(stored) => return Ok(self.install_stored(stored)),
                 Err(StoreError::Conflict(_)) => continue,
                 Err(err) => return Err(err.into()),
             }

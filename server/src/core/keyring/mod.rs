@@ -767,13 +767,31 @@ impl Keyring {
         self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Caches `record` (read from the store) unless a newer record of the
+    /// key is cached; returns the cached record, the newer one if so.
     fn install(&self, record: KeyRecord) -> Arc<CachedKey> {
+        self.cache_record(record, false)
+    }
+
+    /// Caches `record`, a change this broker has just stored, unless a
+    /// newer record of the key is cached; returns `record` either way: a
+    /// change is answered with its own result, not with one made
+    /// concurrently after it (two rotations report two versions).
+    fn install_stored(&self, record: KeyRecord) -> Arc<CachedKey> {
+        self.cache_record(record, true)
+    }
+
+    fn cache_record(&self, record: KeyRecord, own: bool) -> Arc<CachedKey> {
         let mut cache = self.write_cache();
         let previous = cache.get(&record.name).cloned();
         if let Some(p) = &previous {
             // Never replace a newer record with an older one read concurrently.
             if p.record.revision > record.revision {
-                return p.clone();
+                return match own {
+                    // Not cached: for the answer, sharing the counters.
+                    true => Arc::new(CachedKey::new(record, Some(p), &self.dirty, &self.backends)),
+                    false => p.clone(),
+                };
             }
         }
         let cached = Arc::new(CachedKey::new(record, previous.as_deref(), &self.dirty, &self.backends));
@@ -953,6 +971,26 @@ mod tests {
         assert_eq!(keyring.flush_usage().await.unwrap(), 1);
         assert!(Arc::ptr_eq(&b, &keyring.key("b").await.unwrap()));
         assert_eq!(b.wrap_count(1), 3);
+    }
+
+    /// A change this broker stored is answered with its own record even
+    /// when a newer one (made concurrently, read by a reload) is cached
+    /// already; the cache keeps the newer one.
+    #[tokio::test]
+    async fn a_stored_change_answers_with_its_own_record_not_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = keyring(&dir).await;
+        keyring.create(NewKey { name: "a".into(), ..Default::default() }).await.unwrap();
+        let mine = keyring.rotate("a", None, None, None).await.unwrap().record.clone();
+        let newer = keyring.rotate("a", None, None, None).await.unwrap().record.clone();
+        assert_eq!((mine.current_version, newer.current_version), (2, 3));
+        assert!(newer.revision > mine.revision);
+
+        let answer = keyring.install_stored(mine.clone());
+        assert_eq!(answer.record.current_version, 2, "answered with a newer change");
+        assert_eq!(keyring.key("a").await.unwrap().record.current_version, 3, "the cache went back");
+        // A record read from the store gives way to the newer one cached.
+        assert_eq!(keyring.install(mine).record.current_version, 3);
     }
 
     /// A cached version carries the backend that serves it and the KEK that

@@ -505,6 +505,16 @@ mod tests {
         assert!(b.import("k", 2, &[0; 16]).await.is_err());
     }
 
+    /// Creates version 1 of `name` and wraps a DEK under it (opening its
+    /// KEK): the reference and the ciphertext.
+    async fn created_and_used(backend: &LocalBackend, name: &str) -> (BackendRef, Vec<u8>) {
+        let reference = backend.create_version(name, 1).await.unwrap();
+        let mut wrapped = Vec::new();
+        let ctx = Default::default();
+        backend.wrap(VersionRef::new(name, 1, &reference), b"dek", aad(b"h", &ctx), &mut wrapped).await.unwrap();
+        (reference, wrapped)
+    }
+
     #[tokio::test]
     async fn the_cipher_cache_holds_at_most_its_bound() {
         let backend = backend(7).with_max_ciphers(16);
@@ -512,10 +522,7 @@ mod tests {
         let mut refs = Vec::new();
         for i in 0..100u32 {
             let name = format!("k{i}");
-            let reference = backend.create_version(&name, 1).await.unwrap();
-            let v = VersionRef::new(&name, 1, &reference);
-            let mut wrapped = Vec::new();
-            backend.wrap(v, b"dek", aad(b"h", &ctx), &mut wrapped).await.unwrap();
+            let (reference, wrapped) = created_and_used(&backend, &name).await;
             assert!(backend.cached_ciphers() <= 16, "{} held", backend.cached_ciphers());
             refs.push((name, reference, wrapped));
         }
@@ -536,12 +543,10 @@ mod tests {
     #[tokio::test]
     async fn a_full_cipher_cache_lets_any_kek_go() {
         let backend = backend(5).with_max_ciphers(64);
-        let ctx = Default::default();
         let mut first = Vec::new();
         for i in 0..2000u32 {
             let name = format!("k{i}");
-            let r = backend.create_version(&name, 1).await.unwrap();
-            backend.wrap(VersionRef::new(&name, 1, &r), b"dek", aad(b"h", &ctx), &mut Vec::new()).await.unwrap();
+            created_and_used(&backend, &name).await;
             if i < 64 {
                 first.push(name);
             }
@@ -570,8 +575,7 @@ mod tests {
         assert!(Arc::ptr_eq(&kept, backend.read_cache().get("k", 1).unwrap()));
         drop(kept);
 
-        let other = backend.create_version("o", 1).await.unwrap();
-        backend.wrap(VersionRef::new("o", 1, &other), b"dek", aad(b"h", &ctx), &mut Vec::new()).await.unwrap();
+        created_and_used(&backend, "o").await;
         assert!(backend.read_cache().get("k", 1).is_none());
         assert!(opened.get().is_none(), "a KEK the cache let go is kept elsewhere");
         // The next call opens it again, and keeps it again.

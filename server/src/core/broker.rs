@@ -157,25 +157,25 @@ impl Broker {
         self.check_context(context)?;
         check_key_name(key)?;
         let cached = self.keyring.key(key).await?;
-        let current = cached.current()?;
-        let made = cached.total(current.version, Count::Wraps) + cached.total(current.version, Count::RewrapsIn);
+        let current = cached.current_version()?;
+        let made = cached.total(current, Count::Wraps) + cached.total(current, Count::RewrapsIn);
         if made >= self.limits.max_wraps_per_version {
-            return Err(self.wraps_exhausted(key, current.version, made));
+            return Err(self.wraps_exhausted(key, current, made));
         }
         let backend = cached.backend(current, self.keyring.backends())?;
         let mut header = Vec::with_capacity(13 + key.len());
-        write_header(&mut header, backend.algorithm(), key, current.version);
+        write_header(&mut header, backend.algorithm(), key, current);
         let mut ciphertext = Vec::with_capacity(header.len() + plaintext.len() + 64);
         ciphertext.extend_from_slice(&header);
-        let version = cached.version_ref(current);
+        let version = cached.version_ref(current)?;
         backend
             .wrap(version, plaintext, Aad { header: &header, context }, &mut ciphertext)
             .await
-            .map_err(|e| e.for_caller(key, current.version))?;
+            .map_err(|e| e.for_caller(key, current))?;
         if let Some(count) = count {
-            cached.count(current.version, count);
+            cached.count(current, count);
         }
-        Ok(Wrapped { ciphertext, key: key.to_owned(), version: current.version, backend: backend.name().to_owned() })
+        Ok(Wrapped { ciphertext, key: key.to_owned(), version: current, backend: backend.name().to_owned() })
     }
 
     /// Wraps a run of a batch's items under one key: the key, its current
@@ -185,15 +185,15 @@ impl Broker {
     pub async fn wrap_run(&self, key: &str, items: &[WrapItem<'_>]) -> ServiceResult<WrappedRun> {
         check_key_name(key)?;
         let cached = self.keyring.key(key).await?;
-        let current = cached.current()?;
-        let made = cached.total(current.version, Count::Wraps) + cached.total(current.version, Count::RewrapsIn);
+        let current = cached.current_version()?;
+        let made = cached.total(current, Count::Wraps) + cached.total(current, Count::RewrapsIn);
         let mut room = self.limits.max_wraps_per_version.saturating_sub(made);
         let mut checked = Vec::with_capacity(items.len());
         let mut valid = Vec::with_capacity(items.len());
         for item in items {
             let check = self.check_plaintext(item.plaintext).and_then(|()| self.check_context(item.context));
             let check = check.and_then(|()| match room {
-                0 => Err(self.wraps_exhausted(key, current.version, made)),
+                0 => Err(self.wraps_exhausted(key, current, made)),
                 _ => {
                     room -= 1;
                     Ok(())
@@ -206,25 +206,25 @@ impl Broker {
         }
         let backend = cached.backend(current, self.keyring.backends())?;
         let mut header = Vec::with_capacity(13 + key.len());
-        write_header(&mut header, backend.algorithm(), key, current.version);
-        let version = cached.version_ref(current);
+        write_header(&mut header, backend.algorithm(), key, current);
+        let version = cached.version_ref(current)?;
         let mut sealed = backend.wrap_many(version, &header, &valid).await.into_iter();
         let ciphertexts: Vec<ServiceResult<Vec<u8>>> = checked
             .into_iter()
             .map(|check| {
                 check?;
                 match sealed.next() {
-                    Some(result) => result.map_err(|e| e.for_caller(key, current.version)),
+                    Some(result) => result.map_err(|e| e.for_caller(key, current)),
                     None => Err(ServiceError::internal(format!(
-                        "backend {:?} answered fewer items than it was given for key {key:?} version {}",
-                        current.backend, current.version
+                        "backend {:?} answered fewer items than it was given for key {key:?} version {current}",
+                        backend.name()
                     ))),
                 }
             })
             .collect();
         let wrapped = ciphertexts.iter().filter(|r| r.is_ok()).count();
-        cached.count_n(current.version, Count::Wraps, wrapped as u64);
-        Ok(WrappedRun { version: current.version, backend: backend.name().to_owned(), ciphertexts })
+        cached.count_n(current, Count::Wraps, wrapped as u64);
+        Ok(WrappedRun { version: current, backend: backend.name().to_owned(), ciphertexts })
     }
 
     fn check_plaintext(&self, plaintext: &[u8]) -> ServiceResult<()> {
@@ -271,8 +271,8 @@ impl Broker {
         self.check_context(context)?;
         let env = envelope::parse(ciphertext).map_err(|e| ServiceError::invalid(e.to_string()))?;
         let cached = self.keyring.key_for_version(env.key, env.version).await?;
-        let record = cached.unwrappable(env.version)?;
-        let backend = cached.backend(record, self.keyring.backends())?;
+        cached.unwrappable(env.version)?;
+        let backend = cached.backend(env.version, self.keyring.backends())?;
         if backend.algorithm() != env.algorithm {
             return Err(ServiceError::invalid(format!(
                 "ciphertext payload algorithm {:?} does not match version {} of key {:?} ({:?})",
@@ -282,7 +282,7 @@ impl Broker {
                 backend.algorithm()
             )));
         }
-        let version = cached.version_ref(record);
+        let version = cached.version_ref(env.version)?;
         let plaintext = backend
             .unwrap(version, env.payload, Aad { header: env.header, context })
             .await
@@ -379,7 +379,7 @@ impl Broker {
         cached: &'a CachedKey,
         version: &VersionRecord,
     ) -> ServiceResult<&'a Arc<dyn crate::backend::KeyBackend>> {
-        let b = cached.backend(version, self.keyring.backends())?;
+        let b = cached.backend(version.version, self.keyring.backends())?;
         let backend = &version.backend;
         if version.mode == crate::store::KeyMode::Direct && b.kind() == "aws-kms" {
             return Err(ServiceError::new(
@@ -405,7 +405,7 @@ impl Broker {
         let cached = self.keyring.key(key).await?;
         let current = cached.current()?;
         let backend = self.gcm_backend(&cached, current)?;
-        let version = cached.version_ref(current);
+        let version = cached.version_ref(current.version)?;
         let context = BTreeMap::new();
         let aad = aad_for(current.version);
         let mut payload = Vec::with_capacity(plaintext.len() + GCM_NONCE_LEN + GCM_TAG_LEN);
@@ -430,7 +430,7 @@ impl Broker {
         let cached = self.keyring.key_for_version(key, version).await?;
         let record = cached.unwrappable(version)?;
         let backend = self.gcm_backend(&cached, record)?;
-        let v = cached.version_ref(record);
+        let v = cached.version_ref(version)?;
         let context = BTreeMap::new();
         match backend.unwrap(v, payload, Aad { header: aad, context: &context }).await {
             Ok(plaintext) => {

@@ -44,6 +44,9 @@ pub enum Count {
 
 const COUNTS: usize = 4;
 
+/// Every [`Count`], by its index.
+const COUNT_ORDER: [Count; COUNTS] = [Count::Unwraps, Count::Wraps, Count::RewrapsIn, Count::RewrapsOut];
+
 /// Per-version counters of this broker, shared by every cached record of
 /// the key (a reload installs a new record over the same counters, so a
 /// count made through an older record is neither lost nor copied twice).
@@ -58,15 +61,16 @@ struct VersionCounters {
 }
 
 /// What the cache keeps beside the record of each version, in one place
-/// for the call that uses it: the counters, the counts flushed since the
-/// record was read, the backend that serves the version (resolved when the
-/// record is cached, not per call) and the KEK that backend opened last.
+/// for the call that uses it: the counters, the counts known to be stored,
+/// the backend that serves the version (resolved when the record is cached,
+/// not per call) and the KEK that backend opened last.
 struct CachedVersion {
     /// Shared with newer records of the key.
     counters: Arc<VersionCounters>,
-    /// Counts of this broker's batches the store applied after the record
-    /// was read (so not in it).
-    flushed: [AtomicU64; COUNTS],
+    /// By [`Count`]: the record's counts (copied, so a call reads none of
+    /// the record) plus this broker's batches the store applied after the
+    /// record was read (so not in it).
+    known: [AtomicU64; COUNTS],
     /// `None` when the version's backend (in its mode) is not configured
     /// on this broker: a call then gets the error that says so.
     backend: Option<Arc<dyn KeyBackend>>,
@@ -77,30 +81,102 @@ impl std::fmt::Debug for CachedVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CachedVersion")
             .field("counters", &self.counters)
-            .field("flushed", &self.flushed)
+            .field("known", &self.known)
             .field("backend", &self.backend.as_ref().map(|b| b.name()))
             .finish_non_exhaustive()
     }
 }
 
-/// A key as cached: its record and what each version needs per call.
+/// A version's stored count of `count`.
+fn stored(version: &VersionRecord, count: Count) -> u64 {
+    match count {
+        Count::Unwraps => version.unwrap_count,
+        Count::Wraps => version.wrap_count,
+        Count::RewrapsIn => version.rewrap_in_count,
+        Count::RewrapsOut => version.rewrap_out_count,
+    }
+}
+
+/// A key's cached versions: the current one's inside the cached key itself
+/// (every Wrap uses it: read with the key's own memory, not from another
+/// allocation), the others in version order in one allocation (none for a
+/// key of one version).
 #[derive(Debug)]
+struct CachedVersions {
+    /// Index (version - 1) of `current`; `usize::MAX` when there is none.
+    current_index: usize,
+    current: Option<CachedVersion>,
+    others: Box<[CachedVersion]>,
+}
+
+impl CachedVersions {
+    fn new(mut all: Vec<CachedVersion>, current_index: usize) -> Self {
+        let current = (current_index < all.len()).then(|| all.remove(current_index));
+        let current_index = if current.is_some() { current_index } else { usize::MAX };
+        Self { current_index, current, others: all.into_boxed_slice() }
+    }
+
+    /// The version at `index` (version - 1).
+    fn get(&self, index: usize) -> Option<&CachedVersion> {
+        if index == self.current_index {
+            self.current.as_ref()
+        } else if index < self.current_index {
+            self.others.get(index)
+        } else {
+            self.others.get(index - 1)
+        }
+    }
+
+    /// Every version with its index, in version order.
+    fn iter(&self) -> impl Iterator<Item = (usize, &CachedVersion)> {
+        let len = self.others.len() + usize::from(self.current.is_some());
+        (0..len).filter_map(|i| self.get(i).map(|v| (i, v)))
+    }
+}
+
+/// How many bytes of a key's name its cached key keeps inline.
+const NAME_INLINE: usize = 22;
+
+/// A key's name as the cache's lookup compares it: its length and first
+/// bytes, inside the cached key, so a lookup reads no other memory to tell
+/// keys apart, nor to match a name of up to [`NAME_INLINE`] bytes.
+#[derive(Debug)]
+struct NameTag {
+    len: u16,
+    head: [u8; NAME_INLINE],
+}
+
+impl NameTag {
+    fn new(name: &str) -> Self {
+        let mut head = [0; NAME_INLINE];
+        let n = name.len().min(NAME_INLINE);
+        head[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Self { len: u16::try_from(name.len()).unwrap_or(u16::MAX), head }
+    }
+}
+
+/// A key as cached: its record and what each version needs per call. The
+/// fields a call reads come first, in this order (`repr(C)`), so that a
+/// Wrap on a key no recent call used touches as few cache lines as it can:
+/// a table of a million keys is mostly out of the CPU's caches.
+#[derive(Debug)]
+#[repr(C)]
 pub struct CachedKey {
-    /// The stored record.
-    pub record: KeyRecord,
-    /// By version index (version 1 first).
-    versions: Box<[CachedVersion]>,
+    name: NameTag,
     /// When a call last used the key (Unix seconds), for the choice of the
     /// keys a full cache lets go.
     used: AtomicU32,
     /// Counted since the last flush took this record's counts: it is in
     /// the keyring's dirty list.
     dirty: AtomicBool,
-    dirty_keys: Weak<DirtyKeys>,
     /// The keyring's cache holds this record now (set when it goes in,
     /// cleared when it is replaced or let go): a flush re-reads only the
     /// keys whose taken record left the cache.
     cached: AtomicBool,
+    versions: CachedVersions,
+    /// The stored record.
+    pub record: KeyRecord,
+    dirty_keys: Weak<DirtyKeys>,
 }
 
 /// The records counted on since the last flush: a flush takes the counts of
@@ -111,26 +187,44 @@ type DirtyKeys = Mutex<Vec<Arc<CachedKey>>>;
 
 impl CachedKey {
     fn new(record: KeyRecord, previous: Option<&CachedKey>, dirty_keys: &Arc<DirtyKeys>, backends: &Backends) -> Self {
-        let versions = record
+        // Versions are cached only for a record whose versions are in place
+        // (`versions[i].version == i + 1`, as every store returns them): a
+        // call then finds a version's record by its index without reading
+        // it. A record out of place is still served, through its checked
+        // lookups, but not Wrapped under (INTERNAL, as for a missing current
+        // version).
+        let in_place = record.versions.iter().enumerate().all(|(i, v)| v.version as usize == i + 1);
+        let all = record
             .versions
             .iter()
+            .take_while(|_| in_place)
             .enumerate()
             .map(|(i, v)| CachedVersion {
                 counters: previous.and_then(|p| p.versions.get(i)).map(|p| p.counters.clone()).unwrap_or_default(),
-                flushed: Default::default(),
+                known: std::array::from_fn(|k| AtomicU64::new(stored(v, COUNT_ORDER[k]))),
                 backend: backends.get_mode(&v.backend, v.mode).ok().cloned(),
                 opened: OpenedKek::default(),
             })
             .collect();
-        let used = AtomicU32::new(previous.map_or(0, |p| p.used.load(Ordering::Relaxed)));
+        let current_index = (record.current_version as usize).wrapping_sub(1);
         Self {
-            record,
-            versions,
-            used,
+            name: NameTag::new(&record.name),
+            used: AtomicU32::new(previous.map_or(0, |p| p.used.load(Ordering::Relaxed))),
             dirty: AtomicBool::new(false),
-            dirty_keys: Arc::downgrade(dirty_keys),
             cached: AtomicBool::new(false),
+            versions: CachedVersions::new(all, current_index),
+            record,
+            dirty_keys: Arc::downgrade(dirty_keys),
         }
+    }
+
+    /// Whether this is the key named `name`: decided by the inline tag
+    /// alone for a short name.
+    fn is_named(&self, name: &str) -> bool {
+        let n = name.len().min(NAME_INLINE);
+        usize::from(self.name.len) == name.len()
+            && self.name.head[..n] == name.as_bytes()[..n]
+            && (name.len() <= NAME_INLINE || self.record.name == name)
     }
 
     /// Lists this record for the next flush unless it is listed already.
@@ -164,26 +258,44 @@ impl CachedKey {
         self.cached_version(version).map(|v| v.counters.as_ref())
     }
 
+    /// The current version, read from the cached key's own memory (the
+    /// Wrap path reads none of the record); INTERNAL when the record lacks
+    /// it.
+    pub fn current_version(&self) -> ServiceResult<u32> {
+        match self.versions.current {
+            Some(_) => Ok(self.versions.current_index as u32 + 1),
+            None => Err(self.no_record_of(self.record.current_version)),
+        }
+    }
+
+    fn no_record_of(&self, version: u32) -> ServiceError {
+        ServiceError::internal(format!("key {:?} has no record of its version {version}", self.record.name))
+    }
+
     /// The backend that serves `version` (a version of this key), or
     /// `FAILED_PRECONDITION` when it is not configured on this broker.
-    pub fn backend<'a>(
-        &'a self,
-        version: &VersionRecord,
-        backends: &'a Backends,
-    ) -> ServiceResult<&'a Arc<dyn KeyBackend>> {
-        match self.cached_version(version.version).and_then(|v| v.backend.as_ref()) {
-            Some(backend) => Ok(backend),
-            None => backends.get_mode(&version.backend, version.mode),
+    pub fn backend<'a>(&'a self, version: u32, backends: &'a Backends) -> ServiceResult<&'a Arc<dyn KeyBackend>> {
+        if let Some(backend) = self.cached_version(version).and_then(|v| v.backend.as_ref()) {
+            return Ok(backend);
         }
+        let v = self.record.version(version).ok_or_else(|| self.no_record_of(version))?;
+        backends.get_mode(&v.backend, v.mode)
     }
 
     /// `version` (a version of this key) as its backend sees it, with the
     /// place that keeps the KEK the backend opened for it.
-    pub fn version_ref<'a>(&'a self, version: &'a VersionRecord) -> VersionRef<'a> {
-        VersionRef {
-            opened: self.cached_version(version.version).map(|v| &v.opened),
-            ..VersionRef::new(&self.record.name, version.version, &version.backend_ref)
-        }
+    pub fn version_ref(&self, version: u32) -> ServiceResult<VersionRef<'_>> {
+        let cached = self.cached_version(version);
+        // A cached version's record is in place: found by its index alone.
+        let record = match cached {
+            Some(_) => self.record.versions.get(version as usize - 1),
+            None => self.record.version(version),
+        };
+        let record = record.ok_or_else(|| self.no_record_of(version))?;
+        Ok(VersionRef {
+            opened: cached.map(|v| &v.opened),
+            ..VersionRef::new(&self.record.name, version, &record.backend_ref)
+        })
     }
 
     /// Counts one event of `count` under `version`.
@@ -211,19 +323,16 @@ impl CachedKey {
     /// Events of `count` under `version`, across every broker sharing the
     /// table (as of their last flush) plus this broker's unflushed ones.
     pub fn total(&self, version: u32, count: Count) -> u64 {
-        let stored = self.record.version(version).map_or(0, |v| match count {
-            Count::Unwraps => v.unwrap_count,
-            Count::Wraps => v.wrap_count,
-            Count::RewrapsIn => v.rewrap_in_count,
-            Count::RewrapsOut => v.rewrap_out_count,
-        });
-        self.cached_version(version).map_or(stored, |v| {
-            let c = &v.counters;
-            stored
-                + v.flushed[count as usize].load(Ordering::Relaxed)
-                + c.pending[count as usize].load(Ordering::Relaxed)
-                + c.in_flight[count as usize].load(Ordering::Relaxed)
-        })
+        let k = count as usize;
+        match self.cached_version(version) {
+            Some(v) => {
+                let c = &v.counters;
+                v.known[k].load(Ordering::Relaxed)
+                    + c.pending[k].load(Ordering::Relaxed)
+                    + c.in_flight[k].load(Ordering::Relaxed)
+            }
+            None => self.record.version(version).map_or(0, |v| stored(v, count)),
+        }
     }
 
     /// Unwraps under `version` (see [`CachedKey::total`]).
@@ -251,12 +360,7 @@ impl CachedKey {
 
     /// The current version's record.
     pub fn current(&self) -> ServiceResult<&VersionRecord> {
-        self.record.version(self.record.current_version).ok_or_else(|| {
-            ServiceError::internal(format!(
-                "key {:?} has no record of its current version {}",
-                self.record.name, self.record.current_version
-            ))
-        })
+        self.record.version(self.record.current_version).ok_or_else(|| self.no_record_of(self.record.current_version))
     }
 
     /// The record of `version` if it may unwrap: it exists, is neither
@@ -302,7 +406,7 @@ impl KeyCache {
     }
 
     fn get(&self, name: &str) -> Option<&Arc<CachedKey>> {
-        self.table.find(self.hash(name), |k| k.record.name == name)
+        self.table.find(self.hash(name), |k| k.is_named(name))
     }
 
     fn contains_key(&self, name: &str) -> bool {
@@ -316,7 +420,7 @@ impl KeyCache {
         let hasher = &self.hasher;
         match self.table.entry(
             hash,
-            |k| k.record.name == key.record.name,
+            |k| k.is_named(&key.record.name),
             |k| std::hash::BuildHasher::hash_one(hasher, k.record.name.as_str()),
         ) {
             hashbrown::hash_table::Entry::Occupied(mut entry) => {
@@ -329,7 +433,7 @@ impl KeyCache {
     }
 
     fn remove(&mut self, name: &str) {
-        if let Ok(entry) = self.table.find_entry(self.hash(name), |k| k.record.name == name) {
+        if let Ok(entry) = self.table.find_entry(self.hash(name), |k| k.is_named(name)) {
             entry.remove().0.cached.store(false, Ordering::SeqCst);
         }
     }
@@ -583,8 +687,10 @@ impl Keyring {
         for (key, i, n) in &taken {
             for (k, v) in n.iter().enumerate() {
                 // Applied: now in the store, and in the record taken from.
-                key.versions[*i].flushed[k].fetch_add(*v, Ordering::Relaxed);
-                key.versions[*i].counters.in_flight[k].fetch_sub(*v, Ordering::Relaxed);
+                if let Some(version) = key.versions.get(*i) {
+                    version.known[k].fetch_add(*v, Ordering::Relaxed);
+                    version.counters.in_flight[k].fetch_sub(*v, Ordering::Relaxed);
+                }
             }
         }
         // A record read while the batch was on its way holds neither its
@@ -620,7 +726,7 @@ impl Keyring {
             // Before its counts are taken: a count made after this lists the
             // record again.
             key.dirty.store(false, Ordering::SeqCst);
-            for (i, c) in key.versions.iter().map(|v| &v.counters).enumerate() {
+            for (i, c) in key.versions.iter().map(|(i, v)| (i, &v.counters)) {
                 let n: [u64; COUNTS] = std::array::from_fn(|k| {
                     // Moved, not copied: a reader sees each count exactly once.
                     let v = c.pending[k].swap(0, Ordering::SeqCst);
@@ -993,6 +1099,52 @@ mod tests {
         assert_eq!(keyring.install(mine).record.current_version, 3);
     }
 
+    /// Names longer than the inline tag, alike in length and in every byte
+    /// it holds, are told apart by the rest of the name; a name of exactly
+    /// the tag's length, and one a byte longer, by the tag and the length.
+    #[tokio::test]
+    async fn names_alike_in_their_first_bytes_find_their_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = keyring(&dir).await;
+        let head = "t".repeat(NAME_INLINE);
+        let names = [format!("{head}-first"), format!("{head}-other"), head.clone(), format!("{head}x")];
+        for (i, name) in names.iter().enumerate() {
+            let labels = [("n".to_owned(), i.to_string())].into();
+            keyring.create(NewKey { name: name.clone(), labels, ..Default::default() }).await.unwrap();
+        }
+        for (i, name) in names.iter().enumerate() {
+            let key = keyring.key(name).await.unwrap();
+            assert_eq!(&key.record.name, name);
+            assert_eq!(key.record.labels["n"], i.to_string());
+        }
+        let err = keyring.key(&format!("{head}-third")).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::NotFound);
+        assert_eq!(keyring.cached_len(), names.len());
+    }
+
+    /// The current version is kept apart from the others; each version is
+    /// found at its own index wherever the current one is.
+    #[test]
+    fn cached_versions_find_each_version_around_the_current_one() {
+        let version = |n: u64| CachedVersion {
+            counters: Arc::default(),
+            known: std::array::from_fn(|_| AtomicU64::new(n)),
+            backend: None,
+            opened: OpenedKek::default(),
+        };
+        let known = |v: Option<&CachedVersion>| v.map(|v| v.known[0].load(Ordering::Relaxed));
+        for current in 0..4 {
+            let versions = CachedVersions::new((0..3).map(version).collect(), current);
+            for i in 0..3 {
+                assert_eq!(known(versions.get(i as usize)), Some(i), "current {current}, index {i}");
+            }
+            assert!(versions.get(3).is_none());
+            assert_eq!(versions.current.is_some(), current < 3);
+            let order: Vec<_> = versions.iter().map(|(i, v)| (i, known(Some(v)).unwrap())).collect();
+            assert_eq!(order, [(0, 0), (1, 1), (2, 2)]);
+        }
+    }
+
     /// A cached version carries the backend that serves it and the KEK that
     /// backend opened for it; a broker without that backend answers
     /// FAILED_PRECONDITION naming it.
@@ -1006,9 +1158,9 @@ mod tests {
         let context = Default::default();
 
         let cached = keyring.key("a").await.unwrap();
-        let current = cached.current().unwrap();
+        let current = cached.current_version().unwrap();
         assert_eq!(cached.backend(current, keyring.backends()).unwrap().name(), "local");
-        let opened = cached.version_ref(current).opened.expect("a cached version keeps its opened KEK");
+        let opened = cached.version_ref(current).unwrap().opened.expect("a cached version keeps its opened KEK");
         assert!(opened.get().is_none(), "nothing opened before the first call");
         let wrapped = broker.wrap("a", b"0123456789abcdef", &context).await.unwrap();
         assert_eq!(wrapped.backend, "local");
@@ -1023,7 +1175,7 @@ mod tests {
         backends.insert(Arc::new(LocalBackend::new("elsewhere", root)));
         let other = Arc::new(Keyring::new(keyring.store().clone(), backends, "elsewhere".into()));
         let cached = other.key("a").await.unwrap();
-        let Err(err) = cached.backend(cached.current().unwrap(), other.backends()) else {
+        let Err(err) = cached.backend(cached.current_version().unwrap(), other.backends()) else {
             panic!("a backend this broker does not have was resolved");
         };
         assert_eq!(err.code(), ErrorCode::FailedPrecondition);

@@ -16,7 +16,7 @@ use rand::{Rng, RngExt};
 use zeroize::Zeroizing;
 
 use super::root_key::RootKey;
-use super::{Aad, BackendError, BackendRef, BackendStats, KeyBackend, OpenedKek, VersionRef, WrapItem};
+use super::{Aad, BackendError, BackendRef, BackendStats, Kept, KeyBackend, OpenedKek, VersionRef, WrapItem};
 use crate::core::envelope::{Algorithm, GCM_NONCE_LEN, GCM_TAG_LEN};
 
 /// Bytes of a KEK.
@@ -244,10 +244,14 @@ impl LocalBackend {
     /// holds it, else from this cache, else unsealed (and kept for the
     /// caller).
     fn cipher(&self, v: VersionRef<'_>) -> Result<Arc<DekCipher>, BackendError> {
-        if let Some(cipher) = v.opened.and_then(OpenedKek::get) {
-            return Ok(cipher);
-        }
-        let cached = self.read_cache().get(v.key, v.version).cloned();
+        let kept = v.opened.map(OpenedKek::kept);
+        let cached = match kept {
+            Some(Kept::Open(cipher)) => return Ok(cipher),
+            // Let go by this cache: not worth a lookup there (at a million
+            // keys used at random, most calls open a KEK again).
+            Some(Kept::LetGo) => None,
+            _ => self.read_cache().get(v.key, v.version).cloned(),
+        };
         let cipher = match cached {
             Some(cipher) => cipher,
             None => {
@@ -568,6 +572,7 @@ mod tests {
         let ctx = Default::default();
         let reference = backend.create_version("k", 1).await.unwrap();
         let opened = OpenedKek::default();
+        assert!(matches!(opened.kept(), Kept::Nothing));
         let v = VersionRef { opened: Some(&opened), ..VersionRef::new("k", 1, &reference) };
         let mut wrapped = Vec::new();
         backend.wrap(v, b"dek", aad(b"h", &ctx), &mut wrapped).await.unwrap();
@@ -578,9 +583,10 @@ mod tests {
         created_and_used(&backend, "o").await;
         assert!(backend.read_cache().get("k", 1).is_none());
         assert!(opened.get().is_none(), "a KEK the cache let go is kept elsewhere");
+        assert!(matches!(opened.kept(), Kept::LetGo), "{:?}", opened.kept());
         // The next call opens it again, and keeps it again.
         assert_eq!(&**backend.unwrap(v, &wrapped[..], aad(b"h", &ctx)).await.unwrap(), b"dek");
-        assert!(opened.get().is_some());
+        assert!(matches!(opened.kept(), Kept::Open(_)));
 
         backend.destroy_version(v).await.unwrap();
         assert!(opened.get().is_none(), "a destroyed version's KEK is kept elsewhere");

@@ -128,10 +128,34 @@ impl OpenedKek {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).upgrade()
     }
 
+    /// What is kept here: the KEK, one that was let go since, or none.
+    pub fn kept(&self) -> Kept {
+        let weak = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match weak.upgrade() {
+            Some(cipher) => Kept::Open(cipher),
+            // `Weak::new()` (nothing kept yet) points at no allocation.
+            None if weak.ptr_eq(&std::sync::Weak::new()) => Kept::Nothing,
+            None => Kept::LetGo,
+        }
+    }
+
     /// Keeps `cipher` (a weak reference to it).
     pub fn set(&self, cipher: &Arc<local::DekCipher>) {
         *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(cipher);
     }
+}
+
+/// What an [`OpenedKek`] holds.
+#[derive(Debug)]
+pub enum Kept {
+    /// The KEK, still held by its backend's cache.
+    Open(Arc<local::DekCipher>),
+    /// A KEK the backend's cache has let go (or dropped with its version)
+    /// since: that cache holds none for the version, as a rule (only
+    /// another caller's call may have opened it again meanwhile).
+    LetGo,
+    /// Nothing was kept yet.
+    Nothing,
 }
 
 impl std::fmt::Debug for OpenedKek {

@@ -649,16 +649,24 @@ fn spawn_audit_flusher(audit: Arc<AuditLog>) {
     });
 }
 
-/// Writes unwrap counts to the store every `interval`.
+/// Writes unwrap counts to the store every `interval`, a batch at a time
+/// (`Keyring::flush_usage_batch`).
 fn spawn_usage_flusher(keyring: Arc<Keyring>, interval: Duration) {
     tokio::spawn(async move {
         loop {
             let started = tokio::time::Instant::now();
-            let wait = match keyring.flush_usage().await {
-                Ok(rows) => {
+            let wait = match keyring.flush_usage_batch().await {
+                Ok((rows, more)) => {
                     let took = started.elapsed();
-                    tracing::debug!(rows, ms = took.as_millis() as u64, "usage counts written");
-                    paced(interval, took, rows > LARGE_WORK)
+                    tracing::debug!(rows, more, ms = took.as_millis() as u64, "usage counts written");
+                    // More keys listed (traffic over many keys): the next
+                    // batch follows at the background share, not after a
+                    // whole interval nor at once.
+                    if more {
+                        took.saturating_mul(BACKGROUND_SHARE).min(MAX_BACKGROUND_INTERVAL)
+                    } else {
+                        paced(interval, took, rows > LARGE_WORK)
+                    }
                 }
                 // Time spent waiting on a store that is down is not work.
                 Err(err) => {

@@ -576,20 +576,20 @@ mod tests {
         let v = VersionRef { opened: Some(&opened), ..VersionRef::new("k", 1, &reference) };
         let mut wrapped = Vec::new();
         backend.wrap(v, b"dek", aad(b"h", &ctx), &mut wrapped).await.unwrap();
-        let kept = opened.get().expect("the call kept the KEK it opened");
+        let kept = opened.kept().open().expect("the call kept the KEK it opened");
         assert!(Arc::ptr_eq(&kept, backend.read_cache().get("k", 1).unwrap()));
         drop(kept);
 
         created_and_used(&backend, "o").await;
         assert!(backend.read_cache().get("k", 1).is_none());
-        assert!(opened.get().is_none(), "a KEK the cache let go is kept elsewhere");
+        assert!(opened.kept().open().is_none(), "a KEK the cache let go is kept elsewhere");
         assert!(matches!(opened.kept(), Kept::LetGo), "{:?}", opened.kept());
         // The next call opens it again, and keeps it again.
         assert_eq!(&**backend.unwrap(v, &wrapped[..], aad(b"h", &ctx)).await.unwrap(), b"dek");
         assert!(matches!(opened.kept(), Kept::Open(_)));
 
         backend.destroy_version(v).await.unwrap();
-        assert!(opened.get().is_none(), "a destroyed version's KEK is kept elsewhere");
+        assert!(opened.kept().open().is_none(), "a destroyed version's KEK is kept elsewhere");
     }
 
     #[test]

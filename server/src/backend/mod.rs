@@ -123,11 +123,6 @@ impl<'a> VersionRef<'a> {
 pub struct OpenedKek(std::sync::Mutex<std::sync::Weak<local::DekCipher>>);
 
 impl OpenedKek {
-    /// The KEK kept here, if its backend still holds it.
-    pub fn get(&self) -> Option<Arc<local::DekCipher>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).upgrade()
-    }
-
     /// What is kept here: the KEK, one that was let go since, or none.
     pub fn kept(&self) -> Kept {
         let weak = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -156,6 +151,16 @@ pub enum Kept {
     LetGo,
     /// Nothing was kept yet.
     Nothing,
+}
+
+impl Kept {
+    /// The KEK, if it is still held.
+    pub fn open(self) -> Option<Arc<local::DekCipher>> {
+        match self {
+            Kept::Open(cipher) => Some(cipher),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for OpenedKek {

@@ -1232,10 +1232,10 @@ mod tests {
         let current = cached.current_version().unwrap();
         assert_eq!(cached.backend(current, keyring.backends()).unwrap().name(), "local");
         let opened = cached.version_ref(current).unwrap().opened.expect("a cached version keeps its opened KEK");
-        assert!(opened.get().is_none(), "nothing opened before the first call");
+        assert!(opened.kept().open().is_none(), "nothing opened before the first call");
         let wrapped = broker.wrap("a", b"0123456789abcdef", &context).await.unwrap();
         assert_eq!(wrapped.backend, "local");
-        assert!(opened.get().is_some(), "the call kept the KEK it opened");
+        assert!(opened.kept().open().is_some(), "the call kept the KEK it opened");
         let unwrapped = broker.unwrap(&wrapped.ciphertext, &context).await.unwrap();
         assert_eq!(unwrapped.plaintext.as_slice(), b"0123456789abcdef");
         assert_eq!(unwrapped.backend, "local");

@@ -194,10 +194,9 @@ impl CachedKey {
         // lookups, but not Wrapped under (INTERNAL, as for a missing current
         // version).
         let in_place = record.versions.iter().enumerate().all(|(i, v)| v.version as usize == i + 1);
-        let all = record
-            .versions
+        let cached = if in_place { record.versions.as_slice() } else { &[] };
+        let all = cached
             .iter()
-            .take_while(|_| in_place)
             .enumerate()
             .map(|(i, v)| CachedVersion {
                 counters: previous.and_then(|p| p.versions.get(i)).map(|p| p.counters.clone()).unwrap_or_default(),
@@ -466,6 +465,9 @@ struct UsageBatch {
     usage: Arc<[UsageRecord]>,
     /// Where the counts came from, to count them as flushed once applied.
     taken: Vec<(Arc<CachedKey>, usize, [u64; COUNTS])>,
+    /// Keys listed when it was taken were left for later batches (not keys
+    /// listed again while it is written: a busy key is not a backlog).
+    more: bool,
 }
 
 /// The cached version table.
@@ -513,7 +515,7 @@ pub const DEFAULT_MAX_CACHED_KEYS: usize = 1_000_000;
 /// Keys per store read when the cache is warmed or keys are listed.
 const PAGE: usize = 1000;
 /// Most keys whose counts one usage batch takes: after traffic over many
-/// keys, the counts go out in batches of this many keys (about 0.1 s of
+/// keys, the counts go out in batches of this many keys (about 0.2 s of
 /// SQLite here each), oldest listed first, instead of in one long write.
 const FLUSH_KEYS: usize = 20_000;
 /// Most unknown names remembered at once.
@@ -691,20 +693,21 @@ impl Keyring {
 
     /// Writes one batch: the unflushed counts of at most [`FLUSH_KEYS`]
     /// keys, those listed first (or the batch that failed before). Returns
-    /// the rows written and whether more keys are listed.
+    /// the rows written and whether keys listed when it was taken were left
+    /// for the next batch.
     pub async fn flush_usage_batch(&self) -> ServiceResult<(usize, bool)> {
         let _flushing = self.flushing.lock().await;
         if self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none() {
             let batch = self.take_pending();
             if batch.usage.is_empty() {
-                return Ok((0, self.dirty_len() > 0));
+                return Ok((0, batch.more));
             }
             *self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(batch);
         }
-        let (id, usage) = {
+        let (id, usage, more) = {
             let in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Some(batch) = in_flight.as_ref() else { return Ok((0, self.dirty_len() > 0)) };
-            (batch.id.clone(), Arc::clone(&batch.usage))
+            let Some(batch) = in_flight.as_ref() else { return Ok((0, false)) };
+            (batch.id.clone(), Arc::clone(&batch.usage), batch.more)
         };
         self.store.record_usage(&id, &usage).await?;
         let done = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
@@ -738,7 +741,7 @@ impl Keyring {
                 }
             }
         }
-        Ok((usage.len(), self.dirty_len() > 0))
+        Ok((usage.len(), more))
     }
 
     fn dirty_len(&self) -> usize {
@@ -748,10 +751,10 @@ impl Keyring {
     /// Takes the unflushed counts of the keys listed first (at most
     /// `flush_keys` of them) into a new batch.
     fn take_pending(&self) -> UsageBatch {
-        let keys: Vec<Arc<CachedKey>> = {
+        let (keys, more): (Vec<Arc<CachedKey>>, bool) = {
             let mut dirty = self.dirty.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let n = dirty.len().min(self.flush_keys);
-            dirty.drain(..n).collect()
+            (dirty.drain(..n).collect(), !dirty.is_empty())
         };
         let t = now();
         let mut usage = Vec::with_capacity(keys.len());
@@ -789,6 +792,7 @@ impl Keyring {
             id: format!("{}-{}", self.broker_id, self.batches.fetch_add(1, Ordering::Relaxed)),
             usage: usage.into(),
             taken,
+            more,
         }
     }
 

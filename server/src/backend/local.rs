@@ -28,6 +28,16 @@ const SEAL_DOMAIN: &[u8] = b"keybroker.local.kek.v1\0";
 /// Most opened KEKs held unless configured (`cache.max_ciphers`).
 pub const DEFAULT_MAX_CIPHERS: usize = 100_000;
 
+/// A full cache keeps a KEK opened for a key's cached version only on the
+/// eighth call that opened it since it was last kept; the other calls use
+/// it once and wipe it. Keeping one means letting another go, and both
+/// cost more than the call's own work (a million keys used at random
+/// through a cache of 100,000: a second microsecond per call, in cold
+/// memory); a key used often is kept after a few calls, and KEKs no longer
+/// used still make room at an eighth of the rate. A KEK opened for a
+/// caller without such a place (migration, tools) is kept at once.
+pub const KEEP_ON_OPEN: u32 = 8;
+
 /// Opened KEKs by (key name, version), in one flat table looked up with a
 /// borrowed name (the hot path allocates nothing; a miss allocates the
 /// name once). Holds at most `max` of them: a full cache lets an eighth go,
@@ -149,6 +159,12 @@ impl CipherCache {
     pub(crate) fn len(&self) -> usize {
         self.table.len()
     }
+
+    /// Whether the cache is at its bound, or at what a full one keeps
+    /// after letting an eighth go.
+    fn is_full(&self) -> bool {
+        self.table.len() >= self.max - self.max / 8
+    }
 }
 
 /// The local backend.
@@ -241,8 +257,8 @@ impl LocalBackend {
     }
 
     /// The opened KEK of `v`: the one the caller kept if this cache still
-    /// holds it, else from this cache, else unsealed (and kept for the
-    /// caller).
+    /// holds it, else from this cache, else unsealed (and kept, here and
+    /// for the caller, as [`KEEP_ON_OPEN`] says).
     fn cipher(&self, v: VersionRef<'_>) -> Result<Arc<DekCipher>, BackendError> {
         let kept = v.opened.map(OpenedKek::kept);
         let cached = match kept {
@@ -260,6 +276,9 @@ impl LocalBackend {
                     DekCipher::new(kek.as_slice())
                         .ok_or_else(|| self.material_error(v.key, v.version, "bad KEK length"))?,
                 );
+                if !self.keeps(v.opened) {
+                    return Ok(cipher);
+                }
                 self.write_cache().insert(v.key, v.version, cipher.clone());
                 cipher
             }
@@ -268,6 +287,15 @@ impl LocalBackend {
             opened.set(&cipher);
         }
         Ok(cipher)
+    }
+
+    /// Whether a KEK just opened for a caller keeping it in `opened` is
+    /// kept ([`KEEP_ON_OPEN`]).
+    fn keeps(&self, opened: Option<&OpenedKek>) -> bool {
+        match opened {
+            Some(opened) if self.read_cache().is_full() => opened.pass_over(KEEP_ON_OPEN),
+            _ => true,
+        }
     }
 
     fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, CipherCache> {
@@ -584,12 +612,67 @@ mod tests {
         assert!(backend.read_cache().get("k", 1).is_none());
         assert!(opened.kept().open().is_none(), "a KEK the cache let go is kept elsewhere");
         assert!(matches!(opened.kept(), Kept::LetGo), "{:?}", opened.kept());
-        // The next call opens it again, and keeps it again.
-        assert_eq!(&**backend.unwrap(v, &wrapped[..], aad(b"h", &ctx)).await.unwrap(), b"dek");
+        // The next calls open it again; the cache, full, keeps it again on
+        // the eighth.
+        for call in 1..=KEEP_ON_OPEN {
+            assert!(matches!(opened.kept(), Kept::LetGo), "call {call}: {:?}", opened.kept());
+            assert_eq!(&**backend.unwrap(v, &wrapped[..], aad(b"h", &ctx)).await.unwrap(), b"dek");
+        }
         assert!(matches!(opened.kept(), Kept::Open(_)));
 
         backend.destroy_version(v).await.unwrap();
         assert!(opened.kept().open().is_none(), "a destroyed version's KEK is kept elsewhere");
+    }
+
+    /// Wraps a DEK under `v` and unwraps it again: two opens of its KEK.
+    async fn wrapped_and_unwrapped(backend: &LocalBackend, v: VersionRef<'_>) {
+        let ctx = Default::default();
+        let mut wrapped = Vec::new();
+        backend.wrap(v, b"dek", aad(b"h", &ctx), &mut wrapped).await.unwrap();
+        assert_eq!(&**backend.unwrap(v, &wrapped, aad(b"h", &ctx)).await.unwrap(), b"dek");
+    }
+
+    /// A full cache keeps a KEK opened for a key's cached version only on
+    /// its eighth open since it was last kept, and the calls before work
+    /// the same; what the cache holds after letting an eighth go still
+    /// counts as full.
+    #[tokio::test]
+    async fn a_full_cache_keeps_a_kek_on_its_eighth_open() {
+        let backend = backend(9).with_max_ciphers(16);
+        let mut first = Vec::new();
+        for i in 0..16u32 {
+            let name = format!("k{i}");
+            created_and_used(&backend, &name).await;
+            first.push(name);
+        }
+        assert_eq!(backend.cached_ciphers(), 16);
+
+        let hot = backend.create_version("hot", 1).await.unwrap();
+        let opened = OpenedKek::default();
+        let v = VersionRef { opened: Some(&opened), ..VersionRef::new("hot", 1, &hot) };
+        // Each round opens it twice (a wrap, then an unwrap of its output).
+        for round in 1..KEEP_ON_OPEN / 2 {
+            wrapped_and_unwrapped(&backend, v).await;
+            assert!(matches!(opened.kept(), Kept::LetGo), "round {round}: {:?}", opened.kept());
+            assert!(backend.read_cache().get("hot", 1).is_none(), "round {round}: kept too soon");
+            assert_eq!(backend.cached_ciphers(), 16, "round {round}: nothing let go");
+        }
+        wrapped_and_unwrapped(&backend, v).await;
+        let kept = opened.kept().open().expect("kept on the eighth open");
+        assert!(Arc::ptr_eq(&kept, backend.read_cache().get("hot", 1).unwrap()));
+        assert_eq!(backend.cached_ciphers(), 15, "an eighth (2) let go for it");
+        assert_eq!(first.iter().filter(|name| backend.read_cache().get(name, 1).is_some()).count(), 14);
+
+        // 15 held, 2 under the bound: still full, another key waits its turn.
+        let other = backend.create_version("other", 1).await.unwrap();
+        let other_opened = OpenedKek::default();
+        wrapped_and_unwrapped(
+            &backend,
+            VersionRef { opened: Some(&other_opened), ..VersionRef::new("other", 1, &other) },
+        )
+        .await;
+        assert!(matches!(other_opened.kept(), Kept::LetGo), "{:?}", other_opened.kept());
+        assert_eq!(backend.cached_ciphers(), 15);
     }
 
     #[test]

@@ -119,24 +119,42 @@ impl<'a> VersionRef<'a> {
 /// backend's bounded cache owns every opened KEK, so one it lets go, or
 /// drops when the version is destroyed, is gone from here too, and its key
 /// schedule is wiped as before.
+///
+/// It also counts the times a full cache opened the KEK for a call without
+/// keeping it (see [`local::KEEP_ON_OPEN`]).
 #[derive(Default)]
-pub struct OpenedKek(std::sync::Mutex<std::sync::Weak<local::DekCipher>>);
+pub struct OpenedKek {
+    kek: std::sync::Mutex<std::sync::Weak<local::DekCipher>>,
+    passed_over: std::sync::atomic::AtomicU32,
+}
 
 impl OpenedKek {
-    /// What is kept here: the KEK, one that was let go since, or none.
+    /// What is kept here: the KEK, one that was let go since (or opened
+    /// without being kept), or none.
     pub fn kept(&self) -> Kept {
-        let weak = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let weak = self.kek.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match weak.upgrade() {
             Some(cipher) => Kept::Open(cipher),
             // `Weak::new()` (nothing kept yet) points at no allocation.
-            None if weak.ptr_eq(&std::sync::Weak::new()) => Kept::Nothing,
+            None if weak.ptr_eq(&std::sync::Weak::new()) && self.passed_over() == 0 => Kept::Nothing,
             None => Kept::LetGo,
         }
     }
 
     /// Keeps `cipher` (a weak reference to it).
     pub fn set(&self, cipher: &Arc<local::DekCipher>) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(cipher);
+        *self.kek.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(cipher);
+        self.passed_over.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts one more call that opened the KEK without keeping it, and
+    /// says whether that makes `times` since it was last kept.
+    pub(crate) fn pass_over(&self, times: u32) -> bool {
+        self.passed_over.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= times
+    }
+
+    fn passed_over(&self) -> u32 {
+        self.passed_over.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

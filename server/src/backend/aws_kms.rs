@@ -73,8 +73,8 @@ impl AwsKmsBackend {
         }
     }
 
-    fn arn(&self, reference: &BackendRef) -> Result<String, BackendError> {
-        String::from_utf8(reference.0.clone()).map_err(|_| BackendError::Material {
+    fn arn(&self, reference: &[u8]) -> Result<String, BackendError> {
+        String::from_utf8(reference.to_vec()).map_err(|_| BackendError::Material {
             backend: self.name.clone(),
             key: String::new(),
             version: 0,

@@ -45,8 +45,7 @@ fn seal_header(key: &str, version: u32) -> Vec<u8> {
     header
 }
 
-fn split_ref(reference: &BackendRef) -> Option<(BackendRef, &[u8])> {
-    let bytes = &reference.0;
+fn split_ref(bytes: &[u8]) -> Option<(BackendRef, &[u8])> {
     if bytes.len() < 3 || bytes[0] != REF_FORMAT {
         return None;
     }
@@ -209,7 +208,7 @@ impl KeyBackend for HierarchyBackend {
     }
 
     fn backend_key_id(&self, reference: &BackendRef) -> String {
-        split_ref(reference).map(|(remote, _)| self.inner.backend_key_id(&remote)).unwrap_or_default()
+        split_ref(&reference.0).map(|(remote, _)| self.inner.backend_key_id(&remote)).unwrap_or_default()
     }
 
     async fn wrap(
@@ -247,7 +246,7 @@ impl KeyBackend for HierarchyBackend {
         self.write_cache().remove(version.key, version.version);
         match split_ref(version.reference) {
             Some((remote, _)) => {
-                self.inner.destroy_version(VersionRef { reference: &remote, opened: None, ..version }).await
+                self.inner.destroy_version(VersionRef { reference: &remote.0, opened: None, ..version }).await
             }
             None => Ok(()),
         }

@@ -9,8 +9,6 @@
 
 use std::sync::{Arc, RwLock};
 
-use aes_gcm::aead::AeadInOut;
-use aes_gcm::{Nonce, Tag};
 use async_trait::async_trait;
 use rand::{Rng, RngExt};
 use zeroize::Zeroizing;
@@ -222,33 +220,37 @@ impl LocalBackend {
         let tag = self
             .root
             .cipher()
-            .encrypt_inout_detached(
-                &Nonce::from(nonce),
-                &Self::seal_aad(key, version),
-                (&mut sealed[1 + GCM_NONCE_LEN..]).into(),
+            .0
+            .seal_in_place_separate_tag(
+                aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                aws_lc_rs::aead::Aad::from(Self::seal_aad(key, version)),
+                &mut sealed[1 + GCM_NONCE_LEN..],
             )
             .map_err(|_| self.material_error(key, version, "sealing failed"))?;
-        sealed.extend_from_slice(&tag);
+        sealed.extend_from_slice(tag.as_ref());
         Ok(BackendRef(sealed))
     }
 
     fn unseal(&self, v: VersionRef<'_>) -> Result<Zeroizing<[u8; KEK_LEN]>, BackendError> {
-        let sealed = &v.reference.0;
+        let sealed = v.reference;
         if sealed.len() != SEALED_LEN || sealed[0] != SEAL_FORMAT {
             return Err(self.material_error(v.key, v.version, "sealed material has an unknown format"));
         }
-        let nonce = Nonce::try_from(&sealed[1..1 + GCM_NONCE_LEN])
+        let nonce = aws_lc_rs::aead::Nonce::try_assume_unique_for_key(&sealed[1..1 + GCM_NONCE_LEN])
             .map_err(|_| self.material_error(v.key, v.version, "bad nonce"))?;
-        let tag = Tag::try_from(&sealed[SEALED_LEN - GCM_TAG_LEN..])
-            .map_err(|_| self.material_error(v.key, v.version, "bad tag"))?;
-        let mut kek = Zeroizing::new([0u8; KEK_LEN]);
-        kek.copy_from_slice(&sealed[1 + GCM_NONCE_LEN..SEALED_LEN - GCM_TAG_LEN]);
-        self.root
+        // The encrypted KEK and its tag, opened in place.
+        let mut buffer = Zeroizing::new([0u8; KEK_LEN + GCM_TAG_LEN]);
+        buffer.copy_from_slice(&sealed[1 + GCM_NONCE_LEN..]);
+        let opened = self
+            .root
             .cipher()
-            .decrypt_inout_detached(&nonce, &Self::seal_aad(v.key, v.version), kek.as_mut_slice().into(), &tag)
+            .0
+            .open_in_place(nonce, aws_lc_rs::aead::Aad::from(Self::seal_aad(v.key, v.version)), buffer.as_mut_slice())
             .map_err(|_| {
                 self.material_error(v.key, v.version, "unsealing failed: wrong root key or corrupted store")
             })?;
+        let mut kek = Zeroizing::new([0u8; KEK_LEN]);
+        kek.copy_from_slice(opened);
         Ok(kek)
     }
 
@@ -673,6 +675,32 @@ mod tests {
         .await;
         assert!(matches!(other_opened.kept(), Kept::LetGo), "{:?}", other_opened.kept());
         assert_eq!(backend.cached_ciphers(), 15);
+    }
+
+    /// The seal format did not change with its implementation: a KEK
+    /// sealed as the module header says, by another AES-GCM (RustCrypto's,
+    /// which sealed them before), opens; and one sealed here opens there.
+    #[tokio::test]
+    async fn sealed_keks_open_across_aes_gcm_implementations() {
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let root = [4u8; 32];
+        let b = backend(4);
+        let other = aes_gcm::Aes256Gcm::new(&root.into());
+        let aad = LocalBackend::seal_aad("k", 3);
+
+        let kek = [0x5A; KEK_LEN];
+        let nonce = [9u8; GCM_NONCE_LEN];
+        let mut sealed = vec![SEAL_FORMAT];
+        sealed.extend_from_slice(&nonce);
+        sealed.extend(other.encrypt(&nonce.into(), Payload { msg: &kek, aad: &aad }).unwrap());
+        let reference = BackendRef(sealed);
+        assert_eq!(b.export(VersionRef::new("k", 3, &reference)).await.unwrap().as_slice(), &kek);
+        assert!(b.export(VersionRef::new("k", 2, &reference)).await.is_err(), "bound to its version");
+
+        let reference = b.create_version("k", 3).await.unwrap();
+        let (nonce, body) = reference.0[1..].split_at(GCM_NONCE_LEN);
+        let opened = other.decrypt(nonce.try_into().unwrap(), Payload { msg: body, aad: &aad }).unwrap();
+        assert_eq!(opened.as_slice(), b.export(VersionRef::new("k", 3, &reference)).await.unwrap().as_slice());
     }
 
     #[test]

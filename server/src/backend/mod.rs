@@ -99,8 +99,9 @@ pub struct VersionRef<'a> {
     pub key: &'a str,
     /// Version number.
     pub version: u32,
-    /// What the backend returned from `create_version` or `import`.
-    pub reference: &'a BackendRef,
+    /// What the backend returned from `create_version` or `import` (the
+    /// bytes of its [`BackendRef`]).
+    pub reference: &'a [u8],
     /// Where the caller keeps the KEK the backend opened for this version
     /// last, so the next call reaches it without the backend's lookup
     /// (`None`: the backend looks it up).
@@ -110,7 +111,7 @@ pub struct VersionRef<'a> {
 impl<'a> VersionRef<'a> {
     /// Version `version` of `key`, held by the backend as `reference`.
     pub fn new(key: &'a str, version: u32, reference: &'a BackendRef) -> Self {
-        Self { key, version, reference, opened: None }
+        Self { key, version, reference: &reference.0, opened: None }
     }
 }
 

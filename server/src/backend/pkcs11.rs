@@ -588,7 +588,7 @@ impl KeyBackend for Pkcs11Backend {
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
         let (reference, key, v, backend) =
-            (version.reference.0.clone(), version.key.to_owned(), version.version, self.name.clone());
+            (version.reference.to_vec(), version.key.to_owned(), version.version, self.name.clone());
         let aad = aad.bytes();
         let plaintext = Zeroizing::new(plaintext.to_vec());
         let payload = self
@@ -619,7 +619,7 @@ impl KeyBackend for Pkcs11Backend {
             return Err(BackendError::AuthenticationFailed { key: version.key.to_owned(), version: version.version });
         }
         let (reference, key, v, backend) =
-            (version.reference.0.clone(), version.key.to_owned(), version.version, self.name.clone());
+            (version.reference.to_vec(), version.key.to_owned(), version.version, self.name.clone());
         let aad = aad.bytes();
         let payload = payload.to_vec();
         self.run(move |token, session| {
@@ -708,7 +708,7 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     async fn destroy_version(&self, version: VersionRef<'_>) -> Result<(), BackendError> {
-        let reference = version.reference.0.clone();
+        let reference = version.reference.to_vec();
         if reference.is_empty() {
             return Ok(());
         }

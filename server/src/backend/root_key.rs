@@ -6,7 +6,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use aes_gcm::{Aes256Gcm, KeyInit};
+use super::local::DekCipher;
 use base64::Engine;
 use rand::Rng;
 use zeroize::Zeroizing;
@@ -86,10 +86,10 @@ pub enum RootKeyError {
     Missing,
 }
 
-/// A loaded root key, as a ready cipher. Its bytes are zeroized on drop and
-/// never printed.
+/// A loaded root key, as a ready cipher (AWS-LC's, like the opened KEKs'):
+/// its key schedule is wiped on drop and never printed.
 pub struct RootKey {
-    cipher: Aes256Gcm,
+    cipher: DekCipher,
 }
 
 impl std::fmt::Debug for RootKey {
@@ -115,14 +115,18 @@ impl RootKey {
         let bytes =
             Zeroizing::new(base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(|_| format())?);
         let key: &[u8; ROOT_KEY_LEN] = bytes.as_slice().try_into().map_err(|_| format())?;
-        Ok(Self { cipher: Aes256Gcm::new(&(*key).into()) })
+        Self::of(key).ok_or_else(format)
+    }
+
+    fn of(key: &[u8; ROOT_KEY_LEN]) -> Option<Self> {
+        Some(Self { cipher: DekCipher::new(key)? })
     }
 
     /// A root key from its 32 raw bytes (as unsealed by a remote backend).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, RootKeyError> {
-        let key: &[u8; ROOT_KEY_LEN] =
-            bytes.try_into().map_err(|_| RootKeyError::Format { source_name: "the sealed root key".to_owned() })?;
-        Ok(Self { cipher: Aes256Gcm::new(&(*key).into()) })
+        let format = || RootKeyError::Format { source_name: "the sealed root key".to_owned() };
+        let key: &[u8; ROOT_KEY_LEN] = bytes.try_into().map_err(|_| format())?;
+        Self::of(key).ok_or_else(format)
     }
 
     /// Writes a new random root key to `path` with mode 0600; fails if the
@@ -139,7 +143,7 @@ impl RootKey {
     }
 
     /// The AES-256-GCM cipher of the root key.
-    pub(crate) fn cipher(&self) -> &Aes256Gcm {
+    pub(crate) fn cipher(&self) -> &DekCipher {
         &self.cipher
     }
 }

@@ -52,7 +52,7 @@ async fn carry_version(key: &str, v: &VersionRecord, from: &Backends, to: &Side)
     let here = VersionRef::new(key, v.version, &v.backend_ref);
     if source.exportable() && target.importable() {
         let imported = target.import(key, v.version, &source.export(here).await?).await?;
-        let there = VersionRef { reference: &imported, ..here };
+        let there = VersionRef { reference: &imported.0, ..here };
         verify_copy(source.as_ref(), here, target.as_ref(), there).await?;
         return Ok(VersionRecord { backend: target_name, backend_ref: imported, mode: KeyMode::Direct, ..v.clone() });
     }

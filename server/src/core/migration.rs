@@ -474,7 +474,7 @@ impl Migrator {
                 let from = VersionRef::new(key, v.version, &v.backend_ref);
                 let material = Zeroizing::new(source.export(from).await?.to_vec());
                 let reference = target.import(key, v.version, &material).await?;
-                verify_copy(source.as_ref(), from, target.as_ref(), VersionRef { reference: &reference, ..from })
+                verify_copy(source.as_ref(), from, target.as_ref(), VersionRef { reference: &reference.0, ..from })
                     .await?;
                 self.keyring
                     .switch_version_backend(key, v.version, &job.from_backend, &job.to_backend, reference)

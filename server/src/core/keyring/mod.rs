@@ -75,6 +75,39 @@ struct CachedVersion {
     /// on this broker: a call then gets the error that says so.
     backend: Option<Arc<dyn KeyBackend>>,
     opened: OpenedKek,
+    /// The version's backend reference, copied when it is short (a local
+    /// KEK's is 61 bytes): a call that opens the KEK reads it here, not
+    /// from the record.
+    reference: InlineRef,
+}
+
+/// How many bytes of a backend reference a cached version keeps inline.
+const REF_INLINE: usize = 64;
+
+/// A backend reference of at most [`REF_INLINE`] bytes, or none.
+struct InlineRef {
+    len: u8,
+    bytes: [u8; REF_INLINE],
+}
+
+impl InlineRef {
+    /// Marks a reference too long to keep inline.
+    const NONE: u8 = u8::MAX;
+
+    fn new(reference: &[u8]) -> Self {
+        let mut bytes = [0; REF_INLINE];
+        match (bytes.get_mut(..reference.len()), u8::try_from(reference.len())) {
+            (Some(inline), Ok(len)) => {
+                inline.copy_from_slice(reference);
+                Self { len, bytes }
+            }
+            _ => Self { len: Self::NONE, bytes },
+        }
+    }
+
+    fn get(&self) -> Option<&[u8]> {
+        if self.len == Self::NONE { None } else { self.bytes.get(..usize::from(self.len)) }
+    }
 }
 
 impl std::fmt::Debug for CachedVersion {
@@ -153,6 +186,13 @@ impl NameTag {
         head[..n].copy_from_slice(&name.as_bytes()[..n]);
         Self { len: u16::try_from(name.len()).unwrap_or(u16::MAX), head }
     }
+
+    /// The whole name, when it fits inline (a backend opening a KEK reads
+    /// the name: from here, not from the record's copy in other memory).
+    fn whole(&self) -> Option<&str> {
+        let len = usize::from(self.len);
+        if len <= NAME_INLINE { std::str::from_utf8(&self.head[..len]).ok() } else { None }
+    }
 }
 
 /// A key as cached: its record and what each version needs per call. The
@@ -203,6 +243,7 @@ impl CachedKey {
                 known: std::array::from_fn(|k| AtomicU64::new(stored(v, COUNT_ORDER[k]))),
                 backend: backends.get_mode(&v.backend, v.mode).ok().cloned(),
                 opened: OpenedKek::default(),
+                reference: InlineRef::new(&v.backend_ref.0),
             })
             .collect();
         let current_index = (record.current_version as usize).wrapping_sub(1);
@@ -285,15 +326,22 @@ impl CachedKey {
     /// place that keeps the KEK the backend opened for it.
     pub fn version_ref(&self, version: u32) -> ServiceResult<VersionRef<'_>> {
         let cached = self.cached_version(version);
-        // A cached version's record is in place: found by its index alone.
-        let record = match cached {
-            Some(_) => self.record.versions.get(version as usize - 1),
-            None => self.record.version(version),
+        let reference = match cached.and_then(|v| v.reference.get()) {
+            Some(reference) => reference,
+            None => {
+                // A cached version's record is in place: found by its index alone.
+                let record = match cached {
+                    Some(_) => self.record.versions.get(version as usize - 1),
+                    None => self.record.version(version),
+                };
+                &record.ok_or_else(|| self.no_record_of(version))?.backend_ref.0
+            }
         };
-        let record = record.ok_or_else(|| self.no_record_of(version))?;
         Ok(VersionRef {
+            key: self.name.whole().unwrap_or(&self.record.name),
+            version,
+            reference,
             opened: cached.map(|v| &v.opened),
-            ..VersionRef::new(&self.record.name, version, &record.backend_ref)
         })
     }
 
@@ -1206,6 +1254,7 @@ mod tests {
             known: std::array::from_fn(|_| AtomicU64::new(n)),
             backend: None,
             opened: OpenedKek::default(),
+            reference: InlineRef::new(b""),
         };
         let known = |v: Option<&CachedVersion>| v.map(|v| v.known[0].load(Ordering::Relaxed));
         for current in 0..4 {
@@ -1260,5 +1309,38 @@ mod tests {
         assert_eq!(err.code(), ErrorCode::FailedPrecondition, "{}", err.message());
         let err = broker.unwrap(&wrapped.ciphertext, &context).await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::FailedPrecondition, "{}", err.message());
+    }
+
+    /// A cached version hands its backend the name and the reference from
+    /// the cached key's own memory when they fit inline (22 bytes of name,
+    /// 64 of reference: a local KEK's 61), and from the record otherwise;
+    /// either way the same bytes.
+    #[tokio::test]
+    async fn a_version_ref_reads_short_names_and_references_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = keyring(&dir).await;
+        let short = "a".repeat(NAME_INLINE);
+        let long = "b".repeat(NAME_INLINE + 1);
+        for name in [&short, &long] {
+            keyring.create(NewKey { name: name.clone(), ..Default::default() }).await.unwrap();
+            let cached = keyring.key(name).await.unwrap();
+            let v = cached.version_ref(1).unwrap();
+            let record = cached.record.version(1).unwrap();
+            assert_eq!(v.key, name.as_str());
+            assert_eq!(std::ptr::eq(v.key.as_ptr(), cached.record.name.as_ptr()), name.len() > NAME_INLINE, "{name}");
+            assert_eq!(v.reference, record.backend_ref.0.as_slice());
+            assert_eq!(v.reference.len(), 61);
+            assert!(!std::ptr::eq(v.reference.as_ptr(), record.backend_ref.0.as_ptr()), "a 61-byte reference inline");
+        }
+
+        // A reference longer than the inline room is read from the record.
+        let mut record = keyring.key(&short).await.unwrap().record.clone();
+        record.versions[0].backend_ref = crate::backend::BackendRef(vec![7; REF_INLINE + 1]);
+        let dirty_keys = Arc::default();
+        let cached = CachedKey::new(record, None, &dirty_keys, keyring.backends());
+        let v = cached.version_ref(1).unwrap();
+        assert_eq!(v.reference, &[7; REF_INLINE + 1][..]);
+        assert!(std::ptr::eq(v.reference.as_ptr(), cached.record.versions[0].backend_ref.0.as_ptr()));
+        assert!(v.opened.is_some(), "still a cached version");
     }
 }

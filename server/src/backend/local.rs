@@ -49,6 +49,9 @@ pub(crate) struct CipherCache {
     hasher: foldhash::fast::RandomState,
     max: usize,
     ttl: Option<std::time::Duration>,
+    /// The cache has let KEKs go to make room (from then on it counts as
+    /// full down to what it keeps after letting an eighth go).
+    overflowed: bool,
 }
 
 struct CachedCipher {
@@ -73,6 +76,7 @@ impl CipherCache {
             hasher: foldhash::fast::RandomState::default(),
             max: max.max(1),
             ttl: None,
+            overflowed: false,
         }
     }
 
@@ -120,6 +124,7 @@ impl CipherCache {
             // still to look at (selection sampling). Not the first in the
             // table's order: those lie in the same buckets every time, so
             // the KEKs in the last buckets would never go.
+            self.overflowed = true;
             let mut excess = self.table.len() - (self.max - (self.max / 8).max(1));
             let mut left = self.table.len();
             let mut rng = rand::rng();
@@ -158,10 +163,13 @@ impl CipherCache {
         self.table.len()
     }
 
-    /// Whether the cache is at its bound, or at what a full one keeps
-    /// after letting an eighth go.
+    /// Whether the cache is at its bound, or, once it has let KEKs go to
+    /// make room, at what it keeps after letting an eighth go (so that the
+    /// room made is not filled at once by whatever comes next). A working
+    /// set within the bound fills it without waiting.
     fn is_full(&self) -> bool {
-        self.table.len() >= self.max - self.max / 8
+        let room_made = if self.overflowed { self.max / 8 } else { 0 };
+        self.table.len() >= self.max - room_made
     }
 }
 
@@ -636,17 +644,29 @@ mod tests {
 
     /// A full cache keeps a KEK opened for a key's cached version only on
     /// its eighth open since it was last kept, and the calls before work
-    /// the same; what the cache holds after letting an eighth go still
-    /// counts as full.
+    /// the same; below its bound it keeps one at once until it first lets
+    /// KEKs go, and from then on what it holds after letting an eighth go
+    /// still counts as full.
     #[tokio::test]
     async fn a_full_cache_keeps_a_kek_on_its_eighth_open() {
         let backend = backend(9).with_max_ciphers(16);
         let mut first = Vec::new();
-        for i in 0..16u32 {
+        for i in 0..15u32 {
             let name = format!("k{i}");
             created_and_used(&backend, &name).await;
             first.push(name);
         }
+        // Within the bound, a cache that never let a KEK go keeps one at
+        // once (a working set within the bound fills it without waiting).
+        let early = backend.create_version("early", 1).await.unwrap();
+        let early_opened = OpenedKek::default();
+        wrapped_and_unwrapped(
+            &backend,
+            VersionRef { opened: Some(&early_opened), ..VersionRef::new("early", 1, &early) },
+        )
+        .await;
+        assert!(matches!(early_opened.kept(), Kept::Open(_)), "{:?}", early_opened.kept());
+        first.push("early".to_owned());
         assert_eq!(backend.cached_ciphers(), 16);
 
         let hot = backend.create_version("hot", 1).await.unwrap();

@@ -173,6 +173,34 @@ impl CipherCache {
     }
 }
 
+/// Room for a seal's additional data with a key name of up to 128 bytes
+/// (the longest valid name).
+const SEAL_AAD_INLINE: usize = SEAL_DOMAIN.len() + 128 + 5;
+
+/// A seal's additional data ([`LocalBackend::seal_aad`]).
+enum SealAad {
+    Inline([u8; SEAL_AAD_INLINE], usize),
+    Heap(Vec<u8>),
+}
+
+impl AsRef<[u8]> for SealAad {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            SealAad::Inline(bytes, len) => &bytes[..*len],
+            SealAad::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl AsMut<[u8]> for SealAad {
+    fn as_mut(&mut self) -> &mut [u8] {
+        match self {
+            SealAad::Inline(bytes, len) => &mut bytes[..*len],
+            SealAad::Heap(bytes) => bytes,
+        }
+    }
+}
+
 /// The local backend.
 pub struct LocalBackend {
     name: String,
@@ -209,12 +237,23 @@ impl LocalBackend {
         self.read_cache().len()
     }
 
-    fn seal_aad(key: &str, version: u32) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(SEAL_DOMAIN.len() + key.len() + 5);
-        aad.extend_from_slice(SEAL_DOMAIN);
-        aad.extend_from_slice(key.as_bytes());
-        aad.push(0);
-        aad.extend_from_slice(&version.to_be_bytes());
+    /// The seal's additional data: `SEAL_DOMAIN || key || 0 || version`
+    /// (big-endian), on the stack for any valid key name (a KEK is opened
+    /// on most calls at a million keys used at random).
+    fn seal_aad(key: &str, version: u32) -> SealAad {
+        let len = SEAL_DOMAIN.len() + key.len() + 5;
+        let mut aad = if len <= SEAL_AAD_INLINE {
+            SealAad::Inline([0; SEAL_AAD_INLINE], len)
+        } else {
+            SealAad::Heap(vec![0; len])
+        };
+        let bytes = aad.as_mut();
+        let (domain, rest) = bytes.split_at_mut(SEAL_DOMAIN.len());
+        domain.copy_from_slice(SEAL_DOMAIN);
+        let (name, rest) = rest.split_at_mut(key.len());
+        name.copy_from_slice(key.as_bytes());
+        rest[0] = 0;
+        rest[1..].copy_from_slice(&version.to_be_bytes());
         aad
     }
 
@@ -706,7 +745,15 @@ mod tests {
         let root = [4u8; 32];
         let b = backend(4);
         let other = aes_gcm::Aes256Gcm::new(&root.into());
-        let aad = LocalBackend::seal_aad("k", 3);
+        let aad = LocalBackend::seal_aad("k", 3).as_ref().to_vec();
+        let mut expected = b"keybroker.local.kek.v1\0k\0".to_vec();
+        expected.extend_from_slice(&3u32.to_be_bytes());
+        assert_eq!(aad, expected, "the additional data of the module header");
+        // A name longer than the inline room (not a valid key name) seals too.
+        let long = "n".repeat(200);
+        assert_eq!(&LocalBackend::seal_aad(&long, 1).as_ref()[SEAL_DOMAIN.len()..][..200], long.as_bytes());
+        let sealed = b.create_version(&long, 1).await.unwrap();
+        assert_eq!(b.export(VersionRef::new(&long, 1, &sealed)).await.unwrap().len(), KEK_LEN);
 
         let kek = [0x5A; KEK_LEN];
         let nonce = [9u8; GCM_NONCE_LEN];

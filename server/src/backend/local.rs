@@ -659,7 +659,11 @@ mod tests {
 
         created_and_used(&backend, "o").await;
         assert!(backend.read_cache().get("k", 1).is_none());
+        assert!(opened.holds_reference(), "nothing looked yet");
         assert!(opened.kept().open().is_none(), "a KEK the cache let go is kept elsewhere");
+        // Seen let go, its reference (and the allocation it held) is dropped;
+        // it still reads as let go, not as never kept.
+        assert!(!opened.holds_reference(), "a dead KEK's allocation is held");
         assert!(matches!(opened.kept(), Kept::LetGo), "{:?}", opened.kept());
         // The next calls open it again; the cache, full, keeps it again on
         // the eighth.
@@ -668,9 +672,11 @@ mod tests {
             assert_eq!(&**backend.unwrap(v, &wrapped[..], aad(b"h", &ctx)).await.unwrap(), b"dek");
         }
         assert!(matches!(opened.kept(), Kept::Open(_)));
+        assert!(opened.holds_reference());
 
         backend.destroy_version(v).await.unwrap();
         assert!(opened.kept().open().is_none(), "a destroyed version's KEK is kept elsewhere");
+        assert!(matches!(opened.kept(), Kept::LetGo), "{:?}", opened.kept());
     }
 
     /// Wraps a DEK under `v` and unwraps it again: two opens of its KEK.

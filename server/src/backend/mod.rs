@@ -127,18 +127,31 @@ impl<'a> VersionRef<'a> {
 pub struct OpenedKek {
     kek: std::sync::Mutex<std::sync::Weak<local::DekCipher>>,
     passed_over: std::sync::atomic::AtomicU32,
+    /// The KEK kept last was let go (its weak reference is dropped once
+    /// seen dead: it held the allocation, and reading its count again is a
+    /// cache miss at every call on a key out of the cipher cache).
+    let_go: std::sync::atomic::AtomicBool,
 }
 
 impl OpenedKek {
     /// What is kept here: the KEK, one that was let go since (or opened
     /// without being kept), or none.
     pub fn kept(&self) -> Kept {
-        let weak = self.kek.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match weak.upgrade() {
-            Some(cipher) => Kept::Open(cipher),
-            // `Weak::new()` (nothing kept yet) points at no allocation.
-            None if weak.ptr_eq(&std::sync::Weak::new()) && self.passed_over() == 0 => Kept::Nothing,
-            None => Kept::LetGo,
+        let mut weak = self.kek.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(cipher) = weak.upgrade() {
+            return Kept::Open(cipher);
+        }
+        // `Weak::new()` (nothing kept, or a KEK let go and seen) points at
+        // no allocation; any other is a KEK let go since it was kept.
+        if !weak.ptr_eq(&std::sync::Weak::new()) {
+            *weak = std::sync::Weak::new();
+            self.let_go.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Kept::LetGo;
+        }
+        if self.passed_over() == 0 && !self.let_go.load(std::sync::atomic::Ordering::Relaxed) {
+            Kept::Nothing
+        } else {
+            Kept::LetGo
         }
     }
 
@@ -146,6 +159,14 @@ impl OpenedKek {
     pub fn set(&self, cipher: &Arc<local::DekCipher>) {
         *self.kek.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(cipher);
         self.passed_over.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.let_go.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a weak reference is held (a test's view of the allocation
+    /// a KEK let go keeps until its reference is dropped).
+    #[cfg(test)]
+    pub(crate) fn holds_reference(&self) -> bool {
+        !self.kek.lock().unwrap_or_else(std::sync::PoisonError::into_inner).ptr_eq(&std::sync::Weak::new())
     }
 
     /// Counts one more call that opened the KEK without keeping it, and

@@ -49,7 +49,7 @@ build() {
     sed -i '/"cosmian_kms_client_utils\/non-fips",/d' "$SRC.tmp/Cargo.toml"
     mv "$SRC.tmp" "$SRC"
   fi
-  echo "building Cosmian KMS $COSMIAN_VERSION into $CACHE (once; about an hour on 2 cores)" >&2
+  echo "building Cosmian KMS $COSMIAN_VERSION into $CACHE (once; 18 minutes to an hour on 2 cores)" >&2
   (cd "$SRC" && CARGO_TARGET_DIR=$CACHE/target cargo build --release --features non-fips --bin cosmian_kms >&2)
   echo "$BIN"
 }

@@ -219,28 +219,6 @@ pub struct CachedKey {
     dirty_keys: Weak<DirtyKeys>,
 }
 
-/// Hints the CPU to load the cache lines of `value`: it changes nothing the
-/// program reads or writes.
-#[allow(unsafe_code)]
-fn prefetch<T>(value: &T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        const LINE: usize = 64;
-        let start = (value as *const T).cast::<i8>();
-        let first = start.addr() & !(LINE - 1);
-        let end = start.addr() + std::mem::size_of::<T>();
-        for line in (first..end).step_by(LINE) {
-            // SAFETY: a prefetch neither reads memory the program sees nor
-            // faults, whatever the address; SSE is in x86_64's baseline.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.with_addr(line));
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
-}
-
 /// The records counted on since the last flush: a flush takes the counts of
 /// these, not of every cached key. A record is listed by the call that
 /// counts on it first, so a record the cache let go (or replaced) is still
@@ -309,18 +287,6 @@ impl CachedKey {
         let t = u32::try_from(now()).unwrap_or(u32::MAX);
         if self.used.load(Ordering::Relaxed) != t {
             self.used.store(t, Ordering::Relaxed);
-        }
-    }
-
-    /// Starts loading what a call on the key reads next (its cached
-    /// versions, the current version's counters) all at once, instead of
-    /// one cache miss after another as the call reaches each: in a table of
-    /// a million keys used at random, the key is in no CPU cache.
-    fn prefetch(&self) {
-        prefetch(&self.versions);
-        prefetch(&self.record.current_version);
-        if let Some(current) = &self.versions.current {
-            prefetch(&*current.counters);
         }
     }
 
@@ -1047,7 +1013,6 @@ impl Keyring {
     /// not cost a query per request).
     pub async fn key(&self, name: &str) -> ServiceResult<Arc<CachedKey>> {
         if let Some(key) = self.read_cache().get(name).cloned() {
-            key.prefetch();
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             key.touch();
             return Ok(key);
@@ -1079,9 +1044,6 @@ impl Keyring {
     /// from the store when the cached record does not have it yet.
     pub async fn key_for_version(&self, name: &str, version: u32) -> ServiceResult<Arc<CachedKey>> {
         let cached = self.read_cache().get(name).cloned();
-        if let Some(key) = &cached {
-            key.prefetch();
-        }
         let hit = matches!(&cached, Some(key) if version <= key.record.current_version);
         let counter = if hit { &self.cache_hits } else { &self.cache_misses };
         counter.fetch_add(1, Ordering::Relaxed);

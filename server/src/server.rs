@@ -511,6 +511,7 @@ pub async fn run(
 
     let stop = Arc::new(tokio::sync::Notify::new());
     let serve = tonic::transport::Server::builder()
+        .layer(crate::api::grpc::route::DataPlaneRoute::new(data_plane.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

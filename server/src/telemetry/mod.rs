@@ -160,9 +160,10 @@ impl opentelemetry::propagation::Extractor for Headers<'_> {
 }
 
 /// Makes `span` a child of the caller's W3C trace context (`traceparent`,
-/// `tracestate` in the request's metadata), when it sent one.
+/// `tracestate` in the request's metadata), when it sent one and the span
+/// is exported.
 pub fn continue_trace(span: &tracing::Span, headers: &tonic::codegen::http::HeaderMap) {
-    if headers.contains_key("traceparent") {
+    if !span.is_disabled() && headers.contains_key("traceparent") {
         use tracing_opentelemetry::OpenTelemetrySpanExt;
         let _ = span.set_parent(propagator().extract(&Headers(headers)));
     }

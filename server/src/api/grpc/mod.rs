@@ -5,6 +5,7 @@
 
 pub mod key_admin;
 pub mod key_broker;
+pub mod route;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -141,3 +141,32 @@ async fn list_keys_filters_by_glob_and_pages_in_name_order() {
         .into_inner();
     assert_eq!(one.keys.len(), 10);
 }
+
+/// A method the `KeyBroker` service does not have, a service whose name
+/// starts like it, and a path outside every service: each UNIMPLEMENTED
+/// (the data plane's own route takes only its service's paths), while the
+/// service's own methods and the others (admin, health) still answer.
+#[tokio::test]
+async fn unknown_methods_and_services_are_unimplemented() {
+    let dir = tempdir();
+    let broker = Broker::start_dev(&dir.path().join("kb"));
+    let channel = broker.channel("client").await;
+    let call = |path: &'static str| {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        async move {
+            grpc.ready().await.unwrap();
+            let request = pb::WrapRequest { key: "demo".into(), plaintext: vec![1; 32], ..Default::default() };
+            let codec = tonic_prost::ProstCodec::<pb::WrapRequest, pb::WrapResponse>::default();
+            grpc.unary(tonic::Request::new(request), tonic::codegen::http::uri::PathAndQuery::from_static(path), codec)
+                .await
+        }
+    };
+    for path in ["/keybroker.v1.KeyBroker/NoSuchMethod", "/keybroker.v1.KeyBrokerX/Wrap", "/no.such.Service/Wrap"] {
+        let err = call(path).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented, "{path}: {err:?}");
+    }
+    let wrapped = call("/keybroker.v1.KeyBroker/Wrap").await.unwrap().into_inner();
+    assert_eq!((wrapped.key.as_str(), wrapped.version), ("demo", 1));
+    let mut admin = broker.admin().await;
+    assert!(admin.get_key(pb::GetKeyRequest { key: "demo".into() }).await.is_ok());
+}

@@ -510,12 +510,12 @@ pub async fn run(
     on_listening(addr, metrics_server.as_ref().map(|m| m.addr));
 
     let stop = Arc::new(tokio::sync::Notify::new());
+    // The data plane is reached through its own route, not the router.
     let serve = tonic::transport::Server::builder()
-        .layer(crate::api::grpc::route::DataPlaneRoute::new(data_plane.clone()))
+        .layer(crate::api::grpc::route::DataPlaneRoute::new(data_plane))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(data_plane)
         .add_service(admin_plane)
         .serve_with_incoming_shutdown(incoming, {
             let stop = stop.clone();

@@ -143,9 +143,9 @@ async fn list_keys_filters_by_glob_and_pages_in_name_order() {
 }
 
 /// A method the `KeyBroker` service does not have, a service whose name
-/// starts like it, and a path outside every service: each UNIMPLEMENTED
-/// (the data plane's own route takes only its service's paths), while the
-/// service's own methods and the others (admin, health) still answer.
+/// starts like it, and a path outside every service: each UNIMPLEMENTED,
+/// while the service's own methods (reached only through the data plane's
+/// own route: tonic's router does not hold it) and the admin plane answer.
 #[tokio::test]
 async fn unknown_methods_and_services_are_unimplemented() {
     let dir = tempdir();

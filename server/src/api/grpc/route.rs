@@ -1,8 +1,9 @@
 //! The data plane's own route. tonic's router matches every path against
 //! each service (axum's matcher, a boxed clone of the service and two
 //! re-boxings of the body per call); a call whose path names the
-//! `KeyBroker` service goes straight to it here, and every other path (the
-//! admin plane, health, reflection) through the router as before.
+//! `KeyBroker` service goes straight to it here (the router does not hold
+//! it), and every other path (the admin plane, health, reflection) through
+//! the router.
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -434,9 +434,7 @@ pub async fn run(
     }
     let data_plane = tower::Layer::layer(
         &LimitLayer::new(guards.limits.clone()),
-        KeyBrokerServer::new(KeyBrokerService::new(broker, guards.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+        crate::api::grpc::unary::DataPlane::new(KeyBrokerService::new(broker, guards.clone()), max_message),
     );
     let admin_plane = tower::Layer::layer(
         &LimitLayer::new(guards.limits.clone()),

@@ -170,3 +170,99 @@ async fn unknown_methods_and_services_are_unimplemented() {
     let mut admin = broker.admin().await;
     assert!(admin.get_key(pb::GetKeyRequest { key: "demo".into() }).await.is_ok());
 }
+
+/// One data-plane call sent as raw HTTP/2: `chunks` are the request body's
+/// DATA frames, `encoding` its `grpc-encoding`. Answers the response's
+/// message (without its prefix) and its `grpc-status` and `grpc-message`.
+async fn raw_call(
+    channel: &tonic::transport::Channel,
+    path: &str,
+    encoding: Option<&str>,
+    chunks: Vec<Vec<u8>>,
+) -> (Option<Vec<u8>>, Code, String) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let frames = chunks.into_iter().map(|c| Ok::<_, tonic::Status>(http_body::Frame::data(bytes::Bytes::from(c))));
+    let body = tonic::body::Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)));
+    let mut request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!("https://127.0.0.1{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(encoding) = encoding {
+        request = request.header("grpc-encoding", encoding);
+    }
+    let response = channel.clone().oneshot(request.body(body).unwrap()).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.unwrap();
+    // A trailers-only answer carries its status in the headers.
+    let trailers = collected.trailers().cloned().unwrap_or_else(|| parts.headers.clone());
+    let data = collected.to_bytes();
+    let status = tonic::Status::from_header_map(&trailers).expect("a grpc-status");
+    let message = (data.len() >= 5).then(|| {
+        let len = u32::from_be_bytes(data[1..5].try_into().unwrap()) as usize;
+        assert_eq!((data[0], data.len()), (0, 5 + len), "one uncompressed message");
+        data[5..].to_vec()
+    });
+    (message, status.code(), status.message().to_owned())
+}
+
+/// The gRPC length-prefixed form of `message`.
+fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
+    let mut out = vec![flag];
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// The data plane frames its unary calls itself (not through tonic's
+/// generic server): a message split over DATA frames is joined, a second
+/// message is ignored as tonic ignores it, and every malformed body gets
+/// the code tonic gives it; a compressed request still reaches tonic's
+/// server, which refuses the encoding.
+#[tokio::test]
+async fn the_data_planes_own_framing_reads_split_bodies_and_rejects_malformed_ones() {
+    use prost::Message;
+    let dir = tempdir();
+    let broker = Broker::start_dev(&dir.path().join("kb"));
+    let channel = broker.channel("client").await;
+    let wrap = "/keybroker.v1.KeyBroker/Wrap";
+    let request = pb::WrapRequest { key: "demo".into(), plaintext: vec![7; 32], ..Default::default() }.encode_to_vec();
+    let whole = framed(0, &request);
+
+    // Split inside the prefix and inside the message, then a second message.
+    let chunks = vec![whole[..3].to_vec(), whole[3..20].to_vec(), whole[20..].to_vec(), framed(0, b"\xff\xff")];
+    let (message, code, text) = raw_call(&channel, wrap, None, chunks).await;
+    assert_eq!(code, Code::Ok, "{text}");
+    let wrapped = pb::WrapResponse::decode(message.expect("a message").as_slice()).unwrap();
+    assert_eq!((wrapped.key.as_str(), wrapped.version), ("demo", 1));
+    let mut app = broker.app().await;
+    let unwrapped = app
+        .unwrap(pb::UnwrapRequest { ciphertext: wrapped.ciphertext, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unwrapped.plaintext, vec![7; 32]);
+
+    // What is sent, its grpc-encoding and body frames; the code and words it gets.
+    type Case = (&'static str, Option<&'static str>, Vec<Vec<u8>>, Code, &'static str);
+    let cases: Vec<Case> = vec![
+        ("empty body", None, vec![], Code::Internal, "Missing request message"),
+        ("cut short", None, vec![whole[..whole.len() - 1].to_vec()], Code::Internal, "Unexpected EOF"),
+        ("prefix only in part", None, vec![whole[..3].to_vec()], Code::Internal, "Unexpected EOF"),
+        ("compressed flag", None, vec![framed(1, &request)], Code::Internal, "compressed-flag"),
+        ("unknown flag", None, vec![framed(7, &request)], Code::Internal, "invalid compression flag: 7"),
+        ("over the limit", None, vec![vec![0, 0xff, 0xff, 0xff, 0xff]], Code::OutOfRange, "the limit is: 16777216"),
+        ("not protobuf", None, vec![framed(0, b"\x0a\xff\xff\xff")], Code::Internal, "decode"),
+        ("gzip", Some("gzip"), vec![framed(1, &request)], Code::Unimplemented, "gzip"),
+    ];
+    for (what, encoding, chunks, want, says) in cases {
+        let (message, code, text) = raw_call(&channel, wrap, encoding, chunks).await;
+        assert_eq!((code, message), (want, None), "{what}: {text}");
+        assert!(text.contains(says), "{what}: {text}");
+    }
+    // Errors of the service itself still come back as a status, not a message.
+    let unknown = pb::WrapRequest { key: "no-such-key".into(), plaintext: vec![1; 32], ..Default::default() };
+    let (message, code, text) = raw_call(&channel, wrap, None, vec![framed(0, &unknown.encode_to_vec())]).await;
+    assert_eq!((code, message), (Code::NotFound, None), "{text}");
+}

@@ -6,6 +6,7 @@
 pub mod key_admin;
 pub mod key_broker;
 pub mod route;
+pub mod unary;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

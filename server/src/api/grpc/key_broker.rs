@@ -161,21 +161,27 @@ macro_rules! batch {
     }};
 }
 
-#[tonic::async_trait]
-impl KeyBroker for KeyBrokerService {
-    async fn wrap(&self, request: Request<pb::WrapRequest>) -> Result<Response<pb::WrapResponse>, Status> {
+/// The RPCs, as inherent methods: the data plane's own framing
+/// ([`super::unary`]) awaits them directly, with no boxed future per call;
+/// the `KeyBroker` trait (tonic's generated server, for compressed
+/// requests) forwards to them.
+impl KeyBrokerService {
+    /// Wrap: a DEK sealed under the key's current version.
+    pub async fn wrap(&self, request: Request<pb::WrapRequest>) -> Result<Response<pb::WrapResponse>, Status> {
         let call = self.guards.call("Wrap", &request)?;
         let (result, touched) = self.wrap_one(&call, request.get_ref()).await;
         call.finish_data(touched, result).await
     }
 
-    async fn unwrap(&self, request: Request<pb::UnwrapRequest>) -> Result<Response<pb::UnwrapResponse>, Status> {
+    /// Unwrap: the DEK of a ciphertext, under the version its header names.
+    pub async fn unwrap(&self, request: Request<pb::UnwrapRequest>) -> Result<Response<pb::UnwrapResponse>, Status> {
         let call = self.guards.call("Unwrap", &request)?;
         let (result, touched) = self.unwrap_one(&call, request.get_ref()).await;
         call.finish_data(touched, result).await
     }
 
-    async fn generate_data_key(
+    /// GenerateDataKey: a fresh DEK and its wrapped form.
+    pub async fn generate_data_key(
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
@@ -199,13 +205,15 @@ impl KeyBroker for KeyBrokerService {
         call.finish_data(touched, result).await
     }
 
-    async fn rewrap(&self, request: Request<pb::RewrapRequest>) -> Result<Response<pb::RewrapResponse>, Status> {
+    /// Rewrap: a ciphertext moved to the key's current version.
+    pub async fn rewrap(&self, request: Request<pb::RewrapRequest>) -> Result<Response<pb::RewrapResponse>, Status> {
         let call = self.guards.call("Rewrap", &request)?;
         let (result, touched) = self.rewrap_one(&call, request.get_ref()).await;
         call.finish_data(touched, result).await
     }
 
-    async fn batch_wrap(
+    /// BatchWrap: Wrap per item, runs of one key resolved and sealed once.
+    pub async fn batch_wrap(
         &self,
         request: Request<pb::BatchWrapRequest>,
     ) -> Result<Response<pb::BatchWrapResponse>, Status> {
@@ -266,17 +274,62 @@ impl KeyBroker for KeyBrokerService {
         call.finish_batch(groups, result).await
     }
 
-    async fn batch_unwrap(
+    /// BatchUnwrap: Unwrap per item.
+    pub async fn batch_unwrap(
         &self,
         request: Request<pb::BatchUnwrapRequest>,
     ) -> Result<Response<pb::BatchUnwrapResponse>, Status> {
         batch!(self, request, "BatchUnwrap", unwrap_one, BatchUnwrapResponse, BatchUnwrapResult, batch_unwrap_result)
     }
 
-    async fn batch_rewrap(
+    /// BatchRewrap: Rewrap per item.
+    pub async fn batch_rewrap(
         &self,
         request: Request<pb::BatchRewrapRequest>,
     ) -> Result<Response<pb::BatchRewrapResponse>, Status> {
         batch!(self, request, "BatchRewrap", rewrap_one, BatchRewrapResponse, BatchRewrapResult, batch_rewrap_result)
+    }
+}
+
+#[tonic::async_trait]
+impl KeyBroker for KeyBrokerService {
+    async fn wrap(&self, request: Request<pb::WrapRequest>) -> Result<Response<pb::WrapResponse>, Status> {
+        KeyBrokerService::wrap(self, request).await
+    }
+
+    async fn unwrap(&self, request: Request<pb::UnwrapRequest>) -> Result<Response<pb::UnwrapResponse>, Status> {
+        KeyBrokerService::unwrap(self, request).await
+    }
+
+    async fn generate_data_key(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        KeyBrokerService::generate_data_key(self, request).await
+    }
+
+    async fn rewrap(&self, request: Request<pb::RewrapRequest>) -> Result<Response<pb::RewrapResponse>, Status> {
+        KeyBrokerService::rewrap(self, request).await
+    }
+
+    async fn batch_wrap(
+        &self,
+        request: Request<pb::BatchWrapRequest>,
+    ) -> Result<Response<pb::BatchWrapResponse>, Status> {
+        KeyBrokerService::batch_wrap(self, request).await
+    }
+
+    async fn batch_unwrap(
+        &self,
+        request: Request<pb::BatchUnwrapRequest>,
+    ) -> Result<Response<pb::BatchUnwrapResponse>, Status> {
+        KeyBrokerService::batch_unwrap(self, request).await
+    }
+
+    async fn batch_rewrap(
+        &self,
+        request: Request<pb::BatchRewrapRequest>,
+    ) -> Result<Response<pb::BatchRewrapResponse>, Status> {
+        KeyBrokerService::batch_rewrap(self, request).await
     }
 }

@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use keybroker_client::pb::key_broker_server::{KeyBroker, KeyBrokerServer};
+use keybroker_client::pb::key_broker_server::KeyBrokerServer;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::server::NamedService;
@@ -32,12 +32,20 @@ use super::key_broker::KeyBrokerService;
 /// The gRPC message prefix: a compression flag and a big-endian length.
 const PREFIX: usize = 5;
 
+/// The header naming a request's compression (a constant: no parse of the
+/// name per call).
+const GRPC_ENCODING: http::HeaderName = http::HeaderName::from_static("grpc-encoding");
+
 type Answer = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
 
 /// The `KeyBroker` service as served: its unary calls framed here, a
 /// compressed request through tonic's generated server.
 #[derive(Clone)]
-pub struct DataPlane {
+pub struct DataPlane(Arc<Inner>);
+
+/// What a [`DataPlane`] shares with its clones (tonic clones the service
+/// per call: one reference count here).
+struct Inner {
     service: Arc<KeyBrokerService>,
     generated: KeyBrokerServer<KeyBrokerService>,
     /// Largest message accepted and sent (`max_message_bytes`).
@@ -51,7 +59,7 @@ impl DataPlane {
         let generated = KeyBrokerServer::from_arc(service.clone())
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
-        Self { service, generated, max_message }
+        Self(Arc::new(Inner { service, generated, max_message }))
     }
 }
 
@@ -62,9 +70,11 @@ impl NamedService for DataPlane {
 /// Serves one unary call of `$method` on `$self`'s service.
 macro_rules! serve {
     ($self:ident, $request:ident, $method:ident) => {{
-        let service = $self.service.clone();
-        let max = $self.max_message;
-        Box::pin(async move { Ok(unary($request, max, |r| async move { service.$method(r).await }).await) })
+        let inner = $self.0.clone();
+        Box::pin(async move {
+            let max = inner.max_message;
+            Ok(unary($request, max, |r| async move { inner.service.$method(r).await }).await)
+        })
     }};
 }
 
@@ -78,8 +88,8 @@ impl tower::Service<http::Request<Body>> for DataPlane {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Answer {
-        if request.headers().contains_key("grpc-encoding") {
-            return self.generated.call(request);
+        if request.headers().contains_key(GRPC_ENCODING) {
+            return self.0.generated.clone().call(request);
         }
         let method = request.uri().path().strip_prefix(concat!("/", "keybroker.v1.KeyBroker", "/"));
         match method {
@@ -91,7 +101,7 @@ impl tower::Service<http::Request<Body>> for DataPlane {
             Some("BatchUnwrap") => serve!(self, request, batch_unwrap),
             Some("BatchRewrap") => serve!(self, request, batch_rewrap),
             // UNIMPLEMENTED, as the generated server answers it.
-            _ => self.generated.call(request),
+            _ => self.0.generated.clone().call(request),
         }
     }
 }

@@ -252,7 +252,13 @@ async fn the_data_planes_own_framing_reads_split_bodies_and_rejects_malformed_on
         ("prefix only in part", None, vec![whole[..3].to_vec()], Code::Internal, "Unexpected EOF"),
         ("compressed flag", None, vec![framed(1, &request)], Code::Internal, "compressed-flag"),
         ("unknown flag", None, vec![framed(7, &request)], Code::Internal, "invalid compression flag: 7"),
-        ("over the limit", None, vec![vec![0, 0xff, 0xff, 0xff, 0xff]], Code::OutOfRange, "the limit is: 16777216"),
+        (
+            "over the limit",
+            None,
+            vec![vec![0, 0xff, 0xff, 0xff, 0xff]],
+            Code::OutOfRange,
+            "the limit is: 16777216 bytes (limits.max_message_bytes)",
+        ),
         ("not protobuf", None, vec![framed(0, b"\x0a\xff\xff\xff")], Code::Internal, "decode"),
         ("gzip", Some("gzip"), vec![framed(1, &request)], Code::Unimplemented, "gzip"),
     ];

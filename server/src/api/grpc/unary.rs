@@ -10,8 +10,9 @@
 //!
 //! A call naming a `grpc-encoding` (a compressed request) goes to tonic's
 //! generated server, which answers it as before (UNIMPLEMENTED: keybroker
-//! accepts no compression). Every error a malformed request gets here is
-//! the one tonic's server gives: its code and message.
+//! accepts no compression). Every error a malformed request gets here has
+//! the code and message tonic's server gives it (a size limit also names
+//! its setting).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -216,7 +217,8 @@ fn message_len(prefix: &[u8], max: usize) -> Result<usize, Status> {
     let len = prefix.get_u32() as usize;
     if len > max {
         return Err(Status::out_of_range(format!(
-            "Error, decoded message length too large: found {len} bytes, the limit is: {max} bytes"
+            "Error, decoded message length too large: found {len} bytes, the limit is: {max} bytes \
+             (limits.max_message_bytes)"
         )));
     }
     Ok(len)
@@ -229,7 +231,8 @@ fn encode<M: prost::Message>(response: tonic::Response<M>, max: usize) -> http::
     let len = message.encoded_len();
     let Some(prefix_len) = u32::try_from(len).ok().filter(|_| len <= max) else {
         return Status::out_of_range(format!(
-            "Error, encoded message length too large: found {len} bytes, the limit is: {max} bytes"
+            "Error, encoded message length too large: found {len} bytes, the limit is: {max} bytes \
+             (limits.max_message_bytes)"
         ))
         .into_http();
     };

@@ -45,6 +45,11 @@ fi
 command -v pyenv >/dev/null 2>&1 && pyenv rehash >/dev/null 2>&1 || true
 command -v kubernetes-validate >/dev/null 2>&1 || { echo "kubernetes-validate is not on PATH after pip install" >&2; exit 1; }
 
+# fincore (util-linux), to see what of the audit file stays in the page cache.
+if ! command -v fincore >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq util-linux-extra || apt-get install -y -qq util-linux
+fi
+
 # PostgreSQL for the fleet store (the tests run their own server with initdb).
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq postgresql

@@ -531,6 +531,19 @@ struct FileSink {
     size: u64,
     max_bytes: u64,
     checked: Instant,
+    /// The range of the file handed to the kernel last ([`FileSink::shed`]).
+    shed: (u64, u64),
+}
+
+/// How much is appended to the audit file between two hands of its pages
+/// to the kernel ([`FileSink::shed`]): a hint every 8 MiB (about 28,000
+/// events), so at most about three times this stays in the page cache.
+const SHED_BYTES: u64 = 8 << 20;
+
+/// `offset` rounded down to a page (4 KiB: the hint of [`FileSink::shed`]
+/// covers whole pages, never the one still being appended to).
+fn page_floor(offset: u64) -> u64 {
+    offset & !4095
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
@@ -550,6 +563,7 @@ impl FileSink {
             file: Some(file),
             max_bytes,
             checked: Instant::now(),
+            shed: (page_floor(meta.len()), page_floor(meta.len())),
         })
     }
 
@@ -585,6 +599,7 @@ impl FileSink {
         let meta = self.file.as_ref().and_then(|f| f.metadata().ok());
         self.identity = meta.as_ref().map(|m| (m.dev(), m.ino()));
         self.size = meta.map_or(0, |m| m.len());
+        self.shed = (page_floor(self.size), page_floor(self.size));
     }
 
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -596,6 +611,9 @@ impl FileSink {
         match file.write_all(bytes) {
             Ok(()) => {
                 self.size += bytes.len() as u64;
+                if self.size >= self.shed.1 + SHED_BYTES {
+                    self.shed();
+                }
                 Ok(())
             }
             Err(e) => {
@@ -604,6 +622,26 @@ impl FileSink {
                 Err(e)
             }
         }
+    }
+
+    /// Hands the pages written since the last call to the kernel, with the
+    /// range of the last call again: `POSIX_FADV_DONTNEED` starts writing
+    /// back the new pages and drops from the page cache those of the last
+    /// range, written back since (a page still being written stays cached
+    /// until the kernel needs the memory). The audit file is written once
+    /// and read rarely: without this a busy log fills the page cache, and a
+    /// container's memory limit, which counts it, with pages nobody reads,
+    /// each of them memory the kernel has to find (on a VM whose balloon
+    /// hands free memory back to its host, a fresh page costs microseconds
+    /// at the first touch). A hint: an error (a FIFO, an old kernel) is
+    /// ignored, and nothing is lost either way.
+    fn shed(&mut self) {
+        let end = page_floor(self.size);
+        #[cfg(target_os = "linux")]
+        if let (Some(file), Some(len)) = (&self.file, std::num::NonZeroU64::new(end.saturating_sub(self.shed.0))) {
+            let _ = rustix::fs::fadvise(file, self.shed.0, Some(len), rustix::fs::Advice::DontNeed);
+        }
+        self.shed = (self.shed.1, end);
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
@@ -870,6 +908,42 @@ mod tests {
         let path = dir.path().join("audit.log");
         let log = AuditLog::open(&AuditConfig { file: Some(path.clone()), ..AuditConfig::default() }).unwrap();
         (dir, path, log)
+    }
+
+    /// Bytes of `path` in the page cache, as `fincore` (util-linux) sees them.
+    fn cached_bytes(path: &Path) -> u64 {
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(path)
+            .output()
+            .expect("fincore missing: apt-get install util-linux-extra (./scripts/test.sh installs it)");
+        assert!(out.status.success(), "fincore: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    #[test]
+    fn written_pages_leave_the_page_cache_and_every_byte_stays_in_the_file() {
+        // Beside the test binary, on the disk the build uses (a tmpfs keeps
+        // every page whatever the hint says).
+        let exe = std::env::current_exe().unwrap();
+        let dir = tempfile::tempdir_in(exe.parent().unwrap()).unwrap();
+        let path = dir.path().join("audit.log");
+        let mut sink = FileSink::open(&path, 0).unwrap();
+        let block: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        let written = 8 * SHED_BYTES;
+        for _ in 0..written / block.len() as u64 {
+            sink.write(&block).unwrap();
+            // Time for the kernel to write back the range handed to it.
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let cached = cached_bytes(&path);
+        assert!(
+            cached <= 3 * SHED_BYTES,
+            "{cached} of {written} bytes still cached: the written pages were not handed back"
+        );
+        let content = std::fs::read(&path).unwrap();
+        assert_eq!(content.len() as u64, written);
+        assert!(content.chunks(block.len()).all(|c| c == block.as_slice()), "the file lost or changed bytes");
     }
 
     fn event(key: &str) -> Record {

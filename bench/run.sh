@@ -159,8 +159,9 @@ taskset -c 1 cargo bench --locked -p keybroker-bench --bench micro -- --warm-up-
 DURATION=$(( DURATION / 2 > 0 ? DURATION / 2 : 1 )) bench/scale.sh
 
 # The fleet, throttling, per-call cost and front-door sections (their own
-# scripts) and the many-keys section are kept as they are.
-kept=$(python3 -c 'import re; t = open("BENCHMARKS.md").read(); print("\n\n".join(m.group(0) for m in re.finditer(r"<!-- (fleet|throttle|feature-costs|doors|scale):start -->.*?<!-- \1:end -->", t, re.S)))')
+# scripts), the many-keys section and the side-by-side experiments
+# (bench/abkeys.sh) are kept as they are.
+kept=$(python3 -c 'import re; t = open("BENCHMARKS.md").read(); print("\n\n".join(m.group(0) for m in re.finditer(r"<!-- (fleet|throttle|feature-costs|doors|scale|abkeys):start -->.*?<!-- \1:end -->", t, re.S)))')
 python3 bench/report.py "$results" "$work/criterion.txt" "$KB_BASE_RSS" \
   "DURATION=$DURATION ROUNDS=$ROUNDS CONC=$CONC bench/run.sh" "$audit_lines" "$audit_verified" > "$work/report.md"
 { cat "$work/report.md"; if [ -n "$kept" ]; then printf '\n%s\n' "$kept"; fi; } > BENCHMARKS.md

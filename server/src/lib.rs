@@ -22,8 +22,3 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tools;
-
-/// The unit tests run on the broker's allocator (see [`core::keyring::memory`]).
-#[cfg(test)]
-#[global_allocator]
-static ALLOCATOR: core::keyring::memory::Allocator = core::keyring::memory::Allocator;

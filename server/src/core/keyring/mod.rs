@@ -8,7 +8,6 @@
 //! instead of failing.
 
 mod lifecycle;
-pub mod memory;
 
 pub use lifecycle::{DEFAULT_MAX_WRAPS, NewKey, PolicyChange, VersionChange, WRAP_SCAN_ROWS};
 
@@ -909,13 +908,8 @@ impl Keyring {
                 return (added, true);
             }
             if !cache.contains_key(&record.name) {
-                memory::in_cache_memory(|| {
-                    cache.insert(Arc::new(CachedKey::new(record, None, &self.dirty, &self.backends)));
-                });
+                cache.insert(Arc::new(CachedKey::new(record, None, &self.dirty, &self.backends)));
                 added += 1;
-                if cache.len() >= memory::HUGE_PAGES_FROM {
-                    memory::map_region();
-                }
             }
         }
         (added, false)
@@ -1005,16 +999,10 @@ impl Keyring {
                 };
             }
         }
-        let cached = memory::in_cache_memory(|| {
-            let cached = Arc::new(CachedKey::new(record, previous.as_deref(), &self.dirty, &self.backends));
-            cache.insert(cached.clone());
-            cached
-        });
+        let cached = Arc::new(CachedKey::new(record, previous.as_deref(), &self.dirty, &self.backends));
+        cache.insert(cached.clone());
         if previous.is_none() {
             self.evict(&mut cache);
-            if cache.len() >= memory::HUGE_PAGES_FROM {
-                memory::map_region();
-            }
         }
         cached
     }
@@ -1151,30 +1139,6 @@ mod tests {
         backends.insert(Arc::new(LocalBackend::new("local", root)));
         let store = Arc::new(SqliteStore::open(&dir.path().join("kb.sqlite")).await.unwrap());
         Keyring::new(store, backends, "local".into())
-    }
-
-    /// Past [`memory::HUGE_PAGES_FROM`] keys, the records the cache reads
-    /// in are in its region of huge pages (the test binary runs on the
-    /// broker's allocator).
-    #[tokio::test]
-    async fn a_cache_of_many_keys_holds_its_records_in_its_own_region() {
-        let dir = tempfile::tempdir().unwrap();
-        let keyring = keyring(&dir).await;
-        let names: Vec<String> = (0..memory::HUGE_PAGES_FROM + 100).map(|i| format!("t-{i:05}")).collect();
-        keyring.create_many(&names, &NewKey::default(), |_| {}).await.unwrap();
-        assert_eq!(keyring.warm().await.unwrap(), names.len());
-        let last = keyring.key(names.last().unwrap()).await.unwrap();
-        assert!(memory::tests::in_region(Arc::as_ptr(&last).cast()), "a record read in past the threshold");
-        let in_region =
-            keyring.read_cache().values().filter(|k| memory::tests::in_region(Arc::as_ptr(k).cast())).count();
-        // At least those read in past the threshold (all of them when another
-        // test of this process mapped the region first).
-        assert!(in_region >= 100, "{in_region} records in the region");
-        // A record read in again (a change) goes to the region too, and still serves.
-        keyring.rotate(&names[0], None, None, None).await.unwrap();
-        let first = keyring.key(&names[0]).await.unwrap();
-        assert!(memory::tests::in_region(Arc::as_ptr(&first).cast()));
-        assert_eq!(first.current_version().unwrap(), 2);
     }
 
     #[test]

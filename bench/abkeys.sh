@@ -13,6 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 BIN_A BIN_B" >&2; exit 2; }
 A=$(realpath "$1"); B=$(realpath "$2")
+# The loads are labelled by path: two different paths without spaces (for
+# an A/A check of the host's noise, copy the binary).
+case "$A$B" in *" "*) echo "binary paths must not contain spaces" >&2; exit 2 ;; esac
+[ "$A" != "$B" ] || { echo "BIN_A and BIN_B are the same file: copy it for an A/A run" >&2; exit 2; }
 KEYS=${KEYS:-1000000}
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5}

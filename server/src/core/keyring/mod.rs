@@ -558,8 +558,17 @@ pub struct Keyring {
 /// store again (a key created meanwhile on another broker still shows up
 /// within the propagation bound: the change poll clears its entry).
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(1);
-/// Most keys a broker caches unless configured (`cache.max_keys`).
-pub const DEFAULT_MAX_CACHED_KEYS: usize = 1_000_000;
+/// Most keys a broker caches unless configured (`cache.max_keys`): a table
+/// of a million keys fits with room to grow (a cached key takes about
+/// 0.85 KiB, BENCHMARKS.md "Many keys").
+pub const DEFAULT_MAX_CACHED_KEYS: usize = 2_000_000;
+/// A cache over its bound lets go of the least recently used
+/// `1 / EVICT_SLICE` of its keys at once: the scan that finds them reads
+/// every cached key, so it runs once per this many new keys, and a table a
+/// little larger than the cache, used evenly, reads at most about this
+/// share of its calls from the store (with an eighth, random-key Wraps over
+/// a table one key larger than a million-key cache ran 17% slower here).
+const EVICT_SLICE: usize = 64;
 /// Keys per store read when the cache is warmed or keys are listed.
 const PAGE: usize = 1000;
 /// Most keys whose counts one usage batch takes: after traffic over many
@@ -933,28 +942,32 @@ impl Keyring {
         (keys.into_iter().cloned().collect(), cache.len())
     }
 
-    /// Lets the least recently used eighth of a full cache go (their
-    /// unflushed counts stay listed in `dirty`; a call that still holds one
-    /// lists it again when it counts).
-    fn evict(&self, cache: &mut KeyCache) {
+    /// Over `max_keys`, lets the least recently used keys go, down to
+    /// [`EVICT_SLICE`] under the bound (their unflushed counts stay listed
+    /// in `dirty`; a call that still holds one lists it again when it
+    /// counts). Returns them, for the caller to drop once it has let go of
+    /// the cache's lock (a key's record is freed there, not under it).
+    #[must_use = "the keys let go are dropped by the caller, outside the cache's lock"]
+    fn evict(&self, cache: &mut KeyCache) -> Vec<Arc<CachedKey>> {
         let max = self.max_keys.load(Ordering::Relaxed);
         if cache.len() <= max {
-            return;
+            return Vec::new();
         }
-        let target = max - max / 8;
+        let target = max - (max / EVICT_SLICE).max(1).min(max - 1);
         let excess = cache.len() - target;
         let mut stamps: Vec<u32> = cache.values().map(|k| k.used.load(Ordering::Relaxed)).collect();
         let (_, cutoff, _) = stamps.select_nth_unstable(excess - 1);
         let cutoff = *cutoff;
-        let mut gone = 0;
+        let mut gone = Vec::with_capacity(excess);
         cache.retain(|key| {
-            if gone < excess && key.used.load(Ordering::Relaxed) <= cutoff {
-                gone += 1;
+            if gone.len() < excess && key.used.load(Ordering::Relaxed) <= cutoff {
+                gone.push(key.clone());
                 false
             } else {
                 true
             }
         });
+        gone
     }
 
     fn lock_wrap_scan(&self) -> std::sync::MutexGuard<'_, String> {
@@ -1000,10 +1013,15 @@ impl Keyring {
             }
         }
         let cached = Arc::new(CachedKey::new(record, previous.as_deref(), &self.dirty, &self.backends));
-        cache.insert(cached.clone());
         if previous.is_none() {
-            self.evict(&mut cache);
+            // Read for a call (or a change): used now, so not the first
+            // key the eviction below lets go.
+            cached.touch();
         }
+        cache.insert(cached.clone());
+        let gone = if previous.is_none() { self.evict(&mut cache) } else { Vec::new() };
+        drop(cache);
+        drop(gone);
         cached
     }
 
@@ -1183,6 +1201,51 @@ mod tests {
         assert_eq!(keyring.flush_usage().await.unwrap(), 1);
         assert!(Arc::ptr_eq(&b, &keyring.key("b").await.unwrap()));
         assert_eq!(b.wrap_count(1), 3);
+    }
+
+    /// A cache one key over its bound lets go of the least recently used
+    /// sixty-fourth, not of the key just read for a call, and a key let go
+    /// is read again on its next use.
+    #[tokio::test]
+    async fn a_full_cache_lets_the_least_recently_used_sixty_fourth_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = keyring(&dir).await;
+        keyring.set_max_keys(128);
+        let name = |i: usize| format!("k{i:03}");
+        let mut keys = Vec::new();
+        for i in 0..128 {
+            keyring.create(NewKey { name: name(i), ..Default::default() }).await.unwrap();
+            keys.push(keyring.key(&name(i)).await.unwrap());
+        }
+        assert_eq!(keyring.cached_len(), 128);
+        // Oldest uses: k000 and k001, then k002 and k003; the rest recent.
+        for (i, key) in keys.iter().enumerate() {
+            key.used.store(
+                match i {
+                    0 | 1 => 1,
+                    2 | 3 => 2,
+                    _ => 100,
+                },
+                Ordering::Relaxed,
+            );
+        }
+        keyring.create(NewKey { name: name(128), ..Default::default() }).await.unwrap();
+        // 129 over a bound of 128: down to 126 (128 less a sixty-fourth).
+        assert_eq!(keyring.cached_len(), 126);
+        assert!(keyring.read_cache().contains_key(&name(128)));
+        let gone: Vec<usize> = (0..128).filter(|&i| !keys[i].cached.load(Ordering::SeqCst)).collect();
+        assert_eq!(gone.len(), 3, "{gone:?}");
+        assert!(gone.starts_with(&[0, 1]) && (gone[2] == 2 || gone[2] == 3), "{gone:?}");
+        for i in 4..128 {
+            assert!(keyring.read_cache().contains_key(&name(i)), "{} let go", name(i));
+        }
+        // Read again on use, counts and all.
+        keys[0].count(1, Count::Wraps);
+        keyring.flush_usage().await.unwrap();
+        let again = keyring.key(&name(0)).await.unwrap();
+        assert!(!Arc::ptr_eq(&again, &keys[0]));
+        assert_eq!(again.wrap_count(1), 1);
+        assert_eq!(keyring.cached_len(), 127);
     }
 
     /// A batch takes the counts of at most `flush_keys` keys, those listed

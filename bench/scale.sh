@@ -97,7 +97,7 @@ def spread(values):
 print("<!-- scale:start -->")
 print("## Many keys\n")
 print(f"`{sys.argv[3]}` (run by `bench/run.sh`): for each table size, `keybroker create-keys` makes the keys, a")
-print("broker (`keybroker serve`, SQLite, default `[cache]`: up to 1,000,000 key records and 100,000 opened KEKs) starts")
+print("broker (`keybroker serve`, SQLite, default `[cache]`: up to 2,000,000 key records and 100,000 opened KEKs) starts")
 print("on core 0, and the load generator on core 1 measures the first answered Wrap (a random key, read from the store")
 print("on demand: the broker serves before it has read the table), then Wrap on one key and on a random key per")
 print("request, interleaved, after an unmeasured random-key pass of one round's length, and ListKeys pages of 100")

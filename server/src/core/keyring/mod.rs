@@ -956,16 +956,20 @@ impl Keyring {
         let target = max - (max / EVICT_SLICE).max(1).min(max - 1);
         let excess = cache.len() - target;
         let mut stamps: Vec<u32> = cache.values().map(|k| k.used.load(Ordering::Relaxed)).collect();
-        let (_, cutoff, _) = stamps.select_nth_unstable(excess - 1);
+        let (older, cutoff, _) = stamps.select_nth_unstable(excess - 1);
         let cutoff = *cutoff;
+        // Every key used before the cutoff goes, and as many of those used
+        // at it as make up the excess.
+        let mut at_cutoff = excess - older.iter().filter(|&&t| t < cutoff).count();
         let mut gone = Vec::with_capacity(excess);
         cache.retain(|key| {
-            if gone.len() < excess && key.used.load(Ordering::Relaxed) <= cutoff {
+            let used = key.used.load(Ordering::Relaxed);
+            let go = used < cutoff || (used == cutoff && at_cutoff > 0);
+            if go {
+                at_cutoff -= usize::from(used == cutoff);
                 gone.push(key.clone());
-                false
-            } else {
-                true
             }
+            !go
         });
         gone
     }

@@ -344,9 +344,9 @@ fn default_sessions() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Most keys whose records (versions, states, counts) are held in
-    /// memory, about 0.85 KiB each (BENCHMARKS.md "Many keys"); default
-    /// 2,000,000. Beyond, the least recently used sixty-fourth is let go,
-    /// and a key let go is read again from the store on its next use.
+    /// memory, about 0.85 KiB each (BENCHMARKS.md "Many keys"). Beyond, the
+    /// least recently used sixty-fourth is let go, and a key let go is read
+    /// again from the store on its next use.
     #[serde(default = "default_cache_keys")]
     pub max_keys: usize,
     /// Most key versions whose unsealed KEK is held ready (an AES-256-GCM

@@ -1023,7 +1023,9 @@ impl Keyring {
             cached.touch();
         }
         cache.insert(cached.clone());
-        let gone = if previous.is_none() { self.evict(&mut cache) } else { Vec::new() };
+        // Nothing when the cache is within its bound (a replaced record
+        // never takes it over).
+        let gone = self.evict(&mut cache);
         drop(cache);
         drop(gone);
         cached
